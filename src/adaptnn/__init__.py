@@ -1,0 +1,28 @@
+"""adaptnn: computation-efficient dynamic neural networks with real per-sample early exit."""
+
+from .errors import AdaptnnError, BudgetError, CheckpointError, ConfigError, DataError, InputError
+from .models import create_model, list_models, register_model
+from .policies import ConfidencePolicy, ExitPolicy, NeverExit, simulate_exits
+from .staged import DynamicOutput, InputSpec, StagedModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptnnError",
+    "BudgetError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "InputError",
+    "ConfidencePolicy",
+    "DynamicOutput",
+    "ExitPolicy",
+    "InputSpec",
+    "NeverExit",
+    "StagedModel",
+    "create_model",
+    "list_models",
+    "register_model",
+    "simulate_exits",
+    "__version__",
+]

@@ -1,0 +1,70 @@
+"""Registry of named model variants and the ``create_model`` factory (timm-style)."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+import json
+from collections.abc import Callable
+
+from ..errors import ConfigError
+from ..staged import StagedModel
+
+__all__ = ["register_model", "create_model", "list_models", "model_spec"]
+
+_MODELS: dict[str, Callable[..., StagedModel]] = {}
+
+
+def register_model(fn: Callable[..., StagedModel]) -> Callable[..., StagedModel]:
+    """Register a keyword-only factory under its function name; a duplicate name raises."""
+    name = fn.__name__
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is already registered")
+    _MODELS[name] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted names of registered models matching the fnmatch ``pattern``."""
+    return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
+
+
+def create_model(name: str, **kwargs: object) -> StagedModel:
+    """Build the registered model ``name`` with ``kwargs`` overriding its defaults.
+
+    The name and kwargs are attached as ``model.model_spec`` so checkpoints can rebuild the model.
+
+    Raises:
+        ConfigError: unknown name (with close matches) or an argument the factory does not take.
+    """
+    if name not in _MODELS:
+        close = difflib.get_close_matches(name, list(_MODELS), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known models: {', '.join(list_models())}"
+        raise ConfigError(f"unknown model {name!r}{hint}")
+    fn = _MODELS[name]
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise ConfigError(
+                f"model {name!r} got unknown argument(s) {unknown}; it accepts {sorted(params)}"
+            )
+    try:
+        json.dumps(kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model arguments must be JSON-serialisable (they are saved with checkpoints): {err}")
+    try:
+        model = fn(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model {name!r}: {err}") from err
+    model.model_spec = {"name": name, "kwargs": dict(kwargs)}
+    return model
+
+
+def model_spec(model: StagedModel) -> dict:
+    """The ``{"name", "kwargs"}`` a model was created with (raises for models not made by create_model)."""
+    spec = getattr(model, "model_spec", None)
+    if spec is None:
+        raise ConfigError("this model was not built with adaptnn.create_model, so it cannot be rebuilt from a checkpoint")
+    return spec

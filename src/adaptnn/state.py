@@ -1,0 +1,66 @@
+"""Batch-indexable state: a tensor, or a tuple/list/dict of tensors (nested).
+
+Segments of a :class:`~adaptnn.staged.StagedModel` pass a *state* to each other: a feature map for a
+CNN, one map per scale for MSDNet, tokens plus an attention mask for an encoder. Early exit only needs
+one operation on it: keep some samples of the batch. These helpers do that for any nesting, so the
+engine works for every backbone without knowing its state layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeAlias
+
+import torch
+from torch import Tensor
+
+__all__ = ["State", "index_state", "state_batch_size", "state_tensors"]
+
+State: TypeAlias = Any
+"""A tensor, ``None``, or a (nested) tuple/list/dict of them; every tensor has the batch as dim 0."""
+
+
+def index_state(state: State, index: Tensor) -> State:
+    """Keep the samples ``index`` (1-D long tensor of batch positions) of every tensor in ``state``.
+
+    ``None`` and non-tensor leaves (e.g. Python ints carried along) are returned unchanged. Tensors keep
+    their memory format where PyTorch allows it (indexing a channels_last tensor returns a contiguous
+    one, so such tensors are converted back).
+    """
+    if isinstance(state, Tensor):
+        if state.dim() == 0:
+            return state
+        picked = state.index_select(0, index)
+        if state.dim() == 4 and state.is_contiguous(memory_format=torch.channels_last) and not (
+            state.is_contiguous()
+        ):
+            picked = picked.contiguous(memory_format=torch.channels_last)
+        return picked
+    if isinstance(state, tuple):
+        if hasattr(state, "_fields"):  # NamedTuple
+            return type(state)(*(index_state(s, index) for s in state))
+        return tuple(index_state(s, index) for s in state)
+    if isinstance(state, list):
+        return [index_state(s, index) for s in state]
+    if isinstance(state, Mapping):
+        return type(state)((k, index_state(v, index)) for k, v in state.items())
+    return state
+
+
+def state_tensors(state: State) -> list[Tensor]:
+    """All tensors of ``state`` in a fixed traversal order."""
+    if isinstance(state, Tensor):
+        return [state]
+    if isinstance(state, (tuple, list)):
+        return [t for s in state for t in state_tensors(s)]
+    if isinstance(state, Mapping):
+        return [t for v in state.values() for t in state_tensors(v)]
+    return []
+
+
+def state_batch_size(state: State) -> int:
+    """Batch size of ``state`` (dim 0 of its first tensor); raises if it holds no tensor."""
+    tensors = [t for t in state_tensors(state) if t.dim() > 0]
+    if not tensors:
+        raise ValueError("state holds no batched tensor")
+    return int(tensors[0].shape[0])
