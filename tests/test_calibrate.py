@@ -183,8 +183,14 @@ def test_default_p_values() -> None:
     assert [r["p"] for r in out] == list(DEFAULT_P_VALUES)
     for r in out:
         assert set(r) == {
-            "p", "thresholds", "val_accuracy", "test_accuracy", "avg_cost",
-            "exit_fractions", "val_avg_cost", "val_exit_fractions",
+            "p",
+            "thresholds",
+            "val_accuracy",
+            "test_accuracy",
+            "avg_cost",
+            "exit_fractions",
+            "val_avg_cost",
+            "val_exit_fractions",
         }
         assert len(r["thresholds"]) == 2 and len(r["exit_fractions"]) == 3
 
@@ -273,7 +279,7 @@ def test_single_exit() -> None:
 def test_single_sample() -> None:
     probs = np.array([[[0.7, 0.3]], [[0.1, 0.9]]])
     labels = np.array([1])
-    # p small: pi_0 ~ 1, quota floor(1 * pi_0) = 0 unless pi_0 rounds to 1 -> exit 0 disabled.
+    # N = 1: pi_0 < 1 for every p, so the exit-0 quota floor(1 * pi_0) is 0 -> exit 0 disabled.
     out = budgeted_sweep(probs, labels, probs, labels, [1.0, 2.0], p_values=[0.05, 1.0])
     for r in out:
         assert r["thresholds"] == [math.inf]
@@ -301,8 +307,12 @@ def test_bfloat16_torch_input_is_accepted() -> None:
     rng = np.random.default_rng(5)
     vp, vl, tp, tl, costs = _random_case(rng, 2, 40, 30, 3, 2, np.float32)
     out = budgeted_sweep(
-        torch.from_numpy(vp).bfloat16(), torch.from_numpy(vl), torch.from_numpy(tp).bfloat16(),
-        torch.from_numpy(tl), costs, p_values=[0.5],
+        torch.from_numpy(vp).bfloat16(),
+        torch.from_numpy(vl),
+        torch.from_numpy(tp).bfloat16(),
+        torch.from_numpy(tl),
+        costs,
+        p_values=[0.5],
     )
     assert len(out) == 1 and math.isclose(sum(out[0]["exit_fractions"]), 1.0)
 
@@ -371,7 +381,11 @@ def _good():
         (0, np.zeros((3, 0, 4)), r"val_probs must have K >= 1.*N >= 1.*\(3, 0, 4\)"),
         (2, np.full((2, 15, 4), 0.25), r"same number of exits K.*\(3, 20, 4\) and \(2, 15, 4\)"),
         (2, np.full((3, 15, 5), 0.2), r"same number of exits K and classes C.*\(3, 15, 5\)"),
-        (1, np.zeros(19, dtype=np.int64), r"val_labels must have shape \[N\] = \[20\].*\(3, 20, 4\).*\(19,\)"),
+        (
+            1,
+            np.zeros(19, dtype=np.int64),
+            r"val_labels must have shape \[N\] = \[20\].*\(3, 20, 4\).*\(19,\)",
+        ),
         (3, np.zeros((15, 1), dtype=np.int64), r"test_labels must have shape \[N\] = \[15\].*\(15, 1\)"),
         (1, np.zeros(20), r"val_labels must hold integer.*float64"),
         (3, np.full(15, 4), r"test_labels must hold class indices in \[0, 4\)"),
@@ -421,8 +435,11 @@ def test_config_error_is_value_error() -> None:
 
 def _pt(p: float, val_acc: float, val_cost: float, test_acc: float = 0.0, test_cost: float = 0.0) -> dict:
     return {
-        "p": p, "val_accuracy": val_acc, "val_avg_cost": val_cost,
-        "test_accuracy": test_acc, "avg_cost": test_cost,
+        "p": p,
+        "val_accuracy": val_acc,
+        "val_avg_cost": val_cost,
+        "test_accuracy": test_acc,
+        "avg_cost": test_cost,
     }
 
 
@@ -445,14 +462,18 @@ def test_choose_ties_prefer_higher_accuracy() -> None:
 
 def test_choose_uses_validation_figures_only() -> None:
     # Test figures point the other way; the choice must not change.
-    sweep = [_pt(0.2, 0.89, 10.0, test_acc=0.0, test_cost=1e9), _pt(0.8, 0.95, 50.0, test_acc=1.0, test_cost=0.0)]
+    sweep = [
+        _pt(0.2, 0.89, 10.0, test_acc=0.0, test_cost=1e9),
+        _pt(0.8, 0.95, 50.0, test_acc=1.0, test_cost=0.0),
+    ]
     assert choose_operating_point(sweep, 0.90, tolerance=0.01) is sweep[0]
 
 
 def test_choose_boundary_is_inclusive_despite_float_rounding() -> None:
-    # 0.9 - 0.01 is not exactly 0.89 in binary; an accuracy of 89/100 sits on the boundary.
-    sweep = [_pt(0.2, 89 / 100, 10.0), _pt(0.8, 0.95, 50.0)]
-    assert choose_operating_point(sweep, 0.9, tolerance=0.01) is sweep[0]
+    # 0.1 - 0.01 evaluates to 0.09000000000000001 > 9/100; an accuracy of 9/100 sits on the boundary.
+    assert 0.1 - 0.01 > 9 / 100
+    sweep = [_pt(0.2, 9 / 100, 10.0), _pt(0.8, 0.95, 50.0)]
+    assert choose_operating_point(sweep, 0.1, tolerance=0.01) is sweep[0]
 
 
 def test_choose_raises_budget_error_naming_closest_point() -> None:

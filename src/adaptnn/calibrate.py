@@ -144,7 +144,9 @@ def _check_p_values(p_values: Sequence[float] | None) -> list[float]:
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1 or arr.size == 0:
-        raise ConfigError(f"p_values must be a non-empty 1-D sequence of numbers; got shape {tuple(arr.shape)}")
+        raise ConfigError(
+            f"p_values must be a non-empty 1-D sequence of numbers; got shape {tuple(arr.shape)}"
+        )
     try:
         values = [float(v) for v in arr.tolist()]
     except (TypeError, ValueError) as exc:
@@ -369,7 +371,9 @@ def choose_operating_point(
             and its cost.
     """
     if not math.isfinite(last_exit_val_accuracy) or not 0.0 <= last_exit_val_accuracy <= 1.0:
-        raise ConfigError(f"last_exit_val_accuracy must be a fraction in [0, 1]; got {last_exit_val_accuracy!r}")
+        raise ConfigError(
+            f"last_exit_val_accuracy must be a fraction in [0, 1]; got {last_exit_val_accuracy!r}"
+        )
     if not math.isfinite(tolerance) or tolerance < 0:
         raise ConfigError(f"tolerance must be a finite fraction >= 0 (0.01 = 1 point); got {tolerance!r}")
     if len(sweep) == 0:

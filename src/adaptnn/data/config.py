@@ -70,8 +70,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_name(self.name)
         check_val_size(self.val_size)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.image_size is not None and (
             isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1
         ):

@@ -99,7 +99,7 @@ def load_image(path: str | Path, image_size: int | None = None) -> np.ndarray:
             img = img.convert("RGB")
             if image_size is not None and img.size != (image_size, image_size):
                 img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
+            return np.array(img, dtype=np.uint8)  # a writable copy
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -30,12 +31,16 @@ _CACHE_VERSION = "1"
 
 @dataclass
 class FolderSplit:
-    """The files of one split directory, sorted by class then file name."""
+    """The image files of one split directory, sorted by class then file name.
+
+    ``stats`` holds (size in bytes, mtime in ns) per file, for the cache key.
+    """
 
     directory: Path
     classes: list[str]
-    paths: list[Path]
+    paths: list[str]
     labels: list[int]
+    stats: list[tuple[int, int]]
 
 
 def scan_split(directory: Path) -> FolderSplit:
@@ -46,28 +51,32 @@ def scan_split(directory: Path) -> FolderSplit:
     """
     if not directory.is_dir():
         raise DataError(f"image folder {directory} does not exist (expected {directory}/<class>/<image>)")
-    classes = sorted(d.name for d in directory.iterdir() if d.is_dir() and not d.name.startswith("."))
+    with os.scandir(directory) as it:
+        classes = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"image folder {directory} has no class sub-directories (expected <class>/<image>)")
-    paths: list[Path] = []
-    labels: list[int] = []
+    split = FolderSplit(directory, classes, [], [], [])
     for label, name in enumerate(classes):
-        files = sorted(
-            f
-            for f in (directory / name).iterdir()
-            if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".") and f.is_file()
-        )
-        if not files:
+        with os.scandir(directory / name) as it:
+            entries = sorted(
+                (e for e in it if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+                 and not e.name.startswith(".") and e.is_file()),
+                key=lambda e: e.name,
+            )  # fmt: skip
+        if not entries:
             raise DataError(
                 f"class folder {directory / name} has no images "
                 f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
-        paths += files
-        labels += [label] * len(files)
-    return FolderSplit(directory, classes, paths, labels)
+        for e in entries:
+            st = e.stat()
+            split.paths.append(e.path)
+            split.stats.append((st.st_size, st.st_mtime_ns))
+        split.labels += [label] * len(entries)
+    return split
 
 
-def image_size_of(path: Path) -> tuple[int, int]:
+def image_size_of(path: str | Path) -> tuple[int, int]:
     """Return (H, W) of an image from its header (no full decode)."""
     try:
         with Image.open(path) as img:
@@ -76,15 +85,15 @@ def image_size_of(path: Path) -> tuple[int, int]:
         raise DataError(f"cannot read image {path}: {e}") from e
 
 
-def _cache_key(root: Path, paths: list[Path], image_size: int | None) -> str:
+def _cache_key(root: Path, paths: list[str], stats: list[tuple[int, int]], image_size: int | None) -> str:
     digest = hashlib.sha256(f"v{_CACHE_VERSION} size={image_size}\n".encode())
-    for p in paths:
-        st = p.stat()
-        digest.update(f"{p.relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    prefix = len(str(root)) + 1
+    for p, (n_bytes, mtime) in zip(paths, stats, strict=True):
+        digest.update(f"{p[prefix:]}\t{n_bytes}\t{mtime}\n".encode())
     return digest.hexdigest()[:20]
 
 
-def _decode_all(paths: list[Path], size: tuple[int, int], image_size: int | None) -> np.ndarray:
+def _decode_all(paths: list[str], size: tuple[int, int], image_size: int | None) -> np.ndarray:
     out = np.empty((len(paths), 3, *size), dtype=np.uint8)
 
     def decode(i: int) -> None:
@@ -102,12 +111,17 @@ def _decode_all(paths: list[Path], size: tuple[int, int], image_size: int | None
 
 
 def load_or_build_cache(
-    root: Path, paths: list[Path], size: tuple[int, int], image_size: int | None
+    root: Path,
+    paths: list[str],
+    stats: list[tuple[int, int]],
+    size: tuple[int, int],
+    image_size: int | None,
 ) -> np.ndarray | None:
     """Return all ``paths`` decoded as uint8 [N, 3, H, W], from/into ``root/.adaptnn_cache``.
 
-    The cache file name holds a hash of the sorted file list with sizes and mtimes, so any change of
-    the tree rebuilds it (stale cache files of the same ``image_size`` are removed).
+    The cache file name holds a hash of the file list (paths under ``root``) with their ``stats``
+    (size, mtime_ns), so any change of the tree rebuilds it; stale cache files of the same
+    ``image_size`` are then removed.
 
     Returns:
         The array, or None when the tree is too big to cache (then the caller reads images lazily).
@@ -119,7 +133,7 @@ def load_or_build_cache(
         return None
     cache_dir = root / CACHE_DIR_NAME
     prefix = f"images-{image_size or 'orig'}-"
-    cache_file = cache_dir / f"{prefix}{_cache_key(root, paths, image_size)}.npy"
+    cache_file = cache_dir / f"{prefix}{_cache_key(root, paths, stats, image_size)}.npy"
     if cache_file.is_file():
         try:
             array = np.load(cache_file)
@@ -139,7 +153,8 @@ def load_or_build_cache(
         os.replace(tmp, cache_file)
     except OSError as e:
         logger.info("image folder %s: not caching decoded images (%s)", root, e)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         return array
     for stale in cache_dir.glob(f"{prefix}*.npy"):
         if stale != cache_file:

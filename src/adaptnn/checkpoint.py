@@ -1,0 +1,227 @@
+"""Checkpoints: safetensors files with a JSON description, written atomically.
+
+A checkpoint is ONE ``.safetensors`` file. Its tensors are the model's ``state_dict`` (keys prefixed
+``model.``) plus any extra tensors (optimizer moments, RNG states; prefixed by their group). Its header
+metadata holds ``{"format": "adaptnn-checkpoint", "version": 1, "meta": <JSON>}`` where the JSON has
+the model spec (registry name + kwargs), so :func:`load_model` rebuilds the model with no other input.
+A readable copy of the JSON is written next to it (``<name>.json``); the safetensors header is the source
+of truth, so the pair can never disagree in a way that matters.
+
+Writes go to a temporary file in the same directory, are fsynced, then renamed over the target, so a
+crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_save
+from torch import Tensor, nn
+
+from .errors import CheckpointError
+
+__all__ = [
+    "Checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "load_weights",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "pack_tensors",
+    "unpack_tensors",
+]
+
+FORMAT = "adaptnn-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: model weights, extra tensor groups and the JSON metadata."""
+
+    model_state: dict[str, Tensor]
+    meta: dict[str, Any]
+    extra: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def pack_tensors(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
+    """Replace every tensor in a nested dict/list ``obj`` by a reference, moving it into ``tensors``.
+
+    Returns a JSON-serialisable structure; dicts with non-string keys (optimizer state uses ints) are
+    encoded so that :func:`unpack_tensors` restores the exact keys.
+    """
+    if isinstance(obj, Tensor):
+        key = prefix
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: pack_tensors(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
+        return {"__items__": [[k, pack_tensors(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        packed = [pack_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+        return packed if isinstance(obj, list) else {"__tuple__": packed}
+    return obj
+
+
+def unpack_tensors(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    """Inverse of :func:`pack_tensors`."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            key = obj["__tensor__"]
+            if key not in tensors:
+                raise CheckpointError(f"checkpoint is missing tensor {key!r}")
+            return tensors[key]
+        if set(obj) == {"__items__"}:
+            return {k: unpack_tensors(v, tensors) for k, v in obj["__items__"]}
+        if set(obj) == {"__tuple__"}:
+            return tuple(unpack_tensors(v, tensors) for v in obj["__tuple__"])
+        return {k: unpack_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unpack_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module | dict[str, Tensor],
+    meta: dict[str, Any],
+    extra: dict[str, dict[str, Tensor]] | None = None,
+) -> Path:
+    """Save weights (+ extra tensor groups) and JSON ``meta`` atomically to ``path`` (``.safetensors``).
+
+    Args:
+        path: target file; a ``.json`` with the same stem is written next to it.
+        model: a module (its ``state_dict`` is saved; unwrap DDP/compile first) or a state dict.
+        meta: JSON-serialisable description; should hold ``model_spec`` for :func:`load_model`.
+        extra: named groups of tensors, e.g. ``{"optim": {...}}``.
+    """
+    path = Path(path)
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    tensors: dict[str, Tensor] = {}
+    for key, value in state.items():
+        tensors[f"model.{key}"] = value.detach().cpu().contiguous().clone()
+    for group, group_tensors in (extra or {}).items():
+        if group == "model" or "." in group:
+            raise ValueError(f"invalid extra tensor group name {group!r}")
+        for key, value in group_tensors.items():
+            tensors[f"{group}.{key}"] = value.detach().cpu().contiguous().clone()
+    meta_json = json.dumps(meta, sort_keys=True)
+    header = {"format": FORMAT, "version": str(VERSION), "meta": meta_json}
+    atomic_write_bytes(path, safetensors_save(tensors, metadata=header))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        CheckpointError: missing, truncated/corrupt, or not an adaptnn checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; pass the .safetensors checkpoint file inside it")
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {err}"
+        ) from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not an adaptnn checkpoint (its metadata has no "
+            f"format={FORMAT!r}); load foreign weights with adaptnn.checkpoint.load_weights"
+        )
+    if int(header.get("version", 0)) > VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {header['version']}; this adaptnn reads {VERSION}")
+    try:
+        meta = json.loads(header["meta"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON: {err}") from None
+    model_state: dict[str, Tensor] = {}
+    extra: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        group, _, name = key.partition(".")
+        if group == "model":
+            model_state[name] = value
+        else:
+            extra.setdefault(group, {})[name] = value
+    return Checkpoint(model_state=model_state, meta=meta, extra=extra)
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], *, source: str = "checkpoint") -> None:
+    """``load_state_dict`` with an error that lists missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
+        for k in set(own) & set(state)
+        if own[k].shape != state[k].shape
+    )
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {unexpected[:3]}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es) e.g. {shapes[:3]}")
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model saved in checkpoint ``path`` (from its ``model_spec``) and load its weights."""
+    from .models import create_model  # local: models import the core, not checkpoints
+
+    ckpt = load_checkpoint(path)
+    spec = ckpt.meta.get("model_spec")
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise CheckpointError(f"{path} has no model_spec in its metadata, so the model cannot be rebuilt")
+    model = create_model(spec["name"], **spec.get("kwargs", {}))
+    load_weights(model, ckpt.model_state, source=str(path))
+    return model.to(map_location)

@@ -1,0 +1,87 @@
+"""Run reports: ``report.json`` (machine-readable) and ``report.png`` (accuracy vs MACs, exit histogram)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_text
+
+__all__ = ["to_jsonable", "write_json", "plot_report"]
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Strict-JSON version of ``obj``: non-finite floats become ``None``, tensors/arrays become lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):  # torch / numpy
+        return to_jsonable(obj.tolist())
+    if hasattr(obj, "item"):
+        return to_jsonable(obj.item())
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented strict JSON, atomically."""
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def plot_report(report: dict[str, Any], path: str | Path) -> None:
+    """Plot accuracy vs average MACs (anytime exits, budgeted curve, realised point) and the exit histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_curve, ax_hist) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    anytime = report["anytime"]
+    ax_curve.plot(
+        [a["macs"] / 1e6 for a in anytime], [100 * a["accuracy"] for a in anytime],
+        "o--", color="tab:gray", label="anytime (each exit alone)",
+    )
+    for a in anytime:
+        ax_curve.annotate(f"exit {a['exit']}", (a["macs"] / 1e6, 100 * a["accuracy"]),
+                          textcoords="offset points", xytext=(4, -10), fontsize=8, color="tab:gray")
+    budgeted = sorted(report.get("budgeted", []), key=lambda d: d["avg_cost"])
+    if budgeted:
+        ax_curve.plot(
+            [b["avg_cost"] / 1e6 for b in budgeted], [100 * b["test_accuracy"] for b in budgeted],
+            "-", color="tab:blue", label="budgeted batch (test)",
+        )
+    op = report.get("operating_point")
+    if op and op.get("realised"):
+        realised = op["realised"]
+        ax_curve.plot([realised["avg_macs"] / 1e6], [100 * realised["accuracy"]], "*", ms=16,
+                      color="tab:red", label="realised (run_dynamic)")
+    ax_curve.set_xlabel("average MACs per sample (millions)")
+    ax_curve.set_ylabel("test accuracy (%)")
+    ax_curve.set_title("accuracy vs compute")
+    ax_curve.grid(alpha=0.3)
+    ax_curve.legend(loc="lower right", fontsize=8)
+
+    if op and op.get("realised"):
+        fractions = op["realised"]["exit_fractions"]
+        ks = list(range(len(fractions)))
+        ax_hist.bar(ks, [100 * f for f in fractions], color="tab:red", alpha=0.7, label="realised")
+        if op.get("simulated"):
+            ax_hist.step([k + 0.5 for k in [-1, *ks]], [0, *(100 * f for f in op["simulated"]["exit_fractions"])],
+                         where="pre", color="k", lw=1, label="simulated")
+        ax_hist.set_xticks(ks)
+        ax_hist.set_xlabel("exit")
+        ax_hist.set_ylabel("samples (%)")
+        ax_hist.set_title("where test samples exit")
+        ax_hist.legend(fontsize=8)
+    else:
+        ax_hist.axis("off")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
