@@ -36,7 +36,7 @@ from .models._registry import _MODELS
 from .policies import ConfidencePolicy
 from .report import plot_report, write_json
 from .staged import StagedModel
-from .train import Trainer, resolve_device
+from .train import Trainer, resolve_device, seed_everything
 
 __all__ = ["train_run", "calibrate_run", "evaluate_run", "quickstart_config", "build_model_for_data"]
 
@@ -117,6 +117,7 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, ov
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     splits = build_datasets(config.data)
+    seed_everything(config.train.seed)  # the seed fixes the initial weights too
     model = build_model_for_data(config, splits)
     _write_config_once(config, run_dir, overwrite)
     if overwrite:

@@ -75,7 +75,8 @@ class ArrayDataset(_ViewDataset):
         images = torch.as_tensor(images)
         if images.ndim != 4 or len(images) != len(labels):
             raise DataError(
-                f"ArrayDataset needs images [N,C,H,W] and N labels, got {tuple(images.shape)} and {len(labels)}"
+                "ArrayDataset needs images [N,C,H,W] and N labels, "
+                f"got {tuple(images.shape)} and {len(labels)}"
             )
         super().__init__(labels, transform, indices)
         self.images = images

@@ -140,7 +140,7 @@ def load_or_build_cache(
             if array.shape == (len(paths), 3, *size) and array.dtype == np.uint8:
                 logger.info("image folder %s: loaded decoded cache %s", root, cache_file)
                 return array
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:
             logger.warning("ignoring unreadable cache %s: %s", cache_file, e)
     start = time.perf_counter()
     array = _decode_all(paths, size, image_size)
@@ -158,6 +158,7 @@ def load_or_build_cache(
         return array
     for stale in cache_dir.glob(f"{prefix}*.npy"):
         if stale != cache_file:
-            stale.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                stale.unlink()
     logger.info("image folder %s: wrote decoded cache %s", root, cache_file)
     return array
