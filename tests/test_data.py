@@ -40,11 +40,7 @@ def unnormalise(x: torch.Tensor, splits: DataSplits) -> torch.Tensor:
 def write_idx(path: Path, array: np.ndarray, magic: int | None = None) -> None:
     """Write a uint8 array as an IDX file (gzipped when the name ends with .gz)."""
     magic = (0x08 << 8 | array.ndim) if magic is None else magic
-    raw = (
-        struct.pack(">I", magic)
-        + struct.pack(f">{array.ndim}I", *array.shape)
-        + array.astype(">u1").tobytes()
-    )
+    raw = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(">u1").tobytes()
     path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
 
 
@@ -53,9 +49,7 @@ def write_fashion(directory: Path, n_train: int = 20, n_test: int = 10, gz: bool
     rng = np.random.default_rng(0)
     ext = ".gz" if gz else ""
     for split, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(
-            directory / f"{split}-images-idx3-ubyte{ext}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        )
+        write_idx(directory / f"{split}-images-idx3-ubyte{ext}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
         write_idx(directory / f"{split}-labels-idx1-ubyte{ext}", np.arange(n, dtype=np.uint8) % 10)
 
 

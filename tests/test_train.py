@@ -49,7 +49,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     model_c, _ = _tiny_setup()
     history = Trainer(model_c, splits.train, cfg_2, tmp_path / "b").fit(resume=True)
     assert [h["epoch"] for h in history] == [3]
-    for (name, a), b in zip(model_a.state_dict().items(), model_c.state_dict().values()):
+    for (name, a), b in zip(model_a.state_dict().items(), model_c.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]

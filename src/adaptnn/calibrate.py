@@ -83,17 +83,13 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
 def _check_probs(x: Any, name: str) -> np.ndarray:
     arr = _to_numpy(x, name)
     if arr.ndim != 3:
-        raise ConfigError(
-            f"{name} must have shape [K, N, C] (exits, samples, classes); got shape {tuple(arr.shape)}"
-        )
+        raise ConfigError(f"{name} must have shape [K, N, C] (exits, samples, classes); got shape {tuple(arr.shape)}")
     k, n, c = arr.shape
     if k < 1 or n < 1 or c < 1:
         raise ConfigError(
             f"{name} must have K >= 1 exits, N >= 1 samples and C >= 1 classes; got shape {tuple(arr.shape)}"
         )
-    if arr.dtype == np.bool_ or not (
-        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
-    ):
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise ConfigError(f"{name} must hold real numbers; got dtype {arr.dtype}")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
@@ -127,9 +123,7 @@ def _check_costs(x: Any, n_exits: int) -> np.ndarray:
             f"exit_costs must be a 1-D sequence of length K = {n_exits} (one cumulative cost per exit); "
             f"got shape {tuple(arr.shape)}"
         )
-    if arr.dtype == np.bool_ or not (
-        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
-    ):
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise ConfigError(f"exit_costs must hold real numbers; got dtype {arr.dtype}")
     arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
@@ -144,9 +138,7 @@ def _check_p_values(p_values: Sequence[float] | None) -> list[float]:
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1 or arr.size == 0:
-        raise ConfigError(
-            f"p_values must be a non-empty 1-D sequence of numbers; got shape {tuple(arr.shape)}"
-        )
+        raise ConfigError(f"p_values must be a non-empty 1-D sequence of numbers; got shape {tuple(arr.shape)}")
     try:
         values = [float(v) for v in arr.tolist()]
     except (TypeError, ValueError) as exc:
@@ -223,9 +215,7 @@ def assign_exits(confidences: np.ndarray, thresholds: Sequence[float]) -> np.nda
     conf = _to_numpy(confidences, "confidences")
     if conf.ndim != 2 or conf.shape[0] < 1:
         raise ConfigError(f"confidences must have shape [K, N] with K >= 1; got shape {tuple(conf.shape)}")
-    if conf.dtype == np.bool_ or not (
-        np.issubdtype(conf.dtype, np.floating) or np.issubdtype(conf.dtype, np.integer)
-    ):
+    if conf.dtype == np.bool_ or not (np.issubdtype(conf.dtype, np.floating) or np.issubdtype(conf.dtype, np.integer)):
         raise ConfigError(f"confidences must hold real numbers; got dtype {conf.dtype}")
     if np.any(np.isnan(conf)):
         raise ConfigError(f"confidences contains NaN; shape {tuple(conf.shape)}")
@@ -371,9 +361,7 @@ def choose_operating_point(
             and its cost.
     """
     if not math.isfinite(last_exit_val_accuracy) or not 0.0 <= last_exit_val_accuracy <= 1.0:
-        raise ConfigError(
-            f"last_exit_val_accuracy must be a fraction in [0, 1]; got {last_exit_val_accuracy!r}"
-        )
+        raise ConfigError(f"last_exit_val_accuracy must be a fraction in [0, 1]; got {last_exit_val_accuracy!r}")
     if not math.isfinite(tolerance) or tolerance < 0:
         raise ConfigError(f"tolerance must be a finite fraction >= 0 (0.01 = 1 point); got {tolerance!r}")
     if len(sweep) == 0:

@@ -167,9 +167,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file (truncated or corrupt?): {err}"
-        ) from None
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
     if header.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is a safetensors file but not an adaptnn checkpoint (its metadata has no "

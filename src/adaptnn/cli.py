@@ -39,8 +39,11 @@ def _add_run_config(parser: ArgumentParser) -> None:
 
 def build_parser() -> ArgumentParser:
     """The full parser with one subcommand per workflow."""
-    parser = ArgumentParser(prog="adaptnn", description="Dynamic (early-exit) neural networks: train, calibrate, "
-                            "evaluate, count cost.", exit_on_error=True)
+    parser = ArgumentParser(
+        prog="adaptnn",
+        description="Dynamic (early-exit) neural networks: train, calibrate, evaluate, count cost.",
+        exit_on_error=True,
+    )
     parser.add_argument("--version", action="version", version=f"adaptnn {__version__}")
     parser.add_argument("--log_level", type=str, default="INFO", help="Logging level.")
     commands = parser.add_subcommands(dest="command")
@@ -48,20 +51,36 @@ def build_parser() -> ArgumentParser:
     quick = ArgumentParser(description="Train, calibrate and evaluate the embedded default (digits, 4-exit CNN).")
     quick.add_argument("--run_dir", type=str, default="runs/quickstart", help="Output directory.")
     quick.add_argument("--epochs", type=int | None, default=None, help="Override the number of epochs.")
-    quick.add_argument("--fresh", action=ActionYesNo, default=False, help="Discard an earlier quickstart run in run_dir.")
+    quick.add_argument(
+        "--tolerance",
+        type=float | None,
+        default=None,
+        help="Override calibration.tolerance (largest validation-accuracy loss vs the last exit).",
+    )
+    quick.add_argument(
+        "--fresh", action=ActionYesNo, default=False, help="Discard an earlier quickstart run in run_dir."
+    )
     commands.add_subcommand("quickstart", quick, help="Run the embedded default end to end.")
 
     train = ArgumentParser(description="Train a model; writes config.yaml, checkpoints and model.safetensors.")
     _add_run_config(train)
-    train.add_argument("--resume", action=ActionYesNo, default=True, help="Continue from checkpoints/last when present.")
-    train.add_argument("--overwrite", action=ActionYesNo, default=False, help="Start over in a run_dir with another config.")
+    train.add_argument(
+        "--resume", action=ActionYesNo, default=True, help="Continue from checkpoints/last when present."
+    )
+    train.add_argument(
+        "--overwrite", action=ActionYesNo, default=False, help="Start over in a run_dir with another config."
+    )
     train.add_argument("--evaluate", action=ActionYesNo, default=False, help="Calibrate and evaluate after training.")
     commands.add_subcommand("train", train, help="Train a multi-exit model.")
 
     calibrate = ArgumentParser(description="Fit exit thresholds on the validation split (budgeted-batch sweep).")
     calibrate.add_argument("run_dir", type=str, help="A trained run directory.")
-    calibrate.add_argument("--tolerance", type=float | None, default=None,
-                           help="Largest validation-accuracy loss vs the last exit (fraction; default from config).")
+    calibrate.add_argument(
+        "--tolerance",
+        type=float | None,
+        default=None,
+        help="Largest validation-accuracy loss vs the last exit (fraction; default from config).",
+    )
     commands.add_subcommand("calibrate", calibrate, help="Calibrate exit thresholds.")
 
     evaluate = ArgumentParser(description="Anytime, budgeted and realised evaluation; writes report.json/png.")
@@ -70,8 +89,12 @@ def build_parser() -> ArgumentParser:
 
     cost = ArgumentParser(description="Per-exit MACs and parameters of a registered model.")
     cost.add_argument("model", type=str, help="Registered model name (see `adaptnn cost --list`).")
-    cost.add_argument("--input_size", type=list[int] | None, default=None,
-                      help="One sample's shape, e.g. [3,32,32]; default: the model's own.")
+    cost.add_argument(
+        "--input_size",
+        type=list[int] | None,
+        default=None,
+        help="One sample's shape, e.g. [3,32,32]; default: the model's own.",
+    )
     cost.add_argument("--kwargs", type=dict | None, default=None, help="Model arguments, e.g. '{num_classes: 100}'.")
     cost.add_argument("--json", action=ActionYesNo, default=False, help="Print JSON instead of a table.")
     commands.add_subcommand("cost", cost, help="Count per-exit MACs.")
@@ -85,13 +108,15 @@ def build_parser() -> ArgumentParser:
 def _run_config(args: Namespace):
     from .config import RunConfig
 
-    return RunConfig.from_dict({
-        "data": args.data.as_dict() if hasattr(args.data, "as_dict") else dict(args.data),
-        "model": args.model.as_dict(),
-        "train": args.train.as_dict(),
-        "calibration": args.calibration.as_dict(),
-        "eval": args.eval.as_dict(),
-    })
+    return RunConfig.from_dict(
+        {
+            "data": args.data.as_dict() if hasattr(args.data, "as_dict") else dict(args.data),
+            "model": args.model.as_dict(),
+            "train": args.train.as_dict(),
+            "calibration": args.calibration.as_dict(),
+            "eval": args.eval.as_dict(),
+        }
+    )
 
 
 def _summary(report: dict) -> str:
@@ -106,7 +131,8 @@ def _summary(report: dict) -> str:
         f"= {op['macs_reduction_vs_last_exit']:.2f}x fewer than the last exit"
     )
     lines.append(
-        f"simulated: accuracy {100 * sim['accuracy']:.2f}%, avg MACs {sim['avg_macs'] / 1e6:.3f}M; realised == simulated: "
+        f"simulated: accuracy {100 * sim['accuracy']:.2f}%, avg MACs {sim['avg_macs'] / 1e6:.3f}M; "
+        "realised == simulated: "
         f"{op['realised_equals_simulated']}"
     )
     lines.append(
@@ -123,8 +149,10 @@ def _cmd_quickstart(args: Namespace) -> None:
     config = quickstart_config()
     if args.epochs is not None:
         config.train.epochs = args.epochs
+    if args.tolerance is not None:
+        config.calibration.tolerance = args.tolerance
     run_dir = Path(args.run_dir)
-    train_run(config, run_dir, overwrite=args.fresh or args.epochs is not None)
+    train_run(config, run_dir, overwrite=args.fresh)
     for stale in ("calibration.json",):
         (run_dir / stale).unlink(missing_ok=True)
     report = evaluate_run(run_dir)
@@ -147,9 +175,11 @@ def _cmd_calibrate(args: Namespace) -> None:
 
     calibration = calibrate_run(args.run_dir, tolerance=args.tolerance)
     point = calibration["operating_point"]
-    print(f"operating point p={point['p']}: thresholds {point['thresholds']}, validation accuracy "
-          f"{100 * point['val_accuracy']:.2f}% (last exit {100 * calibration['last_exit_val_accuracy']:.2f}%), "
-          f"validation avg MACs {point['val_avg_cost'] / 1e6:.3f}M")
+    print(
+        f"operating point p={point['p']}: thresholds {point['thresholds']}, validation accuracy "
+        f"{100 * point['val_accuracy']:.2f}% (last exit {100 * calibration['last_exit_val_accuracy']:.2f}%), "
+        f"validation avg MACs {point['val_avg_cost'] / 1e6:.3f}M"
+    )
     print(f"wrote {Path(args.run_dir) / 'calibration.json'}")
 
 
@@ -180,9 +210,11 @@ def _cmd_cost(args: Namespace) -> None:
     total = breakdown.exit_macs[-1]
     for k, seg_idx in enumerate(model.exit_after):
         first = model.exit_after[k - 1] + 1 if k else 0
-        seg = sum(breakdown.segment_macs[first: seg_idx + 1])
-        print(f"{k:>4} {seg:>14,.0f} {breakdown.head_macs[k]:>11,.0f} {breakdown.exit_macs[k]:>16,.0f} "
-              f"{100 * breakdown.exit_macs[k] / total:>6.1f}% {breakdown.exit_params[k]:>10,}")
+        seg = sum(breakdown.segment_macs[first : seg_idx + 1])
+        print(
+            f"{k:>4} {seg:>14,.0f} {breakdown.head_macs[k]:>11,.0f} {breakdown.exit_macs[k]:>16,.0f} "
+            f"{100 * breakdown.exit_macs[k] / total:>6.1f}% {breakdown.exit_params[k]:>10,}"
+        )
 
 
 def _cmd_models(args: Namespace) -> None:
@@ -205,8 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; ``argv`` lets tests run the CLI in-process. Returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         _COMMANDS[args.command](args[args.command])
     except AdaptnnError as err:

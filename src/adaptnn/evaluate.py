@@ -33,8 +33,13 @@ def _loader(dataset: Dataset, batch_size: int) -> DataLoader:
 
 @torch.inference_mode()
 def collect_logits(
-    model: StagedModel, dataset: Dataset, *, batch_size: int = 256, device: torch.device | str = "cpu",
-    progress: bool = False, desc: str = "logits",
+    model: StagedModel,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "logits",
 ) -> tuple[Tensor, Tensor]:
     """Logits of every exit on ``dataset``: ``([K, N, C] float32 on CPU, labels [N] long)``."""
     model.eval().to(device)
@@ -57,14 +62,10 @@ def exit_fractions(exit_index: Tensor, num_exits: int) -> list[float]:
 def anytime_results(logits: Tensor, labels: Tensor, exit_costs: Sequence[float]) -> list[dict[str, Any]]:
     """``[{exit, macs, accuracy}]`` for every exit: what you get by always stopping there."""
     accuracy = (logits.argmax(-1) == labels.unsqueeze(0)).double().mean(dim=1)  # [K]
-    return [
-        {"exit": k, "macs": float(exit_costs[k]), "accuracy": float(accuracy[k])} for k in range(logits.shape[0])
-    ]
+    return [{"exit": k, "macs": float(exit_costs[k]), "accuracy": float(accuracy[k])} for k in range(logits.shape[0])]
 
 
-def simulate_policy(
-    policy: ExitPolicy, logits: Tensor, labels: Tensor, exit_costs: Sequence[float]
-) -> dict[str, Any]:
+def simulate_policy(policy: ExitPolicy, logits: Tensor, labels: Tensor, exit_costs: Sequence[float]) -> dict[str, Any]:
     """Accuracy, average MACs and exit fractions of ``policy`` replayed on cached ``logits [K, N, C]``."""
     exit_index, prediction = simulate_exits(policy, logits)
     costs = torch.as_tensor(list(exit_costs), dtype=torch.float64)

@@ -42,23 +42,41 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
     fig, (ax_curve, ax_hist) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
     anytime = report["anytime"]
     ax_curve.plot(
-        [a["macs"] / 1e6 for a in anytime], [100 * a["accuracy"] for a in anytime],
-        "o--", color="tab:gray", label="anytime (each exit alone)",
+        [a["macs"] / 1e6 for a in anytime],
+        [100 * a["accuracy"] for a in anytime],
+        "o--",
+        color="tab:gray",
+        label="anytime (each exit alone)",
     )
     for a in anytime:
-        ax_curve.annotate(f"exit {a['exit']}", (a["macs"] / 1e6, 100 * a["accuracy"]),
-                          textcoords="offset points", xytext=(4, -10), fontsize=8, color="tab:gray")
+        ax_curve.annotate(
+            f"exit {a['exit']}",
+            (a["macs"] / 1e6, 100 * a["accuracy"]),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize=8,
+            color="tab:gray",
+        )
     budgeted = sorted(report.get("budgeted", []), key=lambda d: d["avg_cost"])
     if budgeted:
         ax_curve.plot(
-            [b["avg_cost"] / 1e6 for b in budgeted], [100 * b["test_accuracy"] for b in budgeted],
-            "-", color="tab:blue", label="budgeted batch (test)",
+            [b["avg_cost"] / 1e6 for b in budgeted],
+            [100 * b["test_accuracy"] for b in budgeted],
+            "-",
+            color="tab:blue",
+            label="budgeted batch (test)",
         )
     op = report.get("operating_point")
     if op and op.get("realised"):
         realised = op["realised"]
-        ax_curve.plot([realised["avg_macs"] / 1e6], [100 * realised["accuracy"]], "*", ms=16,
-                      color="tab:red", label="realised (run_dynamic)")
+        ax_curve.plot(
+            [realised["avg_macs"] / 1e6],
+            [100 * realised["accuracy"]],
+            "*",
+            ms=16,
+            color="tab:red",
+            label="realised (run_dynamic)",
+        )
     ax_curve.set_xlabel("average MACs per sample (millions)")
     ax_curve.set_ylabel("test accuracy (%)")
     ax_curve.set_title("accuracy vs compute")
@@ -70,8 +88,14 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
         ks = list(range(len(fractions)))
         ax_hist.bar(ks, [100 * f for f in fractions], color="tab:red", alpha=0.7, label="realised")
         if op.get("simulated"):
-            ax_hist.step([k + 0.5 for k in [-1, *ks]], [0, *(100 * f for f in op["simulated"]["exit_fractions"])],
-                         where="pre", color="k", lw=1, label="simulated")
+            ax_hist.step(
+                [k + 0.5 for k in [-1, *ks]],
+                [0, *(100 * f for f in op["simulated"]["exit_fractions"])],
+                where="pre",
+                color="k",
+                lw=1,
+                label="simulated",
+            )
         ax_hist.set_xticks(ks)
         ax_hist.set_xlabel("exit")
         ax_hist.set_ylabel("samples (%)")

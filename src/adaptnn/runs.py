@@ -125,16 +125,26 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, ov
     write_json(run_dir / "splits.json", splits.split_info())
     log.info(
         "training %s on %s: %d train / %d val / %d test samples, %d epochs",
-        config.model.name, splits.name, len(splits.train), len(splits.val), len(splits.test), config.train.epochs,
+        config.model.name,
+        splits.name,
+        len(splits.train),
+        len(splits.val),
+        len(splits.test),
+        config.train.epochs,
     )
     trainer = Trainer(
-        model, splits.train, config.train, run_dir, val_set=splits.val,
+        model,
+        splits.train,
+        config.train,
+        run_dir,
+        val_set=splits.val,
         meta={"data": config.to_dict()["data"], "adaptnn_version": __version__},
     )
     trainer.fit(resume=resume)
     final = run_dir / "model.safetensors"
     save_checkpoint(
-        final, model.cpu(),
+        final,
+        model.cpu(),
         {"model_spec": model_spec(model), "data": config.to_dict()["data"], "adaptnn_version": __version__},
     )
     log.info("saved %s", final)
@@ -161,9 +171,12 @@ def calibrate_run(run_dir: str | Path, *, tolerance: float | None = None, progre
         raise ConfigError(f"tolerance is a fraction of accuracy in [0, 1), got {tolerance}")
     costs = cost_breakdown(model, splits.input_size).exit_macs
     bs = config.eval.batch_size
-    val_logits, val_labels = collect_logits(model, splits.val, batch_size=bs, device=device, progress=progress, desc="val")
-    test_logits, test_labels = collect_logits(model, splits.test, batch_size=bs, device=device, progress=progress,
-                                              desc="test")
+    val_logits, val_labels = collect_logits(
+        model, splits.val, batch_size=bs, device=device, progress=progress, desc="val"
+    )
+    test_logits, test_labels = collect_logits(
+        model, splits.test, batch_size=bs, device=device, progress=progress, desc="test"
+    )
     sweep = budgeted_sweep(
         val_logits.softmax(-1), val_labels, test_logits.softmax(-1), test_labels, costs, config.calibration.p_values
     )
@@ -178,8 +191,13 @@ def calibrate_run(run_dir: str | Path, *, tolerance: float | None = None, progre
         "budgeted": sweep,
     }
     write_json(run_dir / "calibration.json", calibration)
-    log.info("operating point p=%.2f thresholds=%s (val acc %.4f, val MACs %.0f)", point["p"],
-             [round(t, 4) for t in point["thresholds"]], point["val_accuracy"], point["val_avg_cost"])
+    log.info(
+        "operating point p=%.2f thresholds=%s (val acc %.4f, val MACs %.0f)",
+        point["p"],
+        [round(t, 4) for t in point["thresholds"]],
+        point["val_accuracy"],
+        point["val_avg_cost"],
+    )
     return calibration
 
 
@@ -222,7 +240,7 @@ def evaluate_run(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any
             "p": point["p"],
             "thresholds": point["thresholds"],
             "selection": {
-                "rule": "cheapest budgeted point (by validation MACs) with validation accuracy >= last exit's - tolerance",
+                "rule": "cheapest budgeted point (validation MACs) with validation accuracy >= last exit's - tolerance",
                 "tolerance": calibration["tolerance"],
                 "val_accuracy": point["val_accuracy"],
                 "val_avg_macs": point["val_avg_cost"],

@@ -31,9 +31,7 @@ def index_state(state: State, index: Tensor) -> State:
         if state.dim() == 0:
             return state
         picked = state.index_select(0, index)
-        if state.dim() == 4 and state.is_contiguous(memory_format=torch.channels_last) and not (
-            state.is_contiguous()
-        ):
+        if state.dim() == 4 and state.is_contiguous(memory_format=torch.channels_last) and not (state.is_contiguous()):
             picked = picked.contiguous(memory_format=torch.channels_last)
         return picked
     if isinstance(state, tuple):

@@ -75,8 +75,7 @@ class ArrayDataset(_ViewDataset):
         images = torch.as_tensor(images)
         if images.ndim != 4 or len(images) != len(labels):
             raise DataError(
-                "ArrayDataset needs images [N,C,H,W] and N labels, "
-                f"got {tuple(images.shape)} and {len(labels)}"
+                f"ArrayDataset needs images [N,C,H,W] and N labels, got {tuple(images.shape)} and {len(labels)}"
             )
         super().__init__(labels, transform, indices)
         self.images = images
@@ -142,8 +141,6 @@ class ImageFolderDataset(_ViewDataset):
             )
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
-    def view(
-        self, indices: Sequence[int] | None = None, transform: Transform | None = None
-    ) -> ImageFolderDataset:
+    def view(self, indices: Sequence[int] | None = None, transform: Transform | None = None) -> ImageFolderDataset:
         """Return a dataset over the same files with other ``indices`` and ``transform``."""
         return ImageFolderDataset(self.paths, self._labels, self.size, self.image_size, transform, indices)

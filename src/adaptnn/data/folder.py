@@ -65,8 +65,7 @@ def scan_split(directory: Path) -> FolderSplit:
             )  # fmt: skip
         if not entries:
             raise DataError(
-                f"class folder {directory / name} has no images "
-                f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+                f"class folder {directory / name} has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
         for e in entries:
             st = e.stat()

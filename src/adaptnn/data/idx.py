@@ -56,7 +56,5 @@ def read_idx(path: str | Path, expected_magic: int | None = None) -> np.ndarray:
     dtype = np.dtype(_IDX_DTYPES[type_code])
     expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected:
-        raise DataError(
-            f"IDX file {path} is corrupt: {len(raw)} bytes but its header {dims} implies {expected}"
-        )
+        raise DataError(f"IDX file {path} is corrupt: {len(raw)} bytes but its header {dims} implies {expected}")
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))

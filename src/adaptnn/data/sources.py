@@ -137,9 +137,7 @@ def load_fashion_mnist_source(cfg: DataConfig) -> Source:
     train_x, train_y = _read_idx_pair(files["train_images"], files["train_labels"], len(FASHION_CLASSES))
     test_x, test_y = _read_idx_pair(files["test_images"], files["test_labels"], len(FASHION_CLASSES))
     if train_x.shape[1:] != test_x.shape[1:]:
-        raise DataError(
-            f"Fashion-MNIST train images are {train_x.shape[1:]} but test images {test_x.shape[1:]}"
-        )
+        raise DataError(f"Fashion-MNIST train images are {train_x.shape[1:]} but test images {test_x.shape[1:]}")
     h, w = train_x.shape[1:]
     return Source(
         train=ArrayDataset(torch.from_numpy(train_x).unsqueeze(1), train_y),
@@ -213,9 +211,7 @@ def load_image_folder_source(cfg: DataConfig) -> Source:
             f"only in test: {only_test}"
         )
     size = (cfg.image_size, cfg.image_size) if cfg.image_size else image_size_of(train.paths[0])
-    array = load_or_build_cache(
-        root, train.paths + test.paths, train.stats + test.stats, size, cfg.image_size
-    )
+    array = load_or_build_cache(root, train.paths + test.paths, train.stats + test.stats, size, cfg.image_size)
     if array is not None:
         images, n = torch.from_numpy(array), len(train.paths)
         train_ds: ArrayDataset | ImageFolderDataset = ArrayDataset(images[:n], train.labels)

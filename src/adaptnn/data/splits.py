@@ -31,13 +31,10 @@ def validation_count(n_train: int, val_size: float | int) -> int:
     else:
         count = int(val_size)
     if count < 1:
-        raise ConfigError(
-            f"val_size={val_size!r} of {n_train} training samples gives an empty validation set"
-        )
+        raise ConfigError(f"val_size={val_size!r} of {n_train} training samples gives an empty validation set")
     if count >= n_train:
         raise ConfigError(
-            f"val_size={val_size!r} takes {count} of {n_train} training samples; "
-            "it must leave some to train on"
+            f"val_size={val_size!r} takes {count} of {n_train} training samples; it must leave some to train on"
         )
     return count
 

@@ -47,13 +47,13 @@ def create_model(name: str, **kwargs: object) -> StagedModel:
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))
         if unknown:
-            raise ConfigError(
-                f"model {name!r} got unknown argument(s) {unknown}; it accepts {sorted(params)}"
-            )
+            raise ConfigError(f"model {name!r} got unknown argument(s) {unknown}; it accepts {sorted(params)}")
     try:
         json.dumps(kwargs)
     except TypeError as err:
-        raise ConfigError(f"model arguments must be JSON-serialisable (they are saved with checkpoints): {err}")
+        raise ConfigError(
+            f"model arguments must be JSON-serialisable (they are saved with checkpoints): {err}"
+        ) from None
     try:
         model = fn(**kwargs)
     except TypeError as err:
@@ -66,5 +66,7 @@ def model_spec(model: StagedModel) -> dict:
     """The ``{"name", "kwargs"}`` a model was created with (raises for models not made by create_model)."""
     spec = getattr(model, "model_spec", None)
     if spec is None:
-        raise ConfigError("this model was not built with adaptnn.create_model, so it cannot be rebuilt from a checkpoint")
+        raise ConfigError(
+            "this model was not built with adaptnn.create_model, so it cannot be rebuilt from a checkpoint"
+        )
     return spec

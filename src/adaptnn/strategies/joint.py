@@ -51,7 +51,5 @@ class JointLoss:
 
     def __call__(self, exit_logits: list[Tensor], targets: Tensor) -> Tensor:
         weights = exit_weights(self.weights, len(exit_logits))
-        losses = torch.stack(
-            [F.cross_entropy(lg, targets, label_smoothing=self.label_smoothing) for lg in exit_logits]
-        )
+        losses = torch.stack([F.cross_entropy(lg, targets, label_smoothing=self.label_smoothing) for lg in exit_logits])
         return (losses * losses.new_tensor(weights)).sum()
