@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -45,7 +46,7 @@ def collect_logits(
     model.eval().to(device)
     chunks: list[Tensor] = []
     labels: list[Tensor] = []
-    for x, y in tqdm(_loader(dataset, batch_size), desc=desc, disable=not progress, leave=False):
+    for x, y in tqdm(_loader(dataset, batch_size), desc=desc, disable=not progress or not sys.stderr.isatty(), leave=False):
         x = x.to(device)
         model.check_input(x, check_finite=True)
         chunks.append(torch.stack(model.forward_all(x)).float().cpu())

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -276,7 +277,8 @@ class Trainer:
             started = time.perf_counter()
             loss_sum, seen = 0.0, 0
             bar = tqdm(
-                self._loader(epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False
+                self._loader(epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or not sys.stderr.isatty(),  # logs get one line per epoch instead
+                leave=False,
             )
             for x, y in bar:
                 x = x.to(self.device, non_blocking=True)
