@@ -46,7 +46,8 @@ def collect_logits(
     model.eval().to(device)
     chunks: list[Tensor] = []
     labels: list[Tensor] = []
-    for x, y in tqdm(_loader(dataset, batch_size), desc=desc, disable=not progress or not sys.stderr.isatty(), leave=False):
+    show = progress and sys.stderr.isatty()
+    for x, y in tqdm(_loader(dataset, batch_size), desc=desc, disable=not show, leave=False):
         x = x.to(device)
         model.check_input(x, check_finite=True)
         chunks.append(torch.stack(model.forward_all(x)).float().cpu())

@@ -277,7 +277,9 @@ class Trainer:
             started = time.perf_counter()
             loss_sum, seen = 0.0, 0
             bar = tqdm(
-                self._loader(epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or not sys.stderr.isatty(),  # logs get one line per epoch instead
+                self._loader(epoch),
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                disable=not cfg.progress or not sys.stderr.isatty(),  # logs get one INFO line per epoch instead
                 leave=False,
             )
             for x, y in bar:
