@@ -15,7 +15,6 @@ The CLI (:mod:`adaptnn.cli`) is a thin layer over these functions.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from importlib import resources
 from pathlib import Path
@@ -31,8 +30,7 @@ from .cost import cost_breakdown
 from .data import DataSplits, build_datasets
 from .errors import ConfigError
 from .evaluate import anytime_results, collect_logits, realised_run, simulate_policy
-from .models import create_model, model_spec
-from .models._registry import _MODELS
+from .models import create_model, model_accepts, model_spec
 from .policies import ConfidencePolicy
 from .report import plot_report, write_json
 from .staged import StagedModel
@@ -54,12 +52,7 @@ def quickstart_config() -> RunConfig:
 def build_model_for_data(config: RunConfig, splits: DataSplits) -> StagedModel:
     """Create the configured model, filling ``num_classes`` from the data and checking the input shape."""
     kwargs = dict(config.model.kwargs)
-    factory = _MODELS.get(config.model.name)
-    takes_classes = factory is not None and (
-        "num_classes" in inspect.signature(factory).parameters
-        or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
-    )
-    if takes_classes and "num_classes" not in kwargs:
+    if model_accepts(config.model.name, "num_classes") and "num_classes" not in kwargs:
         kwargs["num_classes"] = splits.num_classes
     model = create_model(config.model.name, **kwargs)
     if model.num_classes is not None and model.num_classes != splits.num_classes:

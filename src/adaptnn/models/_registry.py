@@ -11,7 +11,7 @@ from collections.abc import Callable
 from ..errors import ConfigError
 from ..staged import StagedModel
 
-__all__ = ["register_model", "create_model", "list_models", "model_spec"]
+__all__ = ["register_model", "create_model", "list_models", "model_accepts", "model_spec"]
 
 _MODELS: dict[str, Callable[..., StagedModel]] = {}
 
@@ -60,6 +60,15 @@ def create_model(name: str, **kwargs: object) -> StagedModel:
         raise ConfigError(f"model {name!r}: {err}") from err
     model.model_spec = {"name": name, "kwargs": dict(kwargs)}
     return model
+
+
+def model_accepts(name: str, argument: str) -> bool:
+    """Whether the factory of model ``name`` takes keyword ``argument`` (or arbitrary keywords)."""
+    fn = _MODELS.get(name)
+    if fn is None:
+        return False
+    params = inspect.signature(fn).parameters
+    return argument in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def model_spec(model: StagedModel) -> dict:
