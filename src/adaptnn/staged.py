@@ -25,7 +25,21 @@ from .errors import ConfigError, InputError
 from .policies import ExitPolicy
 from .state import State, index_state
 
-__all__ = ["StagedModel", "DynamicOutput", "InputSpec"]
+__all__ = ["StagedModel", "DynamicOutput", "InputSpec", "split_finished"]
+
+
+def split_finished(done: Tensor) -> tuple[int, Tensor | None, Tensor | None]:
+    """Split a batch by a "done" mask with ONE host sync: ``(n_done, done_idx, keep_idx)``.
+
+    ``done_idx``/``keep_idx`` are batch positions in batch order; both are ``None`` when nobody or everybody
+    is done (nothing to compact).
+    """
+    n_done = int(done.sum())  # the host sync: the next kernels' shapes depend on it
+    if n_done == 0 or n_done == done.shape[0]:
+        return n_done, None, None
+    # done samples first (stable: each group keeps batch order)
+    order = torch.argsort(done.to(torch.uint8), descending=True, stable=True)
+    return n_done, order[:n_done], order[n_done:]
 
 
 @dataclass(frozen=True)
@@ -228,17 +242,19 @@ class StagedModel(nn.Module):
                     else:
                         out[active] = prediction
                     break
-                n_done = int(done.sum())  # the one host sync per exit
+                n_done, done_idx, keep_idx = split_finished(done)
                 if n_done == 0:
                     continue
-                # done samples first, in batch order; the rest keep their relative order
-                order = torch.argsort(done.to(torch.uint8), descending=True, stable=True)
-                done_idx, keep_idx = order[:n_done], order[n_done:]
+                if done_idx is None:  # everybody still running is done
+                    if active is None:
+                        out, exit_index = prediction, torch.full_like(exit_index, k)
+                    else:
+                        out[active] = prediction
+                        exit_index[active] = k
+                    break
                 global_done = done_idx if active is None else active[done_idx]
                 out[global_done] = prediction.index_select(0, done_idx)
                 exit_index[global_done] = k
-                if n_done == done.shape[0]:
-                    break
                 active = keep_idx if active is None else active[keep_idx]
                 state = index_state(state, keep_idx)
                 policy_state = index_state(policy_state, keep_idx)

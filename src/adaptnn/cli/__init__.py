@@ -23,7 +23,7 @@ from ..errors import AdaptnnError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-COMMANDS: tuple[str, ...] = ("quickstart", "train", "calibrate", "evaluate", "cost", "models")
+COMMANDS: tuple[str, ...] = ("quickstart", "train", "calibrate", "evaluate", "cost", "models", "bench", "profile")
 
 
 def _module(name: str):

@@ -1,0 +1,71 @@
+"""Measure per-segment/head latency on this device and fit the latency model of a staged model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jsonargparse import ArgumentParser, Namespace
+
+HELP = "Profile latencies and fit/validate the latency model."
+
+
+def build(parser: ArgumentParser) -> None:
+    parser.add_argument("target", type=str, help="A trained run directory or a registered model name.")
+    parser.add_argument("--batch_sizes", type=list[int], default=[1, 2, 4, 8, 16, 32, 64], help="Profiled sizes.")
+    parser.add_argument(
+        "--validate_batch_sizes", type=list[int], default=[3, 12, 48], help="Held-out sizes to check predictions on."
+    )
+    parser.add_argument("--budget", type=float, default=0.5, help="MACs fraction of the held-out dynamic runs.")
+    parser.add_argument("--repeats", type=int, default=20, help="Timed calls per piece (median).")
+    parser.add_argument("--threads", type=int | None, default=None, help="CPU threads to pin.")
+    parser.add_argument("--device", type=str, default="cpu", help="cpu or cuda.")
+    parser.add_argument("--num_samples", type=int, default=192, help="Input pool size.")
+    parser.add_argument("--input_size", type=list[int] | None, default=None, help="Sample shape for model names.")
+    parser.add_argument("--kwargs", type=dict | None, default=None, help="Model arguments for model names.")
+    parser.add_argument(
+        "--output", type=str | None, default=None, help="Profile path (default: RUN/latency_profile.json)."
+    )
+
+
+def run(args: Namespace) -> None:
+    from ..latency import profile_latency, validate_latency_model
+    from ..policies import ConfidencePolicy
+    from ..speed import thresholds_for_macs_fraction
+    from ..targets import resolve_target
+    from ..train import resolve_device
+
+    target = resolve_target(
+        args.target, num_samples=args.num_samples, input_size=args.input_size, model_kwargs=args.kwargs
+    )
+    device = resolve_device(args.device)
+    latency_model = profile_latency(
+        target.model,
+        target.calibration_inputs,
+        batch_sizes=args.batch_sizes,
+        repeats=args.repeats,
+        device=device,
+        num_threads=args.threads,
+    )
+    thresholds, _ = thresholds_for_macs_fraction(target.model, target.calibration_inputs, args.budget)
+    rows = validate_latency_model(
+        target.model,
+        latency_model,
+        target.inputs,
+        ConfidencePolicy(thresholds),
+        batch_sizes=args.validate_batch_sizes,
+        device=device,
+        num_threads=args.threads,
+    )
+    latency_model.info["validation"] = {"budget": args.budget, "thresholds": thresholds, "rows": rows}
+    output = args.output or (
+        str(Path(target.run_dir) / "latency_profile.json") if target.run_dir else f"{target.name}.latency.json"
+    )
+    latency_model.save(output)
+    print(
+        f"latency model of {target.name} on {latency_model.info['device']}; cumulative ms to each exit at batch 1: "
+        + ", ".join(f"{t:.3f}" for t in latency_model.exit_latency_ms(1))
+    )
+    print(f"{'batch':>5} {'measured ms':>12} {'predicted ms':>13} {'error':>7}   (held out, dynamic runs)")
+    for r in rows:
+        print(f"{r['batch_size']:>5} {r['measured_ms']:>12.3f} {r['predicted_ms']:>13.3f} {100 * r['error']:>6.1f}%")
+    print(f"wrote {output}")

@@ -1,0 +1,304 @@
+"""Latency model of a staged model on one device (in the spirit of LASNet/LAUDNet's latency predictor).
+
+FLOPs do not predict time well: small batches underuse the hardware, every exit adds a head and a
+compaction step, and kernels differ in efficiency. So we *measure* each piece on the target device at a
+few batch sizes and predict a dynamic run from what it executes:
+
+* ``segment_ms[j](b)``: segment j on a batch of b samples;
+* ``head_ms[k](b)``: exit head k;
+* ``exit_overhead_ms[k](b)``: the engine's work after head k for a batch of b (policy decision, the one
+  host sync, index computation and compaction of the state), measured with half of the batch leaving.
+
+Each is a :class:`PiecewiseLinear` function of the batch size through the measured medians (linear
+extrapolation beyond the largest batch, zero at b = 0). A dynamic run in which ``n_j`` samples reach
+segment j costs ``sum_j segment_ms[j](n_j) + sum_k (head_ms[k] + exit_overhead_ms[k])(n at head k)``
+(no overhead after the last head). :meth:`LatencyModel.predict` does this for exit counts of one batch;
+:meth:`LatencyModel.exit_latency_ms` gives the cumulative latency to reach each exit, the input a
+latency-budget calibrator needs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .policies import ConfidencePolicy
+from .staged import StagedModel, split_finished
+from .state import State, index_state
+from .timing import Timer, machine_info, median_ms, pinned_threads, warm_up
+
+__all__ = ["PiecewiseLinear", "LatencyModel", "profile_latency", "validate_latency_model", "alive_per_segment"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PiecewiseLinear:
+    """A function of the batch size through measured points ``(knots[i], values[i])``.
+
+    Linear interpolation between knots, the last segment's slope beyond the largest knot, the line from
+    the origin below the smallest knot, and 0 for a batch of 0 samples (that piece does not run).
+    """
+
+    knots: list[float]
+    values: list[float]
+
+    def __post_init__(self) -> None:
+        if len(self.knots) != len(self.values) or not self.knots:
+            raise ConfigError("PiecewiseLinear needs as many values as knots, at least one")
+        if any(b <= a for a, b in zip(self.knots, self.knots[1:], strict=False)) or self.knots[0] <= 0:
+            raise ConfigError(f"knots must be positive and strictly increasing, got {self.knots}")
+
+    def __call__(self, batch: float) -> float:
+        if batch <= 0:
+            return 0.0
+        xs, ys = self.knots, self.values
+        if batch < xs[0] or len(xs) == 1:
+            return ys[0] * batch / xs[0]
+        i = min(bisect.bisect_right(xs, batch), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (batch - x0) / (x1 - x0)
+
+    @classmethod
+    def fit(cls, batches: Sequence[float], times: Sequence[float]) -> PiecewiseLinear:
+        """Through the points (repeated batch sizes averaged), made non-decreasing in the batch size.
+
+        A larger batch never takes less time; a measured dip is noise, and extrapolating it would predict
+        negative times, so each value is raised to the running maximum.
+        """
+        by_batch: dict[float, list[float]] = {}
+        for b, t in zip(batches, times, strict=True):
+            by_batch.setdefault(float(b), []).append(float(t))
+        knots = sorted(by_batch)
+        values = [max(0.0, sum(by_batch[k]) / len(by_batch[k])) for k in knots]
+        for i in range(1, len(values)):
+            values[i] = max(values[i], values[i - 1])
+        return cls(knots, values)
+
+
+def alive_per_segment(model_exit_after: Sequence[int], num_segments: int, exit_counts: Sequence[int]) -> list[int]:
+    """Samples that run each segment, given how many samples took each exit in one batch."""
+    batch = sum(exit_counts)
+    alive, left = [], 0
+    exit_iter = iter(zip(model_exit_after, exit_counts, strict=True))
+    next_exit = next(exit_iter, None)
+    for j in range(num_segments):
+        alive.append(batch - left)
+        while next_exit is not None and next_exit[0] == j:
+            left += next_exit[1]
+            next_exit = next(exit_iter, None)
+    return alive
+
+
+@dataclass
+class LatencyModel:
+    """Per-piece latency functions of one model on one device (see the module docstring)."""
+
+    exit_after: list[int]
+    segment_ms: list[PiecewiseLinear]
+    head_ms: list[PiecewiseLinear]
+    exit_overhead_ms: list[PiecewiseLinear]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.head_ms)
+
+    def predict(self, exit_counts: Sequence[float]) -> float:
+        """Predicted ms of one ``run_dynamic`` call in which ``exit_counts[k]`` samples take exit k."""
+        if len(exit_counts) != self.num_exits:
+            raise ConfigError(f"got {len(exit_counts)} exit counts for a model with {self.num_exits} exits")
+        alive = alive_per_segment(self.exit_after, len(self.segment_ms), exit_counts)
+        total = sum(f(n) for f, n in zip(self.segment_ms, alive, strict=True))
+        for k, seg in enumerate(self.exit_after):
+            total += self.head_ms[k](alive[seg])
+            if k < self.num_exits - 1:
+                total += self.exit_overhead_ms[k](alive[seg])
+        return total
+
+    def predict_fractions(self, batch_size: int, exit_fractions: Sequence[float]) -> float:
+        """Predicted ms of a batch of ``batch_size`` whose samples exit with the given fractions."""
+        return self.predict([batch_size * f for f in exit_fractions])
+
+    def predict_full(self, batch_size: int) -> float:
+        """Predicted ms of the plain full model (every segment, only the last head, no exit overhead)."""
+        return sum(f(batch_size) for f in self.segment_ms) + self.head_ms[-1](batch_size)
+
+    def exit_latency_ms(self, batch_size: int = 1) -> list[float]:
+        """Cumulative ms to reach each exit for a batch that stays together (input of latency budgets)."""
+        out = []
+        for k in range(self.num_exits):
+            counts = [0.0] * self.num_exits
+            counts[k] = batch_size
+            out.append(self.predict(counts))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyModel:
+        try:
+            return cls(
+                exit_after=list(data["exit_after"]),
+                segment_ms=[PiecewiseLinear(**d) for d in data["segment_ms"]],
+                head_ms=[PiecewiseLinear(**d) for d in data["head_ms"]],
+                exit_overhead_ms=[PiecewiseLinear(**d) for d in data["exit_overhead_ms"]],
+                info=dict(data.get("info", {})),
+            )
+        except (KeyError, TypeError) as err:
+            raise ConfigError(f"not a latency profile: {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        from .report import write_json
+
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyModel:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"no latency profile at {path}; create one with `adaptnn profile`")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from None
+
+
+def _states(model: StagedModel, x: torch.Tensor) -> list[State]:
+    """The input state of every segment for batch ``x`` (``states[j]`` feeds segment j; one extra at the end)."""
+    states: list[State] = [x]
+    state: State = x
+    for segment in model.segments:
+        state = segment(state)
+        states.append(state)
+    return states
+
+
+@torch.inference_mode()
+def profile_latency(
+    model: StagedModel,
+    sample: torch.Tensor,
+    *,
+    batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+    repeats: int = 20,
+    warmup_s: float = 0.5,
+    device: torch.device | str = "cpu",
+    num_threads: int | None = None,
+) -> LatencyModel:
+    """Measure every segment, head and exit step of ``model`` at each batch size and fit the latency model.
+
+    Args:
+        model: the staged model (eval mode is set).
+        sample: a pool of inputs ``[N, ...]``; batches are taken (cycled) from it.
+        batch_sizes: where to measure; predictions interpolate between them.
+        repeats: timed calls per piece and batch size (median kept).
+        warmup_s: warm-up time per batch size before timing.
+        device: where to run.
+        num_threads: CPU threads to pin (default: leave as is).
+    """
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ConfigError(f"batch_sizes must be positive, got {list(batch_sizes)}")
+    model = model.eval().to(device)
+    timer = Timer(device)
+    sizes = sorted(set(int(b) for b in batch_sizes))
+    seg_t: list[list[float]] = [[] for _ in model.segments]
+    head_t: list[list[float]] = [[] for _ in model.heads]
+    over_t: list[list[float]] = [[] for _ in model.heads]
+    with pinned_threads(num_threads):
+        for b in sizes:
+            idx = torch.arange(b) % sample.shape[0]
+            x = sample[idx].to(device)
+            warm_up(lambda x=x: model.forward_all(x), warmup_s, timer)
+            states = _states(model, x)
+            for j, segment in enumerate(model.segments):
+                seg_t[j].append(median_ms(timer, lambda s=segment, st=states[j]: s(st), repeats))
+            for k, seg in enumerate(model.exit_after):
+                head, state = model.heads[k], states[seg + 1]
+                head_t[k].append(median_ms(timer, lambda h=head, st=state: h(st), repeats))
+                if k == model.num_exits - 1:
+                    continue
+                logits = head(state)
+                # a threshold that sends about half of the batch out: the engine's full work per exit
+                conf = logits.float().softmax(-1).amax(-1)
+                policy = ConfidencePolicy([float(conf.median())] * (model.num_exits - 1))
+                over_t[k].append(
+                    median_ms(timer, lambda p=policy, lg=logits, st=state, k=k: _exit_step(p, k, lg, st), repeats)
+                )
+    fit = PiecewiseLinear.fit
+    return LatencyModel(
+        exit_after=list(model.exit_after),
+        segment_ms=[fit(sizes, t) for t in seg_t],
+        head_ms=[fit(sizes, t) for t in head_t],
+        exit_overhead_ms=[fit(sizes, t) if t else PiecewiseLinear([1.0], [0.0]) for t in over_t],
+        info={**machine_info(device), "batch_sizes": sizes, "repeats": repeats, "input_shape": list(sample.shape[1:])},
+    )
+
+
+def _exit_step(policy: ConfidencePolicy, k: int, logits: torch.Tensor, state: State) -> None:
+    """The engine's work after head k: the policy decision, then the same split and compaction as run_dynamic."""
+    done, prediction, _ = policy.decide(k, logits, None)
+    n_done, done_idx, keep_idx = split_finished(done)
+    if done_idx is not None and keep_idx is not None:
+        out = prediction.new_empty(prediction.shape)
+        out[done_idx] = prediction.index_select(0, done_idx)
+        index_state(state, keep_idx)
+
+
+@torch.inference_mode()
+def validate_latency_model(
+    model: StagedModel,
+    latency_model: LatencyModel,
+    inputs: torch.Tensor,
+    policy: ConfidencePolicy,
+    *,
+    batch_sizes: Sequence[int] = (3, 12, 48),
+    rounds: int = 5,
+    warmup_s: float = 0.5,
+    device: torch.device | str = "cpu",
+    num_threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Measure ``run_dynamic`` at (held-out) batch sizes and compare with the latency model's prediction.
+
+    Each batch's prediction uses that batch's own exit counts; the error of a setting is that of the summed
+    times over its batches.
+
+    Returns:
+        One ``{batch_size, measured_ms, predicted_ms, error}`` per batch size (``error`` relative, signed).
+    """
+    model = model.eval().to(device)
+    timer = Timer(device)
+    rows = []
+    with pinned_threads(num_threads):
+        for b in batch_sizes:
+            n = (inputs.shape[0] // b) * b
+            if n == 0:
+                raise ConfigError(f"batch size {b} is larger than the {inputs.shape[0]} inputs")
+            batches = [inputs[i : i + b].to(device) for i in range(0, n, b)]
+            warm_up(
+                lambda bs=batches: [model.run_dynamic(x, policy, check_finite=False) for x in bs[:4]], warmup_s, timer
+            )
+            measured = predicted = 0.0
+            for x in batches:
+                out = model.run_dynamic(x, policy, check_finite=False)
+                counts = torch.bincount(out.exit_index.cpu(), minlength=model.num_exits).tolist()
+                measured += median_ms(timer, lambda x=x: model.run_dynamic(x, policy, check_finite=False), rounds)
+                predicted += latency_model.predict(counts)
+            rows.append(
+                {
+                    "batch_size": b,
+                    "num_batches": len(batches),
+                    "measured_ms": measured / len(batches),
+                    "predicted_ms": predicted / len(batches),
+                    "error": predicted / measured - 1.0,
+                }
+            )
+    return rows

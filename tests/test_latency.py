@@ -1,0 +1,75 @@
+"""Latency model: exact predictions on synthetic timings with known answers; profiling runs end to end."""
+
+import pytest
+import torch
+
+from adaptnn import ConfidencePolicy, ConfigError, create_model
+from adaptnn.latency import (
+    LatencyModel,
+    PiecewiseLinear,
+    alive_per_segment,
+    profile_latency,
+    validate_latency_model,
+)
+
+
+def test_piecewise_linear_known_values():
+    f = PiecewiseLinear([1, 4, 8], [2.0, 5.0, 7.0])
+    assert f(0) == 0.0
+    assert f(0.5) == 1.0  # line from the origin below the first knot (expected time of half a sample)
+    assert f(1) == 2.0 and f(4) == 5.0 and f(8) == 7.0
+    assert f(2) == 3.0 and f(6) == 6.0
+    assert f(16) == 11.0  # last slope (0.5 ms/sample) extrapolated
+    assert PiecewiseLinear([2], [4.0])(3) == 6.0
+    fit = PiecewiseLinear.fit([1, 1, 2], [1.0, 3.0, 5.0])
+    assert fit.knots == [1.0, 2.0] and fit.values == [2.0, 5.0]
+    assert PiecewiseLinear.fit([1, 2, 4], [3.0, 2.0, 6.0]).values == [3.0, 3.0, 6.0]  # noise dip removed
+    with pytest.raises(ConfigError):
+        PiecewiseLinear([2, 1], [1.0, 1.0])
+
+
+def test_alive_per_segment():
+    # 4 segments, exits after segments 1 and 3; 5 samples leave at exit 0, 3 at exit 1
+    assert alive_per_segment([1, 3], 4, [5, 3]) == [8, 8, 3, 3]
+    assert alive_per_segment([0, 1, 2], 3, [2, 0, 1]) == [3, 1, 1]
+
+
+def _linear(a: float, b: float) -> PiecewiseLinear:
+    # a + b * n exactly at every n >= 1 (two knots, extrapolated)
+    return PiecewiseLinear([1, 2], [a + b, a + 2 * b])
+
+
+def test_predict_synthetic_known_answer(tmp_path):
+    model = LatencyModel(
+        exit_after=[0, 2],
+        segment_ms=[_linear(1, 1), _linear(0, 2), _linear(2, 0.5)],
+        head_ms=[_linear(0.1, 0.1), _linear(0.2, 0.2)],
+        exit_overhead_ms=[_linear(0.05, 0.0), PiecewiseLinear([1], [0.0])],
+    )
+    # batch of 10: 4 leave at exit 0, 6 go on through segments 1, 2 and the last head
+    expected = (1 + 10) + (0.1 + 1.0) + 0.05 + (0 + 12) + (2 + 3) + (0.2 + 1.2)
+    assert model.predict([4, 6]) == pytest.approx(expected)
+    # nobody continues: later segments cost nothing
+    assert model.predict([10, 0]) == pytest.approx(11 + 1.1 + 0.05)
+    assert model.predict_full(10) == pytest.approx(11 + 20 + 7 + 2.2)
+    assert model.exit_latency_ms(1)[0] == pytest.approx(2 + 0.2 + 0.05)
+    model.save(tmp_path / "p.json")
+    assert LatencyModel.load(tmp_path / "p.json").predict([4, 6]) == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="exit counts"):
+        model.predict([1, 2, 3])
+
+
+def test_profile_and_validate_run_end_to_end():
+    model = create_model("mecnn_digits", widths=[4, 4, 8, 8]).eval()
+    pool = torch.randn(16, 1, 8, 8)
+    lm = profile_latency(model, pool, batch_sizes=(1, 4), repeats=2, warmup_s=0.0)
+    assert len(lm.segment_ms) == 4 and len(lm.head_ms) == 4
+    assert all(v > 0 for f in lm.segment_ms for v in f.values)
+    assert lm.exit_overhead_ms[-1].values == [0.0]  # no exit step after the last head
+    latencies = lm.exit_latency_ms(1)
+    assert all(b > a for a, b in zip(latencies, latencies[1:], strict=False))
+    rows = validate_latency_model(
+        model, lm, pool, ConfidencePolicy([0.1] * 3), batch_sizes=(2, 8), rounds=1, warmup_s=0.0
+    )
+    assert [r["batch_size"] for r in rows] == [2, 8]
+    assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rows)

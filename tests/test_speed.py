@@ -1,0 +1,60 @@
+"""Speed benchmark mechanics (no timing assertions) and layout-preserving compaction."""
+
+import torch
+
+from adaptnn import ConfidencePolicy, create_model, simulate_exits
+from adaptnn.cost import cost_breakdown
+from adaptnn.speed import bench_policy, full_model_macs, thresholds_for_macs_fraction
+from adaptnn.state import index_state
+
+
+def test_full_model_macs_excludes_intermediate_heads():
+    model = create_model("mecnn_digits")
+    b = cost_breakdown(model, (1, 8, 8))
+    assert full_model_macs(model, (1, 8, 8)) == sum(b.segment_macs) + b.head_macs[-1]
+    assert full_model_macs(model, (1, 8, 8)) < b.exit_macs[-1]
+
+
+def test_thresholds_hit_the_macs_fraction():
+    model = create_model("mecnn_cifar", widths=[8, 16, 16, 32]).eval()
+    calib = torch.randn(256, 3, 32, 32)
+    full = full_model_macs(model, (3, 32, 32))
+    for fraction in (0.3, 0.6):
+        thresholds, predicted = thresholds_for_macs_fraction(model, calib, fraction)
+        out = model.run_dynamic(calib, ConfidencePolicy(thresholds))
+        realised = float(out.macs.mean()) / full
+        assert abs(predicted - realised) < 1e-9  # same inputs: the sweep's figure is what run_dynamic spends
+        assert abs(realised - fraction) < 0.1
+
+
+def test_bench_policy_reports_consistent_figures():
+    model = create_model("mecnn_digits", widths=[4, 8, 8, 16]).eval()
+    inputs = torch.randn(24, 1, 8, 8)
+    policy = ConfidencePolicy([0.1001, 0.1001, 0.1001])
+    result = bench_policy(model, inputs, policy, batch_sizes=(1, 8), rounds=1, warmup_s=0.0)
+    sim_exit, _ = simulate_exits(policy, torch.stack(model.forward_all(inputs)))
+    costs = model.exit_costs(inputs)
+    for entry in result["results"]:
+        assert entry["num_samples"] == 24
+        assert entry["avg_macs"] == float(costs[sim_exit].mean())
+        assert entry["ideal_speedup"] == result["full_model_macs"] / entry["avg_macs"]
+        assert entry["ratio"] == entry["realised_speedup"] / entry["ideal_speedup"]
+        fractions = torch.bincount(sim_exit, minlength=4).double() / 24
+        assert entry["exit_fractions"] == fractions.tolist()
+    assert set(result["results"][0]["latency_ms"]) == {"full", "dynamic", "dynamic_by_exit_median"}
+
+
+def test_channels_last_survives_compaction_and_matches_simulation():
+    x = torch.randn(6, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    picked = index_state([x, {"a": x}], torch.tensor([0, 2, 5]))
+    assert picked[0].is_contiguous(memory_format=torch.channels_last)
+    assert picked[1]["a"].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(picked[0], x[[0, 2, 5]])
+
+    model = create_model("mecnn_cifar", widths=[8, 8, 16, 16]).eval().to(memory_format=torch.channels_last)
+    inputs = torch.randn(16, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    policy = ConfidencePolicy([0.1002, 0.1002, 0.1002])
+    out = model.run_dynamic(inputs, policy)
+    sim_exit, sim_logits = simulate_exits(policy, torch.stack(model.forward_all(inputs)))
+    assert torch.equal(out.exit_index, sim_exit)
+    torch.testing.assert_close(out.logits, sim_logits, rtol=1e-4, atol=1e-5)
