@@ -1,5 +1,6 @@
 """Speed benchmark mechanics (no timing assertions) and layout-preserving compaction."""
 
+import pytest
 import torch
 
 from adaptnn import ConfidencePolicy, create_model, simulate_exits
@@ -58,3 +59,16 @@ def test_channels_last_survives_compaction_and_matches_simulation():
     sim_exit, sim_logits = simulate_exits(policy, torch.stack(model.forward_all(inputs)))
     assert torch.equal(out.exit_index, sim_exit)
     torch.testing.assert_close(out.logits, sim_logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_parts_make_the_same_decisions():
+    model = create_model("mecnn_digits", widths=[4, 8, 8, 16]).eval()
+    x = torch.randn(12, 1, 8, 8)
+    policy = ConfidencePolicy([0.1001, 0.1001, 0.1001])
+    eager = model.run_dynamic(x, policy)
+    model.compile_parts()
+    compiled = model.run_dynamic(x, policy)
+    assert torch.equal(eager.exit_index, compiled.exit_index)
+    torch.testing.assert_close(eager.logits, compiled.logits, rtol=1e-4, atol=1e-5)
+    assert set(model.state_dict()) == set(create_model("mecnn_digits", widths=[4, 8, 8, 16]).state_dict())

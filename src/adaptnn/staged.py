@@ -261,5 +261,17 @@ class StagedModel(nn.Module):
             assert out is not None
             return DynamicOutput(logits=out, exit_index=exit_index, macs=costs[exit_index])
 
+    def compile_parts(self, **compile_kwargs: object) -> StagedModel:
+        """Opt-in ``torch.compile`` of every segment and head, with dynamic batch sizes.
+
+        Compaction changes the batch size from call to call, so the parts are compiled with
+        ``dynamic=True`` (one graph for all sizes instead of a recompilation per size). Compiling in place
+        (``nn.Module.compile``) keeps parameter names, so checkpoints are unaffected. Returns ``self``.
+        """
+        compile_kwargs.setdefault("dynamic", True)
+        for part in [*self.segments, *self.heads]:
+            part.compile(**compile_kwargs)
+        return self
+
     def extra_repr(self) -> str:
         return f"num_exits={self.num_exits}, exit_after={list(self.exit_after)}"

@@ -22,6 +22,9 @@ def build(parser: ArgumentParser) -> None:
     parser.add_argument("--threads", type=int | None, default=None, help="CPU threads to pin (default: torch's).")
     parser.add_argument("--device", type=str, default="cpu", help="cpu or cuda.")
     parser.add_argument("--channels_last", action=ActionYesNo, default=False, help="Use channels_last.")
+    parser.add_argument(
+        "--compile", action=ActionYesNo, default=False, help="torch.compile segments and heads (dynamic shapes)."
+    )
     parser.add_argument("--input_size", type=list[int] | None, default=None, help="Sample shape for model names.")
     parser.add_argument("--kwargs", type=dict | None, default=None, help="Model arguments for model names.")
     parser.add_argument("--output", type=str | None, default=None, help="Write the JSON here.")
@@ -39,6 +42,8 @@ def run(args: Namespace) -> None:
         args.target, num_samples=args.num_samples, input_size=args.input_size, model_kwargs=args.kwargs
     )
     device = resolve_device(args.device)
+    if args.compile:
+        target.model.compile_parts()
     runs = []
     for budget in args.budgets:
         thresholds, predicted = thresholds_for_macs_fraction(target.model, target.calibration_inputs, budget)
@@ -53,7 +58,15 @@ def run(args: Namespace) -> None:
             num_threads=args.threads,
             channels_last=args.channels_last,
         )
-        runs.append({"budget": budget, "calibrated_macs_fraction": predicted, "thresholds": thresholds, **result})
+        runs.append(
+            {
+                "budget": budget,
+                "calibrated_macs_fraction": predicted,
+                "thresholds": thresholds,
+                "compiled": args.compile,
+                **result,
+            }
+        )
     out = {"target": target.name, "runs": runs}
     if args.output:
         write_json(args.output, out)
