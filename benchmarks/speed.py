@@ -1,0 +1,180 @@
+"""Realised vs ideal speedup of real early exit, and the latency model's error, on this machine.
+
+For each model (random weights and inputs: timing depends on the exit distribution, not on accuracy),
+thresholds are calibrated so that the dynamic model spends about ``--budget`` of the full model's MACs,
+then the full model and ``run_dynamic`` are timed on the same batches, interleaved, after a warm-up by
+time (see ``adaptnn.speed``). The latency model is profiled on separate inputs and checked on held-out
+batch sizes.
+
+Allocator: PyTorch's CPU allocations go through glibc malloc by default, whose behaviour on these shared
+VMs makes identical calls vary a lot (early exit allocates tensors of a new batch size at every exit).
+With ``--jemalloc`` (default on when Debian's libjemalloc2 is installed) the script re-executes itself with
+``LD_PRELOAD=libjemalloc.so.2`` and ``MALLOC_CONF=background_thread:true,metadata_thp:auto``; the figures
+record which allocator was used.
+
+Usage::
+
+    python benchmarks/speed.py                       # default suite, writes benchmarks/results/speed_cpu.{json,md}
+    python benchmarks/speed.py --models mecnn_cifar --batch-sizes 1 8 --rounds 3   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+RESULTS = Path(__file__).parent / "results"
+
+# model name -> (input size, model kwargs)
+SUITE = {
+    "msdnet_cifar100": ([3, 32, 32], {}),
+    "timm:resnet50": ([3, 224, 224], {}),
+    "mecnn_cifar": ([3, 32, 32], {}),
+}
+
+
+def _maybe_reexec_with_jemalloc(enabled: bool) -> None:
+    if not enabled or not os.path.exists(JEMALLOC) or JEMALLOC in os.environ.get("LD_PRELOAD", ""):
+        return
+    env = dict(os.environ, LD_PRELOAD=JEMALLOC, MALLOC_CONF="background_thread:true,metadata_thp:auto")
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(SUITE))
+    parser.add_argument("--budget", type=float, default=0.5, help="target MACs fraction of the full model")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--samples", type=int, default=128, help="samples timed per batch size")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=None, help="default: all cores")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--no-jemalloc", action="store_true")
+    parser.add_argument("--no-latency-model", action="store_true")
+    parser.add_argument("--output", default=None, help="default: benchmarks/results/speed_<device>.json")
+    args = parser.parse_args()
+    _maybe_reexec_with_jemalloc(not args.no_jemalloc)
+
+    import torch
+
+    from adaptnn.latency import profile_latency, validate_latency_model
+    from adaptnn.policies import ConfidencePolicy
+    from adaptnn.speed import bench_policy, thresholds_for_macs_fraction
+    from adaptnn.targets import resolve_target
+
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    started = time.time()
+    entries = []
+    for name in args.models:
+        input_size, kwargs = SUITE.get(name, (None, {}))
+        print(f"== {name}", flush=True)
+        target = resolve_target(name, num_samples=args.samples, input_size=input_size, model_kwargs=kwargs)
+        thresholds, predicted = thresholds_for_macs_fraction(target.model, target.calibration_inputs, args.budget)
+        speed = bench_policy(
+            target.model,
+            target.inputs,
+            ConfidencePolicy(thresholds),
+            batch_sizes=args.batch_sizes,
+            rounds=args.rounds,
+            warmup_s=args.warmup_s,
+            device=args.device,
+            num_threads=threads,
+            channels_last=args.channels_last,
+        )
+        entry = {
+            "model": name,
+            "input_size": list(target.inputs.shape[1:]),
+            "budget": args.budget,
+            "calibrated_macs_fraction": predicted,
+            "thresholds": thresholds,
+            **speed,
+        }
+        for r in speed["results"]:
+            print(
+                f"  batch {r['batch_size']:>3}: realised {r['realised_speedup']:.2f}x  ideal {r['ideal_speedup']:.2f}x"
+                f"  ratio {r['ratio']:.3f}",
+                flush=True,
+            )
+        if not args.no_latency_model:
+            held_out = [b for b in (2, 6, 24, 48) if b <= args.samples]
+            lm = profile_latency(
+                target.model,
+                target.calibration_inputs,
+                batch_sizes=(1, 2, 4, 8, 16, 32, 64),
+                repeats=max(5, args.rounds),
+                device=args.device,
+                num_threads=threads,
+            )
+            rows = validate_latency_model(
+                target.model,
+                lm,
+                target.inputs,
+                ConfidencePolicy(thresholds),
+                batch_sizes=held_out,
+                rounds=max(3, args.rounds),
+                device=args.device,
+                num_threads=threads,
+            )
+            entry["latency_model"] = {"held_out": rows, "exit_latency_ms_batch1": lm.exit_latency_ms(1)}
+            for r in rows:
+                print(
+                    f"  latency model, batch {r['batch_size']:>3}: measured {r['measured_ms']:.2f} ms, "
+                    f"predicted {r['predicted_ms']:.2f} ms ({100 * r['error']:+.1f}%)",
+                    flush=True,
+                )
+        entries.append(entry)
+    out = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "allocator": "jemalloc" if JEMALLOC in os.environ.get("LD_PRELOAD", "") else "glibc malloc",
+        "threads": threads,
+        "elapsed_s": time.time() - started,
+        "entries": entries,
+    }
+    path = Path(args.output) if args.output else RESULTS / f"speed_{torch.device(args.device).type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
+    md = [
+        f"# Early-exit speed on {entries[0]['machine']['processor']} ({threads} threads, {out['allocator']})",
+        "",
+        f"Command: `{out['command']}`",
+        "",
+        "| model | batch | full ms/batch | dynamic ms/batch | realised | ideal | ratio | p99 full ms | p99 dyn ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        for r in e["results"]:
+            lat = r.get("latency_ms")
+            tail = f"{lat['full']['p99']:.2f} | {lat['dynamic']['p99']:.2f}" if lat else "- | -"
+            md.append(
+                f"| {e['model']} | {r['batch_size']} | {r['full_ms_per_batch']:.2f} | "
+                f"{r['dynamic_ms_per_batch']:.2f} | {r['realised_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+                f"{r['ratio']:.3f} | {tail} |"
+            )
+    if any("latency_model" in e for e in entries):
+        md += [
+            "",
+            "Latency model on held-out batch sizes (dynamic runs):",
+            "",
+            "| model | batch | measured ms | predicted ms | error |",
+            "|---|---|---|---|---|",
+        ]
+        for e in entries:
+            for r in e.get("latency_model", {}).get("held_out", []):
+                md.append(
+                    f"| {e['model']} | {r['batch_size']} | {r['measured_ms']:.2f} | {r['predicted_ms']:.2f} | "
+                    f"{100 * r['error']:+.1f}% |"
+                )
+    path.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
