@@ -1,6 +1,6 @@
 """Model families (one module each) and the registry/factory over their named variants."""
 
-from . import multi_exit_cnn  # noqa: F401  (registers the variants)
+from . import msdnet, multi_exit_cnn  # noqa: F401  (registers the variants)
 from ._registry import create_model, list_models, model_accepts, model_spec, register_model
 
 __all__ = ["create_model", "list_models", "model_accepts", "model_spec", "register_model"]
