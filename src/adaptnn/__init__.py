@@ -1,5 +1,6 @@
 """adaptnn: computation-efficient dynamic neural networks with real per-sample early exit."""
 
+from .adapters import from_hf, from_timm, from_torchvision
 from .errors import AdaptnnError, BudgetError, CheckpointError, ConfigError, DataError, InputError
 from .models import create_model, list_models, register_model
 from .policies import ConfidencePolicy, ExitPolicy, NeverExit, simulate_exits
@@ -21,6 +22,9 @@ __all__ = [
     "NeverExit",
     "StagedModel",
     "create_model",
+    "from_hf",
+    "from_timm",
+    "from_torchvision",
     "list_models",
     "register_model",
     "simulate_exits",

@@ -1,4 +1,17 @@
-"""Per-exit MACs and parameters of a registered model."""
+"""Per-exit MACs and parameters of a registered model, a preset, or a timm/torchvision/Hugging Face model.
+
+MODEL is one of:
+
+* a registered adaptnn model (``adaptnn models``), e.g. ``msdnet_cifar100``, ``efficientnet_lite0``;
+* ``timm:NAME`` (a timm CNN with feature_info, or a ViT/DeiT), e.g. ``timm:resnet50``, ``timm:deit_small_patch16_224``;
+* ``torchvision:NAME`` (ResNet, MobileNetV2/V3, EfficientNet, ConvNeXt), e.g. ``torchvision:mobilenet_v3_large``;
+* ``hf:PATH`` (a local BERT-family model directory, or ``hf:all-MiniLM-L6-v2`` for the packaged one);
+* a plain timm name that is not a registered adaptnn model (e.g. ``resnet50``).
+
+Adapter models are built with random weights (nothing is downloaded). ``--kwargs`` go to the factory
+(``timm_staged``, ``torchvision_staged``, ``hf_staged``: e.g. ``'{exits: [0, 2], num_classes: 100}'``).
+Token models are counted for 128 tokens unless ``--input_size [T]`` says otherwise.
+"""
 
 from __future__ import annotations
 
@@ -6,38 +19,96 @@ import json
 
 from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
-HELP = "Count per-exit MACs."
+HELP = "Count per-exit MACs (registered models, timm:NAME, torchvision:NAME, hf:PATH)."
+
+_PREFIXES = {
+    "timm": ("timm_staged", "arch"),
+    "torchvision": ("torchvision_staged", "arch"),
+    "tv": ("torchvision_staged", "arch"),
+    "hf": ("hf_staged", "path"),
+}
+DEFAULT_TOKENS = 128
 
 
 def build(parser: ArgumentParser) -> None:
-    parser.add_argument("model", type=str, help="Registered model name (see `adaptnn models`).")
+    parser.add_argument(
+        "model",
+        type=str,
+        help="Registered model (see `adaptnn models`), timm:NAME, torchvision:NAME, hf:PATH, or a plain timm name.",
+    )
     parser.add_argument("--input_size", type=list[int] | None, default=None, help="One sample's shape, e.g. [3,32,32].")
     parser.add_argument("--kwargs", type=dict | None, default=None, help="Model arguments, e.g. '{num_classes: 100}'.")
     parser.add_argument("--json", action=ActionYesNo, default=False, help="Print JSON instead of a table.")
 
 
+def resolve_model_name(model: str) -> tuple[str, dict]:
+    """``(registered factory, its naming kwargs)`` for a CLI model string (see the module docstring)."""
+    from ..errors import ConfigError
+    from ..models import list_models
+
+    prefix, sep, rest = model.partition(":")
+    if sep:
+        if prefix not in _PREFIXES or not rest:
+            raise ConfigError(f"unknown model prefix in {model!r}; use timm:NAME, torchvision:NAME or hf:PATH")
+        factory, key = _PREFIXES[prefix]
+        return factory, {key: rest}
+    if model in list_models():
+        return model, {}
+    try:
+        import timm
+    except ImportError:
+        return model, {}
+    if timm.is_model(model):
+        return "timm_staged", {"arch": model}
+    return model, {}  # create_model reports the unknown name with close matches
+
+
 def run(args: Namespace) -> None:
+    import torch
+
     from ..cost import cost_breakdown
     from ..errors import ConfigError
     from ..models import create_model
 
-    model = create_model(args.model, **(args.kwargs or {}))
+    factory, naming = resolve_model_name(args.model)
+    model = create_model(factory, **naming, **(args.kwargs or {}))
+    spec = model.input_spec
+    dtype = torch.long if spec is not None and spec.dtype_kind == "int" else torch.float32
     input_size = args.input_size
     if input_size is None:
-        if model.input_spec is None or any(s is None for s in model.input_spec.shape):
+        if spec is not None and dtype == torch.long and list(spec.shape) == [None]:
+            input_size = [DEFAULT_TOKENS]
+        elif spec is None or any(s is None for s in spec.shape):
             raise ConfigError(f"model {args.model!r} has no fixed input size; pass --input_size")
-        input_size = list(model.input_spec.shape)
-    breakdown = cost_breakdown(model, input_size)
+        else:
+            input_size = list(spec.shape)
+    breakdown = cost_breakdown(model, input_size, dtype=dtype)
+    backbone = sum(breakdown.segment_macs)
+    heads_total = sum(breakdown.head_macs)
+    added = sum(breakdown.head_macs[:-1])
     if args.json:
-        print(json.dumps({"model": args.model, **breakdown.to_dict()}, indent=2))
+        out = {
+            "model": args.model,
+            "factory": factory,
+            "kwargs": {**naming, **(args.kwargs or {})},
+            **breakdown.to_dict(),
+            "backbone_macs": backbone,
+            "heads_share": heads_total / backbone,
+            "added_heads_share": added / backbone,
+        }
+        print(json.dumps(out, indent=2))
         return
     print(f"{args.model}, one sample of shape {list(breakdown.input_size)} (MACs: conv + matmul; see adaptnn.cost)")
-    print(f"{'exit':>4} {'segment MACs':>14} {'head MACs':>11} {'cumulative MACs':>16} {'share':>7} {'params':>10}")
+    print(f"{'exit':>4} {'segment MACs':>14} {'head MACs':>11} {'cumulative MACs':>16} {'share':>7} {'params':>11}")
     total = breakdown.exit_macs[-1]
     for k, seg_idx in enumerate(model.exit_after):
         first = model.exit_after[k - 1] + 1 if k else 0
         seg = sum(breakdown.segment_macs[first : seg_idx + 1])
         print(
             f"{k:>4} {seg:>14,.0f} {breakdown.head_macs[k]:>11,.0f} {breakdown.exit_macs[k]:>16,.0f} "
-            f"{100 * breakdown.exit_macs[k] / total:>6.1f}% {breakdown.exit_params[k]:>10,}"
+            f"{100 * breakdown.exit_macs[k] / total:>6.1f}% {breakdown.exit_params[k]:>11,}"
         )
+    print(
+        f"heads: {heads_total:,.0f} MACs = {100 * heads_total / backbone:.2f}% of the backbone's {backbone:,.0f} "
+        f"(exits before the last: {100 * added / backbone:.2f}%)"
+    )
