@@ -5,7 +5,7 @@ import json
 import pytest
 
 from adaptnn.cli import main
-from adaptnn.cli.cost import resolve_model_name
+from adaptnn.models import resolve_model_name
 
 pytest.importorskip("timm")
 

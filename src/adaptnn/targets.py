@@ -2,9 +2,10 @@
 
 * a **run directory** (``model.safetensors`` + ``config.yaml``): its weights; inputs from its test split;
   calibration inputs (for choosing thresholds) from its validation split;
-* a **registered model name**: random weights; random Gaussian inputs of the model's (or the given)
-  input size. Timing depends on the exit distribution, not on accuracy, so this is a fair way to time
-  architectures whose trained weights are not available offline.
+* a **model name** (registered, or ``timm:NAME`` / ``torchvision:NAME``): random weights; random
+  Gaussian inputs of the model's (or the given) input size. Timing depends on the exit distribution,
+  not on accuracy, so this is a fair way to time architectures whose trained weights are not available
+  offline.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ def resolve_target(
         model = load_model(path / "model.safetensors").eval()
         splits = build_datasets(config.data)
         return Target(str(path), model, _stack(splits.test, num_samples), _stack(splits.val, num_samples), path)
-    from .models import create_model
+    from .models import create_model, resolve_model_name
 
-    model = create_model(target, **(model_kwargs or {})).eval()
+    factory, naming = resolve_model_name(target)
+    model = create_model(factory, **naming, **(model_kwargs or {})).eval()
     shape = input_size or (list(model.input_spec.shape) if model.input_spec is not None else None)
     if shape is None or any(s is None for s in shape):
         raise ConfigError(f"model {target!r} has no fixed input size; pass input_size (e.g. [3, 224, 224])")

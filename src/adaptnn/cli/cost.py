@@ -21,12 +21,6 @@ from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
 HELP = "Count per-exit MACs (registered models, timm:NAME, torchvision:NAME, hf:PATH)."
 
-_PREFIXES = {
-    "timm": ("timm_staged", "arch"),
-    "torchvision": ("torchvision_staged", "arch"),
-    "tv": ("torchvision_staged", "arch"),
-    "hf": ("hf_staged", "path"),
-}
 DEFAULT_TOKENS = 128
 
 
@@ -41,34 +35,12 @@ def build(parser: ArgumentParser) -> None:
     parser.add_argument("--json", action=ActionYesNo, default=False, help="Print JSON instead of a table.")
 
 
-def resolve_model_name(model: str) -> tuple[str, dict]:
-    """``(registered factory, its naming kwargs)`` for a CLI model string (see the module docstring)."""
-    from ..errors import ConfigError
-    from ..models import list_models
-
-    prefix, sep, rest = model.partition(":")
-    if sep:
-        if prefix not in _PREFIXES or not rest:
-            raise ConfigError(f"unknown model prefix in {model!r}; use timm:NAME, torchvision:NAME or hf:PATH")
-        factory, key = _PREFIXES[prefix]
-        return factory, {key: rest}
-    if model in list_models():
-        return model, {}
-    try:
-        import timm
-    except ImportError:
-        return model, {}
-    if timm.is_model(model):
-        return "timm_staged", {"arch": model}
-    return model, {}  # create_model reports the unknown name with close matches
-
-
 def run(args: Namespace) -> None:
     import torch
 
     from ..cost import cost_breakdown
     from ..errors import ConfigError
-    from ..models import create_model
+    from ..models import create_model, resolve_model_name
 
     factory, naming = resolve_model_name(args.model)
     model = create_model(factory, **naming, **(args.kwargs or {}))

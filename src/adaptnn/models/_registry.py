@@ -11,7 +11,7 @@ from collections.abc import Callable
 from ..errors import ConfigError
 from ..staged import StagedModel
 
-__all__ = ["register_model", "create_model", "list_models", "model_accepts", "model_spec"]
+__all__ = ["register_model", "create_model", "list_models", "model_accepts", "model_spec", "resolve_model_name"]
 
 _MODELS: dict[str, Callable[..., StagedModel]] = {}
 
@@ -69,6 +69,38 @@ def model_accepts(name: str, argument: str) -> bool:
         return False
     params = inspect.signature(fn).parameters
     return argument in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+_PREFIXES = {
+    "timm": ("timm_staged", "arch"),
+    "torchvision": ("torchvision_staged", "arch"),
+    "tv": ("torchvision_staged", "arch"),
+    "hf": ("hf_staged", "path"),
+}
+
+
+def resolve_model_name(model: str) -> tuple[str, dict]:
+    """``(registered factory, its naming kwargs)`` for a user-facing model string.
+
+    Accepts a registered name, ``timm:NAME``, ``torchvision:NAME`` (or ``tv:NAME``), ``hf:PATH``, or a plain
+    timm name that is not a registered adaptnn model. Unknown names are passed through so that
+    :func:`create_model` reports them with close matches.
+    """
+    prefix, sep, rest = model.partition(":")
+    if sep:
+        if prefix not in _PREFIXES or not rest:
+            raise ConfigError(f"unknown model prefix in {model!r}; use timm:NAME, torchvision:NAME or hf:PATH")
+        factory, key = _PREFIXES[prefix]
+        return factory, {key: rest}
+    if model in _MODELS:
+        return model, {}
+    try:
+        import timm
+    except ImportError:
+        return model, {}
+    if timm.is_model(model):
+        return "timm_staged", {"arch": model}
+    return model, {}
 
 
 def model_spec(model: StagedModel) -> dict:
