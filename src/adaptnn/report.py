@@ -9,7 +9,7 @@ from typing import Any
 
 from .checkpoint import atomic_write_text
 
-__all__ = ["to_jsonable", "write_json", "plot_report"]
+__all__ = ["to_jsonable", "write_json", "plot_report", "plot_curves"]
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -66,6 +66,16 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
             color="tab:blue",
             label="budgeted batch (test)",
         )
+    for label, entry in (report.get("policies") or {}).items():
+        curve = sorted(entry["curve"], key=lambda d: d["avg_cost"])
+        ax_curve.plot(
+            [b["avg_cost"] / 1e6 for b in curve],
+            [100 * b["test_accuracy"] for b in curve],
+            "-" if "+ts" not in label else ":",
+            lw=0.9,
+            alpha=0.7,
+            label=f"{label} (test)",
+        )
     op = report.get("operating_point")
     if op and op.get("realised"):
         realised = op["realised"]
@@ -103,6 +113,30 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
         ax_hist.legend(fontsize=8)
     else:
         ax_hist.axis("off")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | Path, *, title: str = "") -> None:
+    """Overlay accuracy-vs-MACs curves (``label -> (avg MACs, accuracy)``) in one plot, atomically written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, (costs, accs) in curves.items():
+        pairs = sorted(zip(costs, accs, strict=True))
+        ax.plot([c / 1e6 for c, _ in pairs], [100 * a for _, a in pairs], "-", marker=".", ms=3, lw=1, label=label)
+    ax.set_xlabel("average MACs per sample (millions)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title or "accuracy vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(path).with_suffix(".tmp.png")

@@ -16,27 +16,44 @@ The CLI (:mod:`adaptnn.cli`) is a thin layer over these functions.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__
-from .calibrate import budgeted_sweep, choose_operating_point
+from .calibrate import choose_operating_point
+from .calibration import (
+    calibrate_accuracy_guarantee,
+    calibrate_to_budget,
+    calibrate_to_latency,
+    exit_scores,
+    policy_sweep,
+    split_figures,
+)
 from .checkpoint import load_model, save_checkpoint
 from .config import RunConfig, load_config, save_config
 from .cost import cost_breakdown
 from .data import DataSplits, build_datasets
 from .errors import ConfigError
-from .evaluate import anytime_results, collect_logits, realised_run, simulate_policy
+from .evaluate import anytime_results, collect_logits, curve_table, per_class_exits, realised_run, simulate_policy
 from .models import create_model, model_accepts, model_spec
-from .policies import ConfidencePolicy
+from .policies import POLICY_NAMES, make_policy, policy_from_dict, policy_to_dict, simulate_exits
 from .report import plot_report, write_json
 from .staged import StagedModel
 from .train import Trainer, resolve_device, seed_everything
 
-__all__ = ["train_run", "calibrate_run", "evaluate_run", "quickstart_config", "build_model_for_data"]
+__all__ = [
+    "train_run",
+    "calibrate_run",
+    "evaluate_run",
+    "compare_policies",
+    "quickstart_config",
+    "build_model_for_data",
+]
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +152,8 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, ov
     )
     trainer.fit(resume=resume)
     final = run_dir / "model.safetensors"
+    if not trainer.is_main:  # under torchrun only rank 0 writes the final weights
+        return final
     save_checkpoint(
         final,
         model.cpu(),
@@ -151,42 +170,116 @@ def _load_run(run_dir: Path) -> tuple[RunConfig, StagedModel, DataSplits, torch.
     return config, model, splits, resolve_device(config.eval.device)
 
 
-def calibrate_run(run_dir: str | Path, *, tolerance: float | None = None, progress: bool = True) -> dict[str, Any]:
-    """Fit the budgeted-batch thresholds on the validation split and pick the operating point.
+def _validation_logits(
+    model: StagedModel, splits: DataSplits, bs: int, device: torch.device, progress: bool, legacy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation logits; ``legacy`` reads the split with the *training* transforms (reference-code quirk)."""
+    val_set = splits.val
+    if legacy:
+        if not hasattr(val_set, "view") or not hasattr(splits.train, "transform"):
+            raise ConfigError("legacy calibration needs datasets with views (adaptnn.data datasets)")
+        val_set = val_set.view(val_set.indices, splits.train.transform)
+        torch.manual_seed(0)  # the augmentation draws are random: make them repeatable
+    return collect_logits(model, val_set, batch_size=bs, device=device, progress=progress, desc="val")
 
-    Writes ``calibration.json``: exit MACs, the sweep (validation and test figures for every p) and the
-    operating point, chosen on validation figures only.
+
+def calibrate_run(
+    run_dir: str | Path,
+    *,
+    tolerance: float | None = None,
+    progress: bool = True,
+    policy: str = "confidence",
+    temperature: bool = False,
+    budget_macs: float | None = None,
+    budget_ms: float | None = None,
+    exit_latency_ms: Sequence[float] | None = None,
+    latency_batch_size: int = 1,
+    epsilon: float | None = None,
+    delta: float = 0.1,
+    legacy: bool = False,
+) -> dict[str, Any]:
+    """Fit an exit policy's thresholds on the validation split and pick the operating point.
+
+    The budgeted-batch sweep of ``policy`` is always computed (validation and test figures for every p).
+    The operating point comes from one calibrator: ``budget_macs`` (average MACs per sample),
+    ``budget_ms`` with measured ``exit_latency_ms`` (average latency per sample), ``epsilon``/``delta``
+    (accuracy drop vs the last exit at most ``epsilon`` with probability ``>= 1 - delta``, Learn then Test),
+    or by default the cheapest sweep point within ``tolerance`` of the last exit's validation accuracy.
+
+    Args:
+        policy: exit-rule family, one of :data:`adaptnn.policies.POLICY_NAMES`.
+        temperature: fit per-exit temperatures on the validation split first.
+        legacy: reproduce the reference code: validation read with training augmentation and the test
+            curve post-processed into its upper envelope (see :mod:`adaptnn.calibration.sweep`).
+
+    Writes ``calibration.json`` (exit MACs, the policy, the sweep, the calibrator's figures, the operating
+    point, all choices made on validation figures only).
     """
     run_dir = Path(run_dir)
+    chosen = [
+        name
+        for name, v in (("budget_macs", budget_macs), ("budget_ms", budget_ms), ("epsilon", epsilon))
+        if v is not None
+    ]
+    if len(chosen) > 1:
+        raise ConfigError(f"give at most one of budget_macs, budget_ms and epsilon; got {chosen}")
+    if budget_ms is not None and exit_latency_ms is None:
+        raise ConfigError(
+            "budget_ms needs the measured per-exit latencies (exit_latency_ms: K cumulative ms per sample on "
+            "your device, e.g. from the speed benchmark)"
+        )
     config, model, splits, device = _load_run(run_dir)
     tolerance = config.calibration.tolerance if tolerance is None else tolerance
     if not 0 <= tolerance < 1:
         raise ConfigError(f"tolerance is a fraction of accuracy in [0, 1), got {tolerance}")
     costs = cost_breakdown(model, splits.input_size).exit_macs
     bs = config.eval.batch_size
-    val_logits, val_labels = collect_logits(
-        model, splits.val, batch_size=bs, device=device, progress=progress, desc="val"
-    )
+    val_logits, val_labels = _validation_logits(model, splits, bs, device, progress, legacy)
     test_logits, test_labels = collect_logits(
         model, splits.test, batch_size=bs, device=device, progress=progress, desc="test"
     )
-    sweep = budgeted_sweep(
-        val_logits.softmax(-1), val_labels, test_logits.softmax(-1), test_labels, costs, config.calibration.p_values
+    family = make_policy(policy, model.num_exits, val_logits=val_logits, val_labels=val_labels, temperature=temperature)
+    sweep = policy_sweep(
+        family, val_logits, val_labels, test_logits, test_labels, costs, config.calibration.p_values, legacy=legacy
     )
     last_val_acc = float((val_logits[-1].argmax(-1) == val_labels).double().mean())
-    point = choose_operating_point(sweep, last_val_acc, tolerance)
+    calibrator: dict[str, Any] = {"method": "budgeted_sweep_tolerance", "tolerance": tolerance}
+    if chosen:
+        if budget_macs is not None:
+            result = calibrate_to_budget(family, val_logits, val_labels, costs, budget_macs)
+        elif budget_ms is not None:
+            result = calibrate_to_latency(
+                family, val_logits, val_labels, list(exit_latency_ms or []), budget_ms, batch_size=latency_batch_size
+            )
+        else:
+            result = calibrate_accuracy_guarantee(family, val_logits, val_labels, costs, float(epsilon), delta)
+        calibrator = result.to_dict()
+        point = {
+            "p": None,
+            "thresholds": result.thresholds,
+            "val_accuracy": result.val["accuracy"],
+            "val_avg_cost": float(split_figures(exit_scores(family, val_logits, val_labels), result.thresholds,
+                                                np.asarray(costs))["avg_cost"]),
+        }  # fmt: skip
+    else:
+        point = choose_operating_point(sweep, last_val_acc, tolerance)
     calibration = {
         "exit_macs": costs,
-        "policy": "confidence",
+        "policy": policy,
+        "policy_spec": policy_to_dict(family.with_thresholds(point["thresholds"])),
+        "temperature": temperature,
+        "legacy": legacy,
         "last_exit_val_accuracy": last_val_acc,
         "tolerance": tolerance,
+        "calibrator": calibrator,
         "operating_point": point,
         "budgeted": sweep,
     }
     write_json(run_dir / "calibration.json", calibration)
     log.info(
-        "operating point p=%.2f thresholds=%s (val acc %.4f, val MACs %.0f)",
-        point["p"],
+        "operating point (%s, %s) thresholds=%s (val acc %.4f, val MACs %.0f)",
+        policy,
+        calibrator["method"],
         [round(t, 4) for t in point["thresholds"]],
         point["val_accuracy"],
         point["val_avg_cost"],
@@ -194,10 +287,50 @@ def calibrate_run(run_dir: str | Path, *, tolerance: float | None = None, progre
     return calibration
 
 
-def evaluate_run(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+def compare_policies(
+    val_logits: torch.Tensor,
+    val_labels: torch.Tensor,
+    test_logits: torch.Tensor,
+    test_labels: torch.Tensor,
+    costs: Sequence[float],
+    policies: Sequence[str] = POLICY_NAMES,
+    *,
+    p_values: Sequence[float] | None = None,
+    temperature_variants: bool = True,
+) -> dict[str, Any]:
+    """Budgeted-batch sweep of several policy families on cached logits, with a comparison table.
+
+    Returns ``{label: {curve: [{p, avg_cost, test_accuracy, val_accuracy, val_avg_cost}], auc, auc_range,
+    macs_at_last_exit_accuracy, macs_saved_at_last_exit_accuracy, ...}}``; labels are the family names, plus
+    ``<name>+ts`` for confidence-based families with per-exit temperature scaling when ``temperature_variants``.
+    """
+    last_acc = float((test_logits[-1].argmax(-1) == test_labels).double().mean())
+    num_exits = test_logits.shape[0]
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for name in policies:
+        variants = [False, True] if temperature_variants and name in ("confidence", "entropy", "margin") else [False]
+        for temp in variants:
+            family = make_policy(name, num_exits, val_logits=val_logits, val_labels=val_labels, temperature=temp)
+            sweep = policy_sweep(family, val_logits, val_labels, test_logits, test_labels, costs, p_values)
+            curves[name + ("+ts" if temp else "")] = [
+                {k: pt[k] for k in ("p", "avg_cost", "test_accuracy", "val_accuracy", "val_avg_cost")} for pt in sweep
+            ]
+    table = curve_table(
+        {k: ([pt["avg_cost"] for pt in v], [pt["test_accuracy"] for pt in v]) for k, v in curves.items()},
+        {k: (float(costs[-1]), last_acc) for k in curves},
+    )
+    return {
+        row["label"]: {"curve": curves[row["label"]], **{k: v for k, v in row.items() if k != "label"}} for row in table
+    }
+
+
+def evaluate_run(
+    run_dir: str | Path, *, progress: bool = True, policies: Sequence[str] | None = POLICY_NAMES
+) -> dict[str, Any]:
     """Anytime, budgeted and realised evaluation; writes ``report.json`` and ``report.png``.
 
-    Calibrates first when ``calibration.json`` is missing.
+    Calibrates first when ``calibration.json`` is missing. With ``policies`` (default: every family) the
+    report also compares their budgeted curves (``policies`` key; one extra pass over the validation split).
     """
     import json
 
@@ -214,13 +347,21 @@ def evaluate_run(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any
         model, splits.test, batch_size=config.eval.batch_size, device=device, progress=progress, desc="test"
     )
     point = calibration["operating_point"]
-    thresholds = [float("inf") if t is None else t for t in point["thresholds"]]
-    policy = ConfidencePolicy(thresholds)
+    if "policy_spec" in calibration:
+        policy = policy_from_dict(calibration["policy_spec"])
+    else:  # calibration.json written before policies were configurable
+        policy = policy_from_dict({"name": "confidence", "thresholds": point["thresholds"]})
     simulated = simulate_policy(policy, test_logits, test_labels, costs)
     realised = realised_run(model, splits.test, policy, batch_size=config.eval.batch_size, device=device)
     matches = bool(torch.equal(simulated.pop("exit_index"), realised.pop("exit_index")))
     anytime = anytime_results(test_logits, test_labels, costs)
     last = anytime[-1]
+    sim_exit, sim_pred = simulate_exits(policy, test_logits)
+    calibrator = calibration.get("calibrator", {"method": "budgeted_sweep_tolerance"})
+    if calibrator.get("method", "budgeted_sweep_tolerance") == "budgeted_sweep_tolerance":
+        rule = "cheapest budgeted point (validation MACs) with validation accuracy >= last exit's - tolerance"
+    else:
+        rule = f"{calibrator['method']} calibrator (see calibrator)"
     report = {
         "adaptnn_version": __version__,
         "run_dir": str(run_dir),
@@ -233,7 +374,7 @@ def evaluate_run(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any
             "p": point["p"],
             "thresholds": point["thresholds"],
             "selection": {
-                "rule": "cheapest budgeted point (validation MACs) with validation accuracy >= last exit's - tolerance",
+                "rule": rule,
                 "tolerance": calibration["tolerance"],
                 "val_accuracy": point["val_accuracy"],
                 "val_avg_macs": point["val_avg_cost"],
@@ -245,7 +386,20 @@ def evaluate_run(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any
             "macs_reduction_vs_last_exit": last["macs"] / realised["avg_macs"],
             "accuracy_change_vs_last_exit": realised["accuracy"] - last["accuracy"],
         },
+        "policy": calibration.get("policy_spec", {"name": "confidence"}),
+        "calibrator": calibrator,
+        "legacy": bool(calibration.get("legacy", False)),
+        "per_class": per_class_exits(sim_exit, sim_pred, test_labels, costs, splits.class_names),
     }
+    if report["policy"].get("name") == "learned":  # weights are in calibration.json; keep the report light
+        report["policy"] = {k: v for k, v in report["policy"].items() if k != "state_dict"}
+    if policies:
+        val_logits, val_labels = collect_logits(
+            model, splits.val, batch_size=config.eval.batch_size, device=device, progress=progress, desc="val"
+        )
+        report["policies"] = compare_policies(
+            val_logits, val_labels, test_logits, test_labels, costs, policies, p_values=config.calibration.p_values
+        )
     write_json(run_dir / "report.json", report)
     plot_report(report, run_dir / "report.png")
     return report

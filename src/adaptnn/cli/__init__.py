@@ -23,7 +23,9 @@ from ..errors import AdaptnnError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-COMMANDS: tuple[str, ...] = ("quickstart", "train", "calibrate", "evaluate", "cost", "models", "bench", "profile")
+COMMANDS: tuple[str, ...] = (
+    "quickstart", "train", "calibrate", "evaluate", "compare", "cost", "models", "bench", "profile",
+)  # fmt: skip
 
 
 def _module(name: str):

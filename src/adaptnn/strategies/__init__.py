@@ -1,21 +1,55 @@
-"""Training strategies for multi-exit models: losses over the list of per-exit logits.
+"""Training strategies for multi-exit models: losses over the list of per-exit logits, plus hooks.
 
-``get(name, **options)`` returns a callable ``(exit_logits: list[Tensor], targets: Tensor) -> Tensor``.
+``get(name, **options)`` returns a :class:`Strategy`: calling it as ``(exit_logits: list[Tensor],
+targets: Tensor) -> Tensor`` gives the training loss; methods that need more (a meta step, gradient
+rescaling, a frozen backbone, an ensemble at inference) override the hooks described in
+:mod:`adaptnn.strategies.base`, which :class:`adaptnn.train.Trainer` calls.
+
+========== ====================================================================================
+name       method
+========== ====================================================================================
+joint      weighted sum of per-exit cross-entropies (uniform, linear ramp or given weights)
+distill    self-distillation of earlier exits from the last exit or the ensemble of later exits
+boost      BoostNet: exits trained as an additive ensemble; ensemble policy at inference
+l2w        L2W-DEN: per-sample exit weights from a meta-trained weight network
+imta       IMTA gradient equilibrium (optionally with one-for-all distillation)
+frozen     train only the exit heads of a frozen (pretrained) backbone
+========== ====================================================================================
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
-
-from torch import Tensor
 
 from ..errors import ConfigError
-from .joint import JointLoss
+from .base import StepContext, Strategy, per_exit_cross_entropy
+from .boost import BoostLoss, boosted_logits
+from .distill import SelfDistillation
+from .frozen import FrozenBackbone, fit_heads_cached
+from .imta import GradientEquilibrium
+from .joint import JointLoss, exit_weights
+from .l2w import L2WLoss
 
-__all__ = ["JointLoss", "get", "available"]
+__all__ = [
+    "Strategy",
+    "StepContext",
+    "JointLoss",
+    "SelfDistillation",
+    "BoostLoss",
+    "L2WLoss",
+    "GradientEquilibrium",
+    "FrozenBackbone",
+    "boosted_logits",
+    "exit_weights",
+    "fit_heads_cached",
+    "per_exit_cross_entropy",
+    "get",
+    "available",
+]
 
-_STRATEGIES: dict[str, Callable[..., Callable[[list[Tensor], Tensor], Tensor]]] = {"joint": JointLoss}
+_STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (JointLoss, SelfDistillation, BoostLoss, L2WLoss, GradientEquilibrium, FrozenBackbone)
+}
 
 
 def available() -> list[str]:
@@ -23,8 +57,8 @@ def available() -> list[str]:
     return sorted(_STRATEGIES)
 
 
-def get(name: str, **options: object) -> Callable[[list[Tensor], Tensor], Tensor]:
-    """Build the strategy ``name`` with ``options`` (e.g. ``get("joint", weights="linear")``)."""
+def get(name: str, **options: object) -> Strategy:
+    """Build strategy ``name`` with ``options``, e.g. ``get("joint", weights="linear")`` or ``get("boost", r=0.5)``."""
     if name not in _STRATEGIES:
         close = difflib.get_close_matches(name, available(), n=2)
         raise ConfigError(

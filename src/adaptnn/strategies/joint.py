@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
+from .base import Strategy
 
 __all__ = ["JointLoss", "exit_weights"]
 
@@ -35,13 +36,15 @@ def exit_weights(scheme: str | Sequence[float], num_exits: int) -> list[float]:
     return weights
 
 
-class JointLoss:
+class JointLoss(Strategy):
     """``sum_k w_k * CE(logits_k, y)`` over the exits (weights from :func:`exit_weights`).
 
     Args:
         weights: ``"uniform"``, ``"linear"`` or an explicit list.
         label_smoothing: passed to the cross-entropy.
     """
+
+    name = "joint"
 
     def __init__(self, weights: str | Sequence[float] = "uniform", label_smoothing: float = 0.0) -> None:
         if not 0.0 <= label_smoothing < 1.0:

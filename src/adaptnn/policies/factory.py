@@ -1,0 +1,124 @@
+"""Build a threshold policy from its name (for configs, the CLI and benchmarks)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+from ..errors import ConfigError
+from .base import ThresholdPolicy
+from .confidence import ConfidencePolicy, EntropyPolicy, MarginPolicy
+from .ensemble import AveragedEnsemblePolicy, BoostedEnsemblePolicy
+from .learned import ExitCorrectnessNet, LearnedPolicy, fit_learned_policy
+from .patience import PatiencePolicy
+from .temperature import fit_temperatures
+
+__all__ = ["POLICY_NAMES", "make_policy", "policy_name", "policy_to_dict", "policy_from_dict"]
+
+POLICY_NAMES: tuple[str, ...] = ("confidence", "entropy", "margin", "patience", "average", "boosted", "learned")
+
+
+def make_policy(
+    name: str,
+    num_exits: int,
+    *,
+    val_logits: Tensor | None = None,
+    val_labels: Tensor | None = None,
+    temperature: bool = False,
+    **kwargs: Any,
+) -> ThresholdPolicy:
+    """A policy of family ``name`` with every exit disabled (thresholds to be calibrated).
+
+    Args:
+        name: one of :data:`POLICY_NAMES`.
+        num_exits: K.
+        val_logits, val_labels: validation logits ``[K, N, C]`` and labels, needed for ``temperature=True``
+            and for ``learned`` (whose network is trained on them).
+        temperature: fit per-exit temperatures on the validation logits (confidence-based rules only).
+        **kwargs: family parameters (``r`` for ``boosted``; ``hidden``, ``steps``, ``seed`` for ``learned``).
+    """
+    if name not in POLICY_NAMES:
+        raise ConfigError(f"unknown policy {name!r}; choose one of {list(POLICY_NAMES)}")
+    thresholds: Sequence[float | None] = [None] * (num_exits - 1)
+    temps = None
+    if temperature:
+        if name == "patience":
+            raise ConfigError("temperature scaling does not apply to the patience rule (it only uses argmax)")
+        if val_logits is None or val_labels is None:
+            raise ConfigError("temperature=True needs val_logits and val_labels to fit the temperatures on")
+        temps = fit_temperatures(val_logits, val_labels)
+    if name == "confidence":
+        return ConfidencePolicy(thresholds, temperatures=temps)
+    if name == "entropy":
+        return EntropyPolicy(thresholds, temperatures=temps)
+    if name == "margin":
+        return MarginPolicy(thresholds, temperatures=temps)
+    if name == "patience":
+        return PatiencePolicy(thresholds)
+    if name == "average":
+        return AveragedEnsemblePolicy(thresholds, temperatures=temps)
+    if name == "boosted":
+        return BoostedEnsemblePolicy(thresholds, r=kwargs.pop("r", 0.5), temperatures=temps)
+    if val_logits is None or val_labels is None:
+        raise ConfigError("the learned policy needs val_logits and val_labels to train its network on")
+    return fit_learned_policy(val_logits, val_labels, thresholds=thresholds, temperatures=temps, **kwargs)
+
+
+_CLASSES: dict[str, type] = {
+    "confidence": ConfidencePolicy,
+    "entropy": EntropyPolicy,
+    "margin": MarginPolicy,
+    "patience": PatiencePolicy,
+    "average": AveragedEnsemblePolicy,
+    "boosted": BoostedEnsemblePolicy,
+    "learned": LearnedPolicy,
+}
+
+
+def policy_name(policy: ThresholdPolicy) -> str:
+    """The registry name of a shipped policy's family (``"confidence"``, ...)."""
+    for name, cls in _CLASSES.items():
+        if type(policy) is cls:
+            return name
+    raise ConfigError(f"{type(policy).__name__} is not one of the named policy families {list(POLICY_NAMES)}")
+
+
+def policy_to_dict(policy: ThresholdPolicy) -> dict[str, Any]:
+    """JSON-ready description (family, thresholds, temperatures, parameters, learned weights) of a policy."""
+    out: dict[str, Any] = {
+        "name": policy_name(policy),
+        "thresholds": list(policy.thresholds),
+        "temperatures": policy.temperatures,
+    }
+    if isinstance(policy, BoostedEnsemblePolicy):
+        out["r"] = policy.r
+    if isinstance(policy, LearnedPolicy):
+        out["hidden"] = policy.net.body[0].out_features
+        out["num_exits"] = policy.net.num_exits
+        out["state_dict"] = {k: v.detach().cpu().tolist() for k, v in policy.net.state_dict().items()}
+    return out
+
+
+def policy_from_dict(data: dict[str, Any]) -> ThresholdPolicy:
+    """Rebuild a policy written by :func:`policy_to_dict` (``null`` thresholds read back as disabled exits)."""
+    import torch
+
+    name = data.get("name")
+    if name not in _CLASSES:
+        raise ConfigError(f"unknown policy {name!r} in the saved description; expected one of {list(POLICY_NAMES)}")
+    thresholds = [None if t is None else float(t) for t in data.get("thresholds", [])]
+    temps = data.get("temperatures")
+    if name == "patience":
+        return PatiencePolicy(thresholds)
+    if name == "boosted":
+        return BoostedEnsemblePolicy(thresholds, r=float(data.get("r", 0.5)), temperatures=temps)
+    if name == "learned":
+        try:
+            net = ExitCorrectnessNet(int(data["num_exits"]), int(data["hidden"]))
+            net.load_state_dict({k: torch.tensor(v) for k, v in data["state_dict"].items()})
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise ConfigError(f"the saved learned policy is incomplete or corrupt: {exc}") from exc
+        return LearnedPolicy(net, thresholds, temperatures=temps)
+    return _CLASSES[name](thresholds, temperatures=temps)

@@ -1,0 +1,117 @@
+"""The strategy protocol: a loss over per-exit logits plus optional hooks the Trainer calls.
+
+A strategy is first of all a callable ``(exit_logits: list[Tensor], targets: Tensor) -> Tensor``. Methods
+that need more than a loss override hooks of :class:`Strategy`:
+
+* :meth:`Strategy.setup` once before the optimizer is built (e.g. freeze the backbone);
+* :meth:`Strategy.train_mode` after every ``model.train()`` (e.g. keep a frozen backbone in eval mode);
+* :meth:`Strategy.forward` is the training-time forward pass (e.g. gradient rescaling on the trunk);
+* :meth:`Strategy.training_loss` is one micro-batch's loss given a :class:`StepContext` (e.g. a meta step
+  before the backbone loss);
+* :meth:`Strategy.predictions` maps the exits' raw logits to what each exit predicts at test time (e.g. an
+  additive ensemble) and :meth:`Strategy.policy` gives the matching early-exit policy;
+* :meth:`Strategy.state_dict` / :meth:`Strategy.load_state_dict` carry the strategy's own trainable
+  state (e.g. a weight network and its optimizer) through checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from ..policies import ConfidencePolicy, ExitPolicy
+
+if TYPE_CHECKING:
+    from ..staged import StagedModel
+
+__all__ = ["Strategy", "StepContext", "per_exit_cross_entropy"]
+
+
+@dataclass
+class StepContext:
+    """What :meth:`Strategy.training_loss` may use besides the batch.
+
+    Attributes:
+        model: the plain :class:`StagedModel` (not wrapped by DDP or ``torch.compile``), e.g. for
+            ``torch.func.functional_call``.
+        forward: the training forward pass ``x -> list of exit logits`` (wrapped for DDP/compile; use it
+            for the loss that the Trainer back-propagates so gradients are synchronised).
+        lr: the backbone's current learning rate.
+        step: optimizer steps taken so far.
+        epoch: 0-based epoch.
+        world_size: number of data-parallel processes (1 without DDP).
+    """
+
+    model: StagedModel
+    forward: Callable[[Tensor], list[Tensor]]
+    lr: float
+    step: int
+    epoch: int
+    world_size: int = 1
+
+
+def per_exit_cross_entropy(exit_logits: Sequence[Tensor], targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Per-sample cross-entropy at every exit, ``[N, K]`` (computed in float32)."""
+    return torch.stack(
+        [
+            nn.functional.cross_entropy(lg.float(), targets, reduction="none", label_smoothing=label_smoothing)
+            for lg in exit_logits
+        ],
+        dim=1,
+    )
+
+
+class Strategy:
+    """Base class of training strategies; subclasses implement :meth:`__call__` and override hooks as needed."""
+
+    #: registry name (set by subclasses)
+    name: str = "strategy"
+
+    def __call__(self, exit_logits: list[Tensor], targets: Tensor) -> Tensor:
+        """The training loss from the exits' logits ``[B, C]`` each and the targets ``[B]``."""
+        raise NotImplementedError
+
+    def setup(self, model: StagedModel) -> None:
+        """Prepare ``model`` once before the optimizer is built (default: nothing)."""
+
+    def train_mode(self, model: StagedModel) -> None:
+        """Called after ``model.train()`` at the start of every epoch (default: nothing)."""
+
+    def forward(self, model: StagedModel, x: Tensor) -> list[Tensor]:
+        """Training-time forward pass (default: ``model.forward_all``)."""
+        return model.forward_all(x)
+
+    def training_loss(self, ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
+        """Loss of one micro-batch, to be back-propagated by the Trainer (default: ``self(forward(x), y)``)."""
+        return self(ctx.forward(x), y)
+
+    def predictions(self, exit_logits: Sequence[Tensor]) -> list[Tensor]:
+        """What each exit predicts at test time (default: its own logits)."""
+        return list(exit_logits)
+
+    def policy(self, thresholds: Sequence[float | None]) -> ExitPolicy:
+        """Confidence-threshold early-exit policy consistent with :meth:`predictions`."""
+        return ConfidencePolicy(thresholds)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Extra metrics for the epoch's ``metrics.jsonl`` line; resets the running sums (default: none)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Trainable state of the strategy itself (nested dict of tensors and JSON values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (default: nothing to restore)."""
+
+    def to(self, device: torch.device) -> Strategy:
+        """Move the strategy's own modules to ``device`` (default: nothing)."""
+        return self
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"

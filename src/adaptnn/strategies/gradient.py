@@ -1,0 +1,72 @@
+"""Gradient rescaling on the trunk of a staged model (gradient equilibrium, IMTA / BoostNet on MSDNet).
+
+With K exits, the state after the segment of exit i (0-based) feeds both head i and the rest of the
+network. Gradient equilibrium (Li et al., "Improved Techniques for Training Adaptive Deep Networks",
+ICCV 2019) multiplies the gradient flowing back from head i by ``1 / (K - i)`` and the gradient flowing
+back from the later segments by ``(K - i - 1) / (K - i)``, so the gradient reaching early blocks stays
+a convex combination of the exits' gradients instead of their growing sum. The forward values are
+unchanged; only the backward pass is rescaled.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor, autograd
+
+from ..state import State
+
+if TYPE_CHECKING:
+    from ..staged import StagedModel
+
+__all__ = ["scale_grad", "forward_all_rescaled", "equilibrium_scales"]
+
+
+class _ScaleGrad(autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+def scale_grad(state: State, scale: float) -> State:
+    """Identity in the forward pass; multiplies the gradient of every float tensor in ``state`` by ``scale``."""
+    if isinstance(state, Tensor):
+        return _ScaleGrad.apply(state, scale) if state.is_floating_point() and state.requires_grad else state
+    if isinstance(state, tuple):
+        items = [scale_grad(s, scale) for s in state]
+        return type(state)(*items) if hasattr(state, "_fields") else tuple(items)
+    if isinstance(state, list):
+        return [scale_grad(s, scale) for s in state]
+    if isinstance(state, dict):
+        return type(state)((k, scale_grad(v, scale)) for k, v in state.items())
+    return state
+
+
+def equilibrium_scales(num_exits: int) -> list[tuple[float, float]]:
+    """``(head_scale, trunk_scale)`` for every exit: ``(1/(K-i), (K-i-1)/(K-i))``; the last is ``(1, 0)``."""
+    return [(1.0 / (num_exits - i), (num_exits - i - 1) / (num_exits - i)) for i in range(num_exits)]
+
+
+def forward_all_rescaled(model: StagedModel, x: Tensor) -> list[Tensor]:
+    """``model.forward_all(x)`` with gradient-equilibrium rescaling at every exit but the last."""
+    model.check_input(x, check_finite=False)
+    scales = equilibrium_scales(model.num_exits)
+    state: State = x
+    outputs: list[Tensor] = []
+    for seg_idx, segment in enumerate(model.segments):
+        state = segment(state)
+        k = model._head_at[seg_idx]
+        if k < 0:
+            continue
+        if k == model.num_exits - 1:
+            outputs.append(model.heads[k](state))
+        else:
+            head_scale, trunk_scale = scales[k]
+            outputs.append(model.heads[k](scale_grad(state, head_scale)))
+            state = scale_grad(state, trunk_scale)
+    return outputs

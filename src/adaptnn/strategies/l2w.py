@@ -1,0 +1,256 @@
+"""L2W-DEN: meta-learned sample weights (Han et al., "Learning to Weight Samples for Dynamic Early-exiting
+Networks", ECCV 2022).
+
+A small *weight network* maps each training sample's vector of per-exit losses ``[K]`` to per-exit
+weights ``w = 1 + eps * (t - mean_batch(t))`` with ``t = tanh(MLP(losses))`` (centred over the batch for each
+exit, so every exit's mean weight stays 1 and only the balance between samples changes). The backbone
+minimises ``mean_i sum_k w_ik * CE_ik``.
+
+The weight network is meta-trained so that this weighting helps the *dynamic* model: every
+``meta_interval`` steps each micro-batch is split into a training part and a held-out meta part
+(``meta_fraction`` of it). On the training part the weighted loss gives a differentiable one-step SGD
+look-ahead of the backbone, ``theta' = theta - lr * grad_theta L_w(theta)`` (``create_graph=True``; the
+look-ahead runs ``torch.func.functional_call`` on the live module with substituted parameters - no model
+copy; the normalisation buffers are cloned so the look-ahead leaves the running statistics alone). On
+the meta part, samples are allocated to exits as in the budgeted-batch protocol with target ``p``
+(exit k takes the ``floor(n * pi_k)`` most confident remaining samples, ``pi_k ~ p^k``), and the meta loss
+is the cross-entropy of each sample at its allocated exit under ``theta'``. Its gradient trains the
+weight network (Adam). Then the backbone takes its ordinary step on the weighted loss of the whole
+micro-batch with the updated weights (detached): every sample is still trained on, as with the other
+strategies; the meta part is held out of the look-ahead only.
+
+Extra cost of a step with a meta update, relative to a plain joint step: one forward of the training
+part, a backward with ``create_graph`` (about 2x a backward), one forward of the meta part with
+``theta'`` and the backward of the meta loss through the look-ahead (second-order terms), i.e. roughly
+3-4x the compute of a plain step and about twice its activation memory; ``meta_interval > 1`` amortises it.
+The look-ahead ignores momentum and weight decay (plain SGD with the current learning rate). Under DDP
+each process runs the look-ahead on its own shard and the weight network's gradients are averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..errors import ConfigError
+from .base import StepContext, Strategy, per_exit_cross_entropy
+
+if TYPE_CHECKING:
+    from ..staged import StagedModel
+
+__all__ = ["L2WLoss", "WeightNet", "allocate_exits", "exit_distribution"]
+
+
+class WeightNet(nn.Module):
+    """MLP mapping per-exit losses ``[N, K]`` to ``tanh`` outputs ``[N, K]`` in (-1, 1)."""
+
+    def __init__(self, num_exits: int, hidden: int = 100) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(num_exits, hidden), nn.ReLU(), nn.Linear(hidden, num_exits))
+
+    def forward(self, losses: Tensor) -> Tensor:
+        return torch.tanh(self.net(losses))
+
+
+class _AllExits(nn.Module):
+    """A view of a staged model whose ``forward`` returns every exit's logits (for ``functional_call``)."""
+
+    def __init__(self, model: StagedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.model.forward_all(x)
+
+
+def exit_distribution(p: float, num_exits: int) -> list[float]:
+    """Budgeted-batch target fractions ``pi_k = p^k / sum_j p^j`` for ``k = 1..K``."""
+    weights = [p**k for k in range(1, num_exits + 1)]
+    total = sum(weights)
+    if not math.isfinite(total) or total <= 0:
+        raise ConfigError(f"l2w: target_p={p} gives a degenerate exit distribution for {num_exits} exits")
+    return [w / total for w in weights]
+
+
+def allocate_exits(confidence: Tensor, fractions: list[float]) -> Tensor:
+    """Allocate samples to exits as the budgeted-batch protocol does.
+
+    Args:
+        confidence: ``[K, N]`` confidence of every sample at every exit.
+        fractions: target fraction of all N samples for each exit (``pi``).
+
+    Returns:
+        ``[N]`` long: exit k (k < K-1) takes the ``floor(N * pi_k)`` most confident samples not yet taken;
+        the last exit takes the rest.
+    """
+    num_exits, n = confidence.shape
+    exit_index = torch.full((n,), num_exits - 1, dtype=torch.long, device=confidence.device)
+    free = torch.ones(n, dtype=torch.bool, device=confidence.device)
+    for k in range(num_exits - 1):
+        quota = min(math.floor(n * fractions[k] + 1e-9), int(free.sum()))
+        if quota <= 0:
+            continue
+        score = confidence[k].masked_fill(~free, -math.inf)
+        taken = score.topk(quota).indices
+        exit_index[taken] = k
+        free[taken] = False
+    return exit_index
+
+
+class L2WLoss(Strategy):
+    """L2W-DEN sample weighting with a meta-trained weight network (see the module docstring).
+
+    Args:
+        eps: weight spread; weights lie in ``1 +- 2 * eps``.
+        target_p: exit-distribution parameter of the meta allocation (1.0 = uniform over exits).
+        meta_lr: Adam learning rate of the weight network.
+        meta_weight_decay: its weight decay.
+        hidden: hidden width of the weight network.
+        meta_interval: meta-update every this many optimizer steps (1 = every step).
+        meta_fraction: share of each micro-batch held out as meta data.
+        label_smoothing: of the backbone's cross-entropies.
+    """
+
+    name = "l2w"
+
+    def __init__(
+        self,
+        eps: float = 0.5,
+        target_p: float = 1.0,
+        meta_lr: float = 1e-3,
+        meta_weight_decay: float = 1e-4,
+        hidden: int = 100,
+        meta_interval: int = 1,
+        meta_fraction: float = 0.5,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        if not 0 <= eps <= 0.5:
+            raise ConfigError(f"l2w: eps must be in [0, 0.5] so weights stay >= 0, got {eps}")
+        if not target_p > 0 or not meta_lr > 0 or meta_interval < 1 or not 0 < meta_fraction < 1 or hidden < 1:
+            raise ConfigError(
+                "l2w: need target_p > 0, meta_lr > 0, meta_interval >= 1, 0 < meta_fraction < 1, hidden >= 1; got "
+                f"{target_p}, {meta_lr}, {meta_interval}, {meta_fraction}, {hidden}"
+            )
+        self.eps = float(eps)
+        self.target_p = float(target_p)
+        self.meta_lr = float(meta_lr)
+        self.meta_weight_decay = float(meta_weight_decay)
+        self.hidden = int(hidden)
+        self.meta_interval = int(meta_interval)
+        self.meta_fraction = float(meta_fraction)
+        self.label_smoothing = label_smoothing
+        self.weight_net: WeightNet | None = None
+        self.meta_optimizer: torch.optim.Optimizer | None = None
+        self._sums = {"meta_loss": 0.0, "weight_std": 0.0}
+        self._counts = {"meta_loss": 0, "weight_std": 0}
+
+    # ---- set-up and state -------------------------------------------------------------------------
+    def setup(self, model: StagedModel) -> None:
+        if self.weight_net is None or self.weight_net.net[0].in_features != model.num_exits:
+            device = next(model.parameters()).device
+            self.weight_net = WeightNet(model.num_exits, self.hidden).to(device)
+            self.meta_optimizer = torch.optim.Adam(
+                self.weight_net.parameters(), lr=self.meta_lr, weight_decay=self.meta_weight_decay
+            )
+
+    def to(self, device: torch.device) -> L2WLoss:
+        if self.weight_net is not None:
+            self.weight_net.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.weight_net is None or self.meta_optimizer is None:
+            return {}
+        return {"weight_net": self.weight_net.state_dict(), "optimizer": self.meta_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if self.weight_net is None or self.meta_optimizer is None:
+            raise ConfigError("l2w: call setup(model) before load_state_dict")
+        self.weight_net.load_state_dict(state["weight_net"])
+        self.meta_optimizer.load_state_dict(state["optimizer"])
+
+    def epoch_metrics(self) -> dict[str, float]:
+        out = {f"l2w_{k}": self._sums[k] / self._counts[k] for k in self._sums if self._counts[k]}
+        self._sums = dict.fromkeys(self._sums, 0.0)
+        self._counts = dict.fromkeys(self._counts, 0)
+        return out
+
+    # ---- losses -----------------------------------------------------------------------------------
+    def sample_weights(self, losses: Tensor) -> Tensor:
+        """Per-sample, per-exit weights ``[N, K]`` from the per-exit losses ``[N, K]`` (differentiable in the net)."""
+        if self.weight_net is None:
+            raise ConfigError("l2w: the weight network is not built yet; call setup(model) first")
+        t = self.weight_net(losses.detach().float())
+        return 1.0 + self.eps * (t - t.mean(dim=0, keepdim=True))
+
+    def weighted_loss(self, exit_logits: list[Tensor], targets: Tensor, weights: Tensor) -> Tensor:
+        """``mean_i sum_k w_ik * CE_ik``."""
+        losses = per_exit_cross_entropy(exit_logits, targets, self.label_smoothing)
+        return (weights * losses).sum(dim=1).mean()
+
+    def __call__(self, exit_logits: list[Tensor], targets: Tensor) -> Tensor:
+        """The backbone's weighted loss with the current weight network (no meta step)."""
+        losses = per_exit_cross_entropy(exit_logits, targets, self.label_smoothing)
+        with torch.no_grad():
+            weights = self.sample_weights(losses)
+        return (weights * losses).sum(dim=1).mean()
+
+    def meta_loss(self, exit_logits: list[Tensor], targets: Tensor) -> Tensor:
+        """Cross-entropy of each sample at the exit the budgeted allocation (target p) gives it."""
+        probs = torch.stack([lg.detach().float().softmax(-1) for lg in exit_logits])  # [K, N, C]
+        exits = allocate_exits(probs.amax(-1), exit_distribution(self.target_p, len(exit_logits)))
+        stacked = torch.stack([lg.float() for lg in exit_logits])  # [K, N, C]
+        chosen = stacked[exits, torch.arange(len(targets), device=targets.device)]
+        return F.cross_entropy(chosen, targets)
+
+    def meta_step(self, model: StagedModel, lr: float, x: Tensor, y: Tensor, world_size: int = 1) -> float:
+        """One meta update of the weight network from a micro-batch; returns the meta loss."""
+        if self.weight_net is None or self.meta_optimizer is None:
+            self.setup(model)
+        assert self.weight_net is not None and self.meta_optimizer is not None
+        n_meta = max(1, round(len(y) * self.meta_fraction))
+        if len(y) - n_meta < 1:
+            raise ConfigError(f"l2w: a micro-batch of {len(y)} sample(s) cannot be split into train and meta parts")
+        x_train, y_train, x_meta, y_meta = x[:-n_meta], y[:-n_meta], x[-n_meta:], y[-n_meta:]
+        view = _AllExits(model)
+        params = {f"model.{k}": p for k, p in model.named_parameters() if p.requires_grad}
+        buffers = {f"model.{k}": b.clone() for k, b in model.named_buffers()}
+        logits = functional_call(view, {**params, **buffers}, (x_train,))
+        losses = per_exit_cross_entropy(logits, y_train, self.label_smoothing)
+        weights = self.sample_weights(losses)
+        inner = (weights * losses).sum(dim=1).mean()
+        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True, allow_unused=True)
+        ahead = {k: (p if g is None else p - lr * g) for (k, p), g in zip(params.items(), grads, strict=True)}
+        meta = self.meta_loss(functional_call(view, {**ahead, **buffers}, (x_meta,)), y_meta)
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        wnet_params = list(self.weight_net.parameters())
+        meta_grads = torch.autograd.grad(meta, wnet_params, allow_unused=True)
+        for p, g in zip(wnet_params, meta_grads, strict=True):
+            p.grad = torch.zeros_like(p) if g is None else g.detach()
+        if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for p in wnet_params:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world_size
+        self.meta_optimizer.step()
+        value = float(meta.detach())
+        self._sums["meta_loss"] += value
+        self._counts["meta_loss"] += 1
+        return value
+
+    def training_loss(self, ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
+        if ctx.step % self.meta_interval == 0:
+            self.meta_step(ctx.model, ctx.lr, x, y, ctx.world_size)
+        logits = ctx.forward(x)
+        losses = per_exit_cross_entropy(logits, y, self.label_smoothing)
+        with torch.no_grad():
+            weights = self.sample_weights(losses)
+        self._sums["weight_std"] += float(weights.std())
+        self._counts["weight_std"] += 1
+        return (weights * losses).sum(dim=1).mean()
