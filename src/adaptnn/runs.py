@@ -44,7 +44,7 @@ from .models import create_model, model_accepts, model_spec
 from .policies import POLICY_NAMES, make_policy, policy_from_dict, policy_to_dict, simulate_exits
 from .report import plot_report, write_json
 from .staged import StagedModel
-from .train import Trainer, resolve_device, seed_everything
+from .train import Trainer, build_strategy, resolve_device, seed_everything
 
 __all__ = [
     "train_run",
@@ -163,6 +163,14 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, ov
     return final
 
 
+def strategy_policy(config: RunConfig) -> tuple[str, dict[str, Any]]:
+    """The exit rule consistent with how the run was trained: a ``boost`` run predicts with its additive
+    ensemble (``boosted`` with the same ``r``); every other strategy with each exit's own logits."""
+    if config.train.strategy == "boost":
+        return "boosted", {"r": float(config.train.strategy_options.get("r", 0.5))}
+    return "confidence", {}
+
+
 def _load_run(run_dir: Path) -> tuple[RunConfig, StagedModel, DataSplits, torch.device]:
     config = load_config(run_dir / "config.yaml")
     model = load_model(run_dir / "model.safetensors")
@@ -188,7 +196,7 @@ def calibrate_run(
     *,
     tolerance: float | None = None,
     progress: bool = True,
-    policy: str = "confidence",
+    policy: str | None = None,
     temperature: bool = False,
     budget_macs: float | None = None,
     budget_ms: float | None = None,
@@ -207,7 +215,8 @@ def calibrate_run(
     or by default the cheapest sweep point within ``tolerance`` of the last exit's validation accuracy.
 
     Args:
-        policy: exit-rule family, one of :data:`adaptnn.policies.POLICY_NAMES`.
+        policy: exit-rule family, one of :data:`adaptnn.policies.POLICY_NAMES`; default: the rule the run's
+            training strategy predicts with (``boosted`` with its ``r`` for ``boost``, else ``confidence``).
         temperature: fit per-exit temperatures on the validation split first.
         legacy: reproduce the reference code: validation read with training augmentation and the test
             curve post-processed into its upper envelope (see :mod:`adaptnn.calibration.sweep`).
@@ -224,10 +233,18 @@ def calibrate_run(
     if len(chosen) > 1:
         raise ConfigError(f"give at most one of budget_macs, budget_ms and epsilon; got {chosen}")
     if budget_ms is not None and exit_latency_ms is None:
-        raise ConfigError(
-            "budget_ms needs the measured per-exit latencies (exit_latency_ms: K cumulative ms per sample on "
-            "your device, e.g. from the speed benchmark)"
-        )
+        profile = run_dir / "latency_profile.json"
+        if not profile.exists():
+            raise ConfigError(
+                "budget_ms needs per-exit latencies: run `adaptnn profile RUN_DIR` first (writes "
+                "latency_profile.json), or pass exit_latency_ms (K cumulative ms per sample on your device)"
+            )
+        from .latency import LatencyModel
+
+        # per-sample cumulative latency to each exit at the chosen batch size, from the fitted latency model
+        exit_latency_ms = [
+            t / latency_batch_size for t in LatencyModel.load(profile).exit_latency_ms(latency_batch_size)
+        ]
     config, model, splits, device = _load_run(run_dir)
     tolerance = config.calibration.tolerance if tolerance is None else tolerance
     if not 0 <= tolerance < 1:
@@ -238,7 +255,10 @@ def calibrate_run(
     test_logits, test_labels = collect_logits(
         model, splits.test, batch_size=bs, device=device, progress=progress, desc="test"
     )
-    family = make_policy(policy, model.num_exits, val_logits=val_logits, val_labels=val_labels, temperature=temperature)
+    policy, policy_kwargs = (policy, {}) if policy is not None else strategy_policy(config)
+    family = make_policy(
+        policy, model.num_exits, val_logits=val_logits, val_labels=val_labels, temperature=temperature, **policy_kwargs
+    )
     sweep = policy_sweep(
         family, val_logits, val_labels, test_logits, test_labels, costs, config.calibration.p_values, legacy=legacy
     )
@@ -354,7 +374,9 @@ def evaluate_run(
     simulated = simulate_policy(policy, test_logits, test_labels, costs)
     realised = realised_run(model, splits.test, policy, batch_size=config.eval.batch_size, device=device)
     matches = bool(torch.equal(simulated.pop("exit_index"), realised.pop("exit_index")))
-    anytime = anytime_results(test_logits, test_labels, costs)
+    # each exit's prediction as the training strategy defines it (boost: the additive ensemble)
+    exit_predictions = torch.stack(build_strategy(config.train).predictions(list(test_logits)))
+    anytime = anytime_results(exit_predictions, test_labels, costs)
     last = anytime[-1]
     sim_exit, sim_pred = simulate_exits(policy, test_logits)
     calibrator = calibration.get("calibrator", {"method": "budgeted_sweep_tolerance"})

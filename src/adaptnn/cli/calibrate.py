@@ -19,7 +19,12 @@ def build(parser: ArgumentParser) -> None:
         default=None,
         help="Largest validation-accuracy loss vs the last exit (fraction; default from the run's config).",
     )
-    parser.add_argument("--policy", type=str, default="confidence", help=f"Exit rule: one of {list(POLICY_NAMES)}.")
+    parser.add_argument(
+        "--policy",
+        type=str | None,
+        default=None,
+        help=f"Exit rule: one of {list(POLICY_NAMES)} (default: the training strategy's, e.g. boosted for boost).",
+    )
     parser.add_argument("--temperature", action=ActionYesNo, default=False, help="Per-exit temperature scaling.")
     parser.add_argument("--budget_macs", type=float | None, default=None, help="Target average MACs per sample.")
     parser.add_argument("--budget_ms", type=float | None, default=None, help="Target average latency (ms/sample).")
@@ -27,7 +32,8 @@ def build(parser: ArgumentParser) -> None:
         "--exit_latency_ms",
         type=list[float] | None,
         default=None,
-        help="Measured cumulative latency to reach each exit (ms per sample), needed by --budget_ms.",
+        help="Cumulative latency to reach each exit (ms per sample) for --budget_ms; default: from the run's "
+        "latency_profile.json (`adaptnn profile RUN_DIR`).",
     )
     parser.add_argument("--latency_batch_size", type=int, default=1, help="Batch size the latencies were measured at.")
     parser.add_argument(

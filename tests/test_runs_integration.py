@@ -1,0 +1,68 @@
+"""A run trained with `boost` is calibrated and evaluated with its additive-ensemble rule by default."""
+
+import torch
+
+from adaptnn.config import RunConfig
+from adaptnn.runs import calibrate_run, evaluate_run, strategy_policy, train_run
+from adaptnn.strategies import boosted_logits
+
+
+def test_boost_run_uses_the_boosted_policy(tmp_path):
+    config = RunConfig.from_dict(
+        {
+            "data": {"name": "digits", "val_size": 200},
+            "model": {"name": "mecnn_digits", "kwargs": {"widths": [8, 8, 16, 16]}},
+            "train": {
+                "epochs": 2,
+                "device": "cpu",
+                "progress": False,
+                "strategy": "boost",
+                "strategy_options": {"r": 0.7},
+            },
+            "eval": {"device": "cpu"},
+        }
+    )
+    assert strategy_policy(config) == ("boosted", {"r": 0.7})
+    train_run(config, tmp_path)
+    calibration = calibrate_run(tmp_path, tolerance=0.5, progress=False)
+    assert calibration["policy"] == "boosted" and calibration["policy_spec"]["r"] == 0.7
+    report = evaluate_run(tmp_path, progress=False, policies=None)
+    assert report["operating_point"]["realised_equals_simulated"] is True
+    # anytime accuracy of exit k is that of the additive ensemble A_k, not of the raw head
+    from adaptnn.checkpoint import load_model
+    from adaptnn.data import DataConfig, build_datasets
+    from adaptnn.evaluate import collect_logits
+
+    model = load_model(tmp_path / "model.safetensors")
+    logits, labels = collect_logits(model, build_datasets(DataConfig(name="digits", val_size=200)).test)
+    ensemble = torch.stack(boosted_logits(list(logits), r=0.7))
+    expected = (ensemble.argmax(-1) == labels).double().mean(dim=1).tolist()
+    assert [a["accuracy"] for a in report["anytime"]] == expected
+
+
+def test_latency_budget_from_the_runs_profile(tmp_path):
+    import pytest
+
+    from adaptnn import ConfigError
+    from adaptnn.checkpoint import load_model
+    from adaptnn.latency import profile_latency
+
+    config = RunConfig.from_dict(
+        {
+            "data": {"name": "digits", "val_size": 200},
+            "model": {"name": "mecnn_digits", "kwargs": {"widths": [8, 8, 16, 16]}},
+            "train": {"epochs": 1, "device": "cpu", "progress": False},
+            "eval": {"device": "cpu"},
+        }
+    )
+    train_run(config, tmp_path)
+    with pytest.raises(ConfigError, match="adaptnn profile"):
+        calibrate_run(tmp_path, budget_ms=1.0, progress=False)
+    model = load_model(tmp_path / "model.safetensors")
+    latency = profile_latency(model, torch.randn(8, 1, 8, 8), batch_sizes=(1, 2), repeats=2, warmup_s=0.0)
+    latency.save(tmp_path / "latency_profile.json")
+    per_exit = latency.exit_latency_ms(1)
+    budget = (per_exit[0] + per_exit[-1]) / 2
+    calibration = calibrate_run(tmp_path, budget_ms=budget, progress=False)
+    assert calibration["calibrator"]["method"] == "latency_budget"
+    assert calibration["calibrator"]["val"]["avg_cost"] <= budget + 1e-9
