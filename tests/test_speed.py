@@ -42,7 +42,24 @@ def test_bench_policy_reports_consistent_figures():
         assert entry["ratio"] == entry["realised_speedup"] / entry["ideal_speedup"]
         fractions = torch.bincount(sim_exit, minlength=4).double() / 24
         assert entry["exit_fractions"] == fractions.tolist()
+        # realised speedup decomposes exactly into the hardware part and the engine part
+        assert entry["realised_speedup"] == pytest.approx(entry["time_ideal_speedup"] * entry["engine_efficiency"])
     assert set(result["results"][0]["latency_ms"]) == {"full", "dynamic", "dynamic_by_exit_median"}
+
+
+def test_oracle_plan_runs_each_segment_on_the_samples_that_reach_it():
+    from adaptnn.speed import _oracle_plan
+    from adaptnn.state import slice_state
+
+    model = create_model("mecnn_digits", widths=[4, 8, 8, 16]).eval()
+    x = torch.randn(6, 1, 8, 8)
+    x_sorted, alive = _oracle_plan(model, x, torch.tensor([0, 3, 1, 0, 3, 2]))
+    assert alive == [6, 4, 3, 2]  # two leave at exit 0, one at 1, one at 2
+    assert torch.equal(x_sorted[:2], x[[1, 4]])  # the two that go to the last exit come first
+    state = {"a": x, "b": [x, torch.tensor(1.0)]}
+    sliced = slice_state(state, 2)
+    assert sliced["a"].shape[0] == 2 and sliced["b"][1].dim() == 0
+    assert sliced["a"].data_ptr() == x.data_ptr()  # a view, not a copy
 
 
 def test_channels_last_survives_compaction_and_matches_simulation():

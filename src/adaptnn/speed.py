@@ -8,7 +8,18 @@ For one model, one exit policy and a set of inputs, at each batch size:
   **realised speedup** = full-model time / dynamic time;
 * the **ideal speedup** = full-model MACs / average MACs of the dynamic run (its heads included), from
   the same run's exit decisions;
-* **ratio** = realised / ideal. 1.0 is the physical limit: every MAC saved became time saved.
+* **ratio** = realised / ideal. 1.0 would mean every MAC saved became time saved.
+
+The ratio mixes two things, so the benchmark also times an **oracle**: the same computation with the
+exits known in advance (samples sorted by exit, every segment and head run on a batch *prefix*, no
+decisions, no syncs, no copies). Then ``realised = (full / oracle) * (oracle / dynamic)``:
+
+* ``time_ideal_speedup = full / oracle``: what skipping exactly those computations can save on this
+  hardware. It differs from the MACs-ideal because time per MAC is not uniform: late, weight-heavy
+  stages are memory-bound at batch 1 (skipping them saves more time than MACs), early high-resolution
+  stages dominate at large batches (skipping late stages saves less);
+* ``engine_efficiency = oracle / dynamic``: what the early-exit engine itself costs (policy decisions,
+  one host sync per exit, compaction copies). This is the part adaptnn controls.
 
 At batch size 1 each sample is timed alone, so the per-sample tail latency (p50/p95/p99) of the dynamic
 model is reported next to the full model's: a sample that reaches the last exit pays for every head and
@@ -31,6 +42,7 @@ from .cost import cost_breakdown
 from .errors import ConfigError
 from .policies import ExitPolicy
 from .staged import StagedModel
+from .state import slice_state
 from .timing import Timer, machine_info, pinned_threads, warm_up
 
 __all__ = ["full_model_macs", "thresholds_for_macs_fraction", "bench_policy", "percentiles"]
@@ -71,6 +83,34 @@ def thresholds_for_macs_fraction(
     sweep = budgeted_sweep(probs, labels, probs, labels, costs, p_values)
     best = min(sweep, key=lambda point: abs(point["val_avg_cost"] / full - fraction))
     return [float(t) for t in best["thresholds"]], best["val_avg_cost"] / full
+
+
+def _oracle_plan(model: StagedModel, x: Tensor, exit_index: Tensor) -> tuple[Tensor, list[int]]:
+    """Samples sorted by exit (latest first) and how many of them run each segment."""
+    order = torch.argsort(exit_index, descending=True, stable=True)
+    counts = torch.bincount(exit_index.cpu(), minlength=model.num_exits).tolist()
+    alive, left = [], x.shape[0]
+    for j in range(len(model.segments)):
+        alive.append(left)
+        k = model._head_at[j]
+        if k >= 0:
+            left -= counts[k]
+    x_sorted = x.index_select(0, order)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        x_sorted = x_sorted.contiguous(memory_format=torch.channels_last)
+    return x_sorted, alive
+
+
+def _run_oracle(model: StagedModel, x_sorted: Tensor, alive: list[int]) -> None:
+    """Run exactly the segments and heads a dynamic run needs, on batch prefixes (views: no copies)."""
+    state = x_sorted
+    for j, segment in enumerate(model.segments):
+        if alive[j] == 0:
+            break
+        state = segment(slice_state(state, alive[j]))
+        k = model._head_at[j]
+        if k >= 0:
+            model.heads[k](state)
 
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> dict[str, float]:
@@ -136,23 +176,29 @@ def bench_policy(
                     model.run_dynamic(x, policy, check_finite=False)
 
             warm_up(both, warmup_s, timer, min_calls=1)
+            outs = [model.run_dynamic(x, policy, check_finite=False) for x in batches]
+            plans = [_oracle_plan(model, x, o.exit_index) for x, o in zip(batches, outs, strict=True)]
             full_t: list[list[float]] = [[] for _ in batches]
             dyn_t: list[list[float]] = [[] for _ in batches]
+            oracle_t: list[list[float]] = [[] for _ in batches]
             for r in range(rounds):
                 for i, x in enumerate(batches):
-                    first_full = (r + i) % 2 == 0  # alternate who goes first
-                    if first_full:
-                        full_t[i].append(timer(lambda x=x: model(x)))
-                    dyn_t[i].append(timer(lambda x=x: model.run_dynamic(x, policy, check_finite=False)))
-                    if not first_full:
-                        full_t[i].append(timer(lambda x=x: model(x)))
-            outs = [model.run_dynamic(x, policy, check_finite=False) for x in batches]
+                    x_sorted, alive = plans[i]
+                    variants = [
+                        (full_t, lambda x=x: model(x)),
+                        (dyn_t, lambda x=x: model.run_dynamic(x, policy, check_finite=False)),
+                        (oracle_t, lambda x=x_sorted, a=alive: _run_oracle(model, x, a)),
+                    ]
+                    shift = (r + i) % 3  # rotate who goes first: drifts and cache state hit all three alike
+                    for times, fn in variants[shift:] + variants[:shift]:
+                        times[i].append(timer(fn))
             exit_index = torch.cat([o.exit_index.cpu() for o in outs])
             avg_macs = float(torch.cat([o.macs.cpu() for o in outs]).mean())
             full_med = [statistics.median(t) for t in full_t]
             dyn_med = [statistics.median(t) for t in dyn_t]
             realised = sum(full_med) / sum(dyn_med)
             ideal = full_macs / avg_macs
+            oracle_total = sum(statistics.median(t) for t in oracle_t)
             entry: dict[str, Any] = {
                 "batch_size": b,
                 "num_samples": n,
@@ -161,6 +207,9 @@ def bench_policy(
                 "realised_speedup": realised,
                 "ideal_speedup": ideal,
                 "ratio": realised / ideal,
+                "oracle_ms_per_batch": oracle_total / len(batches),
+                "time_ideal_speedup": sum(full_med) / oracle_total,
+                "engine_efficiency": oracle_total / sum(dyn_med),
                 "avg_macs": avg_macs,
                 "exit_fractions": (torch.bincount(exit_index, minlength=model.num_exits).double() / n).tolist(),
             }

@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
-__all__ = ["State", "index_state", "state_batch_size", "state_tensors"]
+__all__ = ["State", "index_state", "slice_state", "state_batch_size", "state_tensors"]
 
 State: TypeAlias = Any
 """A tensor, ``None``, or a (nested) tuple/list/dict of them; every tensor has the batch as dim 0."""
@@ -42,6 +42,21 @@ def index_state(state: State, index: Tensor) -> State:
         return [index_state(s, index) for s in state]
     if isinstance(state, Mapping):
         return type(state)((k, index_state(v, index)) for k, v in state.items())
+    return state
+
+
+def slice_state(state: State, n: int) -> State:
+    """The first ``n`` samples of every tensor in ``state`` (views, no copies)."""
+    if isinstance(state, Tensor):
+        return state if state.dim() == 0 else state[:n]
+    if isinstance(state, tuple):
+        if hasattr(state, "_fields"):
+            return type(state)(*(slice_state(s, n) for s in state))
+        return tuple(slice_state(s, n) for s in state)
+    if isinstance(state, list):
+        return [slice_state(s, n) for s in state]
+    if isinstance(state, Mapping):
+        return type(state)((k, slice_state(v, n)) for k, v in state.items())
     return state
 
 
