@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -173,16 +174,6 @@ class LatencyModel:
             raise ConfigError(f"{path} is not valid JSON: {err}") from None
 
 
-def _states(model: StagedModel, x: torch.Tensor) -> list[State]:
-    """The input state of every segment for batch ``x`` (``states[j]`` feeds segment j; one extra at the end)."""
-    states: list[State] = [x]
-    state: State = x
-    for segment in model.segments:
-        state = segment(state)
-        states.append(state)
-    return states
-
-
 @torch.inference_mode()
 def profile_latency(
     model: StagedModel,
@@ -200,7 +191,7 @@ def profile_latency(
         model: the staged model (eval mode is set).
         sample: a pool of inputs ``[N, ...]``; batches are taken (cycled) from it.
         batch_sizes: where to measure; predictions interpolate between them.
-        repeats: timed calls per piece and batch size (median kept).
+        repeats: timed passes per batch size, each on a different batch (median per piece kept).
         warmup_s: warm-up time per batch size before timing.
         device: where to run.
         num_threads: CPU threads to pin (default: leave as is).
@@ -213,26 +204,36 @@ def profile_latency(
     seg_t: list[list[float]] = [[] for _ in model.segments]
     head_t: list[list[float]] = [[] for _ in model.heads]
     over_t: list[list[float]] = [[] for _ in model.heads]
+    n_pool = sample.shape[0]
     with pinned_threads(num_threads):
         for b in sizes:
-            idx = torch.arange(b) % sample.shape[0]
-            x = sample[idx].to(device)
-            warm_up(lambda x=x: model.forward_all(x), warmup_s, timer)
-            states = _states(model, x)
-            for j, segment in enumerate(model.segments):
-                seg_t[j].append(median_ms(timer, lambda s=segment, st=states[j]: s(st), repeats))
-            for k, seg in enumerate(model.exit_after):
-                head, state = model.heads[k], states[seg + 1]
-                head_t[k].append(median_ms(timer, lambda h=head, st=state: h(st), repeats))
-                if k == model.num_exits - 1:
-                    continue
-                logits = head(state)
-                # a threshold that sends about half of the batch out: the engine's full work per exit
-                conf = logits.float().softmax(-1).amax(-1)
-                policy = ConfidencePolicy([float(conf.median())] * (model.num_exits - 1))
-                over_t[k].append(
-                    median_ms(timer, lambda p=policy, lg=logits, st=state, k=k: _exit_step(p, k, lg, st), repeats)
-                )
+            # a different batch each repeat, timed in context (each piece on the fresh output of the one
+            # before, as in a real run), so caches are not kept warm by re-running one piece on one input
+            batches = [sample[(torch.arange(b) + r * b) % n_pool].to(device) for r in range(repeats)]
+            warm_up(lambda x=batches[0]: model.forward_all(x), warmup_s, timer)
+            pieces: dict[tuple[str, int], list[float]] = {}
+            for x in batches:
+                state: State = x
+                for j, segment in enumerate(model.segments):
+                    ms, state = timer.run(lambda s=segment, st=state: s(st))
+                    pieces.setdefault(("seg", j), []).append(ms)
+                    k = model._head_at[j]
+                    if k < 0:
+                        continue
+                    ms, logits = timer.run(lambda h=model.heads[k], st=state: h(st))
+                    pieces.setdefault(("head", k), []).append(ms)
+                    if k < model.num_exits - 1:
+                        # a threshold that sends about half of the batch out: the engine's full work per exit
+                        conf = logits.float().softmax(-1).amax(-1)
+                        policy = ConfidencePolicy([float(conf.median())] * (model.num_exits - 1))
+                        ms = timer(lambda p=policy, lg=logits, st=state, k=k: _exit_step(p, k, lg, st))
+                        pieces.setdefault(("exit", k), []).append(ms)
+            for j in range(len(model.segments)):
+                seg_t[j].append(statistics.median(pieces[("seg", j)]))
+            for k in range(model.num_exits):
+                head_t[k].append(statistics.median(pieces[("head", k)]))
+                if k < model.num_exits - 1:
+                    over_t[k].append(statistics.median(pieces[("exit", k)]))
     fit = PiecewiseLinear.fit
     return LatencyModel(
         exit_after=list(model.exit_after),

@@ -14,10 +14,13 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
 __all__ = ["Timer", "median_ms", "pinned_threads", "machine_info", "warm_up"]
+
+T = TypeVar("T")
 
 
 class Timer:
@@ -31,11 +34,15 @@ class Timer:
             torch.cuda.synchronize()
 
     def __call__(self, fn: Callable[[], object]) -> float:
+        return self.run(fn)[0]
+
+    def run(self, fn: Callable[[], T]) -> tuple[float, T]:
+        """``(milliseconds, result)`` of one call of ``fn``."""
         self.sync()
         start = time.perf_counter()
-        fn()
+        out = fn()
         self.sync()
-        return (time.perf_counter() - start) * 1e3
+        return (time.perf_counter() - start) * 1e3, out
 
 
 def median_ms(timer: Timer, fn: Callable[[], object], repeats: int) -> float:
