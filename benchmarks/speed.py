@@ -45,6 +45,50 @@ def _maybe_reexec_with_jemalloc(enabled: bool) -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
+def write_markdown(out: dict, path: Path) -> None:
+    """The human-readable table of a speed result (also usable on a saved JSON)."""
+    entries, threads = out["entries"], out["threads"]
+    md = [
+        f"# Early-exit speed on {entries[0]['machine']['processor']} ({threads} threads, {out['allocator']})",
+        "",
+        f"Command: `{out['command']}`",
+        "",
+        "realised = full / dynamic time; ideal = full / dynamic MACs; ratio = realised / ideal. "
+        "time-ideal = full / oracle time (the same computation with exits known in advance: what the hardware "
+        "allows); engine = oracle / dynamic time (the early-exit engine's own efficiency). "
+        "realised = time-ideal x engine.",
+        "",
+        "| model | batch | full ms/batch | dynamic ms/batch | realised | ideal | ratio | time-ideal | engine "
+        "| p99 full ms | p99 dyn ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        for r in e["results"]:
+            lat = r.get("latency_ms")
+            tail = f"{lat['full']['p99']:.2f} | {lat['dynamic']['p99']:.2f}" if lat else "- | -"
+            md.append(
+                f"| {e['model']} | {r['batch_size']} | {r['full_ms_per_batch']:.2f} | "
+                f"{r['dynamic_ms_per_batch']:.2f} | {r['realised_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+                f"{r['ratio']:.3f} | {r.get('time_ideal_speedup', float('nan')):.2f}x | "
+                f"{r.get('engine_efficiency', float('nan')):.3f} | {tail} |"
+            )
+    if any("latency_model" in e for e in entries):
+        md += [
+            "",
+            "Latency model on held-out batch sizes (dynamic runs):",
+            "",
+            "| model | batch | measured ms | predicted ms | error |",
+            "|---|---|---|---|---|",
+        ]
+        for e in entries:
+            for r in e.get("latency_model", {}).get("held_out", []):
+                md.append(
+                    f"| {e['model']} | {r['batch_size']} | {r['measured_ms']:.2f} | {r['predicted_ms']:.2f} | "
+                    f"{100 * r['error']:+.1f}% |"
+                )
+    path.write_text("\n".join(md) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SUITE))
@@ -141,38 +185,7 @@ def main() -> None:
     path = Path(args.output) if args.output else RESULTS / f"speed_{torch.device(args.device).type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
-    md = [
-        f"# Early-exit speed on {entries[0]['machine']['processor']} ({threads} threads, {out['allocator']})",
-        "",
-        f"Command: `{out['command']}`",
-        "",
-        "| model | batch | full ms/batch | dynamic ms/batch | realised | ideal | ratio | p99 full ms | p99 dyn ms |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for e in entries:
-        for r in e["results"]:
-            lat = r.get("latency_ms")
-            tail = f"{lat['full']['p99']:.2f} | {lat['dynamic']['p99']:.2f}" if lat else "- | -"
-            md.append(
-                f"| {e['model']} | {r['batch_size']} | {r['full_ms_per_batch']:.2f} | "
-                f"{r['dynamic_ms_per_batch']:.2f} | {r['realised_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
-                f"{r['ratio']:.3f} | {tail} |"
-            )
-    if any("latency_model" in e for e in entries):
-        md += [
-            "",
-            "Latency model on held-out batch sizes (dynamic runs):",
-            "",
-            "| model | batch | measured ms | predicted ms | error |",
-            "|---|---|---|---|---|",
-        ]
-        for e in entries:
-            for r in e.get("latency_model", {}).get("held_out", []):
-                md.append(
-                    f"| {e['model']} | {r['batch_size']} | {r['measured_ms']:.2f} | {r['predicted_ms']:.2f} | "
-                    f"{100 * r['error']:+.1f}% |"
-                )
-    path.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_markdown(out, path.with_suffix(".md"))
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
