@@ -9,6 +9,7 @@ from torch import nn
 from adaptnn import ConfidencePolicy, ConfigError, NeverExit, create_model, list_models, simulate_exits
 from adaptnn.cost import cost_breakdown
 from adaptnn.models.msdnet import msdnet_block_depths, msdnet_scale_schedule, reference_counter_costs
+from helpers import randomise_stats
 
 # Published by the reference PyTorch implementation's op counter (kalviny/MSDNet-PyTorch, issue #10): the
 # released ImageNet model "msdnet-step=7-block=5" (base 7, step 7, 32 channels, growth 16, factors 1-2-4-4).
@@ -129,20 +130,10 @@ def test_scale_schedules_and_block_depths():
     assert min_sched[8:] == [(3, 2), (2, 1)]
 
 
-def _randomise(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.5)
-    return model
-
-
 @pytest.mark.parametrize("variant", [{}, {"prune": "min", "step_mode": "lin_grow", "n_blocks": 3, "base": 1}])
 def test_run_dynamic_matches_simulation(variant):
     torch.manual_seed(0)
-    model = _randomise(create_model("msdnet_test_tiny", **variant).double().eval())
+    model = randomise_stats(create_model("msdnet_test_tiny", **variant).double().eval())
     gen = torch.Generator().manual_seed(2)
     x_all = torch.randn(12, 3, 16, 16, generator=gen, dtype=torch.float64)
     costs = model.exit_costs(x_all)
@@ -165,7 +156,7 @@ def test_run_dynamic_matches_simulation(variant):
 
 
 def test_never_exit_equals_forward():
-    model = _randomise(create_model("msdnet_test_tiny").double().eval())
+    model = randomise_stats(create_model("msdnet_test_tiny").double().eval())
     x = torch.randn(7, 3, 16, 16, dtype=torch.float64)
     out = model.run_dynamic(x, NeverExit())
     with torch.no_grad():

@@ -26,18 +26,7 @@ from adaptnn.policies import (
     simulate_exits,
 )
 from adaptnn.staged import InputSpec
-
-
-class _TupleSegment(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(dim, dim)
-
-    def forward(self, state):
-        if isinstance(state, torch.Tensor):
-            return (torch.tanh(self.lin(state)), state.sum(dim=1, keepdim=True))
-        h, aux = state
-        return (torch.tanh(self.lin(h)) + aux, aux + h.mean(dim=1, keepdim=True))
+from helpers import TupleSegment, randomise_stats
 
 
 class _Head(nn.Module):
@@ -52,7 +41,7 @@ class _Head(nn.Module):
 
 def _tuple_model(dim: int = 10, classes: int = 4, exits: int = 4) -> StagedModel:
     model = StagedModel(
-        [_TupleSegment(dim) for _ in range(exits)],
+        [TupleSegment(dim) for _ in range(exits)],
         [_Head(dim, classes) for _ in range(exits)],
         input_spec=InputSpec((dim,)),
         num_classes=classes,
@@ -61,14 +50,7 @@ def _tuple_model(dim: int = 10, classes: int = 4, exits: int = 4) -> StagedModel
 
 
 def _cnn() -> StagedModel:
-    model = create_model("mecnn_digits").double().eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.5)
-    return model
+    return randomise_stats(create_model("mecnn_digits").double().eval())
 
 
 MODELS = {"tuple_state": (_tuple_model, (10,)), "cnn": (_cnn, (1, 8, 8))}

@@ -8,20 +8,7 @@ from torch import nn
 
 from adaptnn import ConfidencePolicy, ConfigError, InputError, NeverExit, StagedModel, create_model, simulate_exits
 from adaptnn.staged import InputSpec
-
-
-class TupleSegment(nn.Module):
-    """A segment whose state is a tuple (features, auxiliary) - both must be compacted."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(dim, dim)
-
-    def forward(self, state):
-        if isinstance(state, torch.Tensor):
-            return (torch.tanh(self.lin(state)), state.sum(dim=1, keepdim=True))
-        h, aux = state
-        return (torch.tanh(self.lin(h)) + aux, aux + h.mean(dim=1, keepdim=True))
+from helpers import TupleSegment, randomise_stats
 
 
 class DictSegment(nn.Module):
@@ -68,19 +55,10 @@ MODELS = {
 }
 
 
-def _randomise_bn(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.5)
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_run_dynamic_matches_simulation(name):
     model, sample_shape = MODELS[name]()
-    _randomise_bn(model)
+    randomise_stats(model)
     gen = torch.Generator().manual_seed(1)
     n_total = 24
     x_all = torch.randn(n_total, *sample_shape, generator=gen, dtype=torch.float64)
