@@ -110,6 +110,7 @@ def main() -> None:
 
     from adaptnn.latency import profile_latency, validate_latency_model
     from adaptnn.policies import ConfidencePolicy
+    from adaptnn.report import to_jsonable
     from adaptnn.speed import bench_policy, thresholds_for_macs_fraction
     from adaptnn.targets import resolve_target
 
@@ -184,7 +185,7 @@ def main() -> None:
     }
     path = Path(args.output) if args.output else RESULTS / f"speed_{torch.device(args.device).type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(to_jsonable(out), indent=2, allow_nan=False) + "\n")  # inf thresholds -> null
     write_markdown(out, path.with_suffix(".md"))
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
