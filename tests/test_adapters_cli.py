@@ -2,12 +2,10 @@
 
 import json
 
-import pytest
+import timm  # noqa: F401  (the dev extra installs it: these tests must run in CI, never skip)
 
 from adaptnn.cli import main
 from adaptnn.models import resolve_model_name
-
-pytest.importorskip("timm")
 
 
 def test_cost_json_for_a_timm_model(capsys):

