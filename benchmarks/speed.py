@@ -111,7 +111,7 @@ def main() -> None:
     from adaptnn.latency import profile_latency, validate_latency_model
     from adaptnn.policies import ConfidencePolicy
     from adaptnn.report import to_jsonable
-    from adaptnn.speed import bench_policy, thresholds_for_macs_fraction
+    from adaptnn.speed import bench_at_budget
     from adaptnn.targets import resolve_target
 
     threads = args.threads or os.cpu_count() or 1
@@ -122,11 +122,11 @@ def main() -> None:
         input_size, kwargs = SUITE.get(name, (None, {}))
         print(f"== {name}", flush=True)
         target = resolve_target(name, num_samples=args.samples, input_size=input_size, model_kwargs=kwargs)
-        thresholds, predicted = thresholds_for_macs_fraction(target.model, target.calibration_inputs, args.budget)
-        speed = bench_policy(
+        speed = bench_at_budget(
             target.model,
             target.inputs,
-            ConfidencePolicy(thresholds),
+            target.calibration_inputs,
+            args.budget,
             batch_sizes=args.batch_sizes,
             rounds=args.rounds,
             warmup_s=args.warmup_s,
@@ -134,14 +134,8 @@ def main() -> None:
             num_threads=threads,
             channels_last=args.channels_last,
         )
-        entry = {
-            "model": name,
-            "input_size": list(target.inputs.shape[1:]),
-            "budget": args.budget,
-            "calibrated_macs_fraction": predicted,
-            "thresholds": thresholds,
-            **speed,
-        }
+        thresholds = speed["thresholds"]
+        entry = {"model": name, "input_size": list(target.inputs.shape[1:]), **speed}
         for r in speed["results"]:
             print(
                 f"  batch {r['batch_size']:>3}: realised {r['realised_speedup']:.2f}x  ideal {r['ideal_speedup']:.2f}x"

@@ -40,12 +40,12 @@ from torch import Tensor
 from .calibrate import budgeted_sweep
 from .cost import cost_breakdown
 from .errors import ConfigError
-from .policies import ExitPolicy
+from .policies import ConfidencePolicy, ExitPolicy
 from .staged import StagedModel
 from .state import slice_state
 from .timing import Timer, machine_info, pinned_threads, warm_up
 
-__all__ = ["full_model_macs", "thresholds_for_macs_fraction", "bench_policy", "percentiles"]
+__all__ = ["full_model_macs", "thresholds_for_macs_fraction", "bench_policy", "bench_at_budget", "percentiles"]
 
 log = logging.getLogger(__name__)
 
@@ -239,3 +239,15 @@ def bench_policy(
         "channels_last": channels_last,
         "results": results,
     }
+
+
+def bench_at_budget(
+    model: StagedModel, inputs: Tensor, calibration_inputs: Tensor, budget: float, **bench_kwargs: Any
+) -> dict[str, Any]:
+    """Thresholds for ``budget`` (a MACs fraction, fitted on ``calibration_inputs``), then :func:`bench_policy`.
+
+    Returns the benchmark dict with ``budget``, ``calibrated_macs_fraction`` and ``thresholds`` added.
+    """
+    thresholds, predicted = thresholds_for_macs_fraction(model, calibration_inputs, budget)
+    result = bench_policy(model, inputs, ConfidencePolicy(thresholds), **bench_kwargs)
+    return {"budget": budget, "calibrated_macs_fraction": predicted, "thresholds": thresholds, **result}

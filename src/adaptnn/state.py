@@ -8,56 +8,56 @@ engine works for every backbone without knowing its state layout.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
 
-__all__ = ["State", "index_state", "slice_state", "state_batch_size", "state_tensors"]
+__all__ = ["State", "index_state", "map_state", "slice_state", "state_batch_size", "state_tensors"]
 
 State: TypeAlias = Any
 """A tensor, ``None``, or a (nested) tuple/list/dict of them; every tensor has the batch as dim 0."""
 
 
+def map_state(state: State, fn: Callable[[Tensor], Tensor]) -> State:
+    """Apply ``fn`` to every tensor of a nested state, keeping its structure (NamedTuples included).
+
+    ``None`` and non-tensor leaves (e.g. Python ints carried along) are returned unchanged.
+    """
+    if isinstance(state, Tensor):
+        return fn(state)
+    if isinstance(state, tuple):
+        items = [map_state(s, fn) for s in state]
+        return type(state)(*items) if hasattr(state, "_fields") else tuple(items)
+    if isinstance(state, list):
+        return [map_state(s, fn) for s in state]
+    if isinstance(state, Mapping):
+        return type(state)((k, map_state(v, fn)) for k, v in state.items())
+    return state
+
+
 def index_state(state: State, index: Tensor) -> State:
     """Keep the samples ``index`` (1-D long tensor of batch positions) of every tensor in ``state``.
 
-    ``None`` and non-tensor leaves (e.g. Python ints carried along) are returned unchanged. Tensors keep
-    their memory format where PyTorch allows it (indexing a channels_last tensor returns a contiguous
-    one, so such tensors are converted back).
+    Tensors keep their memory format where PyTorch allows it (indexing a channels_last tensor returns a
+    contiguous one, so such tensors are converted back).
     """
-    if isinstance(state, Tensor):
-        if state.dim() == 0:
-            return state
-        picked = state.index_select(0, index)
-        if state.dim() == 4 and state.is_contiguous(memory_format=torch.channels_last) and not (state.is_contiguous()):
+
+    def pick(t: Tensor) -> Tensor:
+        if t.dim() == 0:
+            return t
+        picked = t.index_select(0, index)
+        if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
             picked = picked.contiguous(memory_format=torch.channels_last)
         return picked
-    if isinstance(state, tuple):
-        if hasattr(state, "_fields"):  # NamedTuple
-            return type(state)(*(index_state(s, index) for s in state))
-        return tuple(index_state(s, index) for s in state)
-    if isinstance(state, list):
-        return [index_state(s, index) for s in state]
-    if isinstance(state, Mapping):
-        return type(state)((k, index_state(v, index)) for k, v in state.items())
-    return state
+
+    return map_state(state, pick)
 
 
 def slice_state(state: State, n: int) -> State:
     """The first ``n`` samples of every tensor in ``state`` (views, no copies)."""
-    if isinstance(state, Tensor):
-        return state if state.dim() == 0 else state[:n]
-    if isinstance(state, tuple):
-        if hasattr(state, "_fields"):
-            return type(state)(*(slice_state(s, n) for s in state))
-        return tuple(slice_state(s, n) for s in state)
-    if isinstance(state, list):
-        return [slice_state(s, n) for s in state]
-    if isinstance(state, Mapping):
-        return type(state)((k, slice_state(v, n)) for k, v in state.items())
-    return state
+    return map_state(state, lambda t: t if t.dim() == 0 else t[:n])
 
 
 def state_tensors(state: State) -> list[Tensor]:

@@ -32,9 +32,8 @@ def build(parser: ArgumentParser) -> None:
 
 
 def run(args: Namespace) -> None:
-    from ..policies import ConfidencePolicy
     from ..report import write_json
-    from ..speed import bench_policy, thresholds_for_macs_fraction
+    from ..speed import bench_at_budget
     from ..targets import resolve_target
     from ..train import resolve_device
 
@@ -44,13 +43,12 @@ def run(args: Namespace) -> None:
     device = resolve_device(args.device)
     if args.compile:
         target.model.compile_parts()
-    runs = []
-    for budget in args.budgets:
-        thresholds, predicted = thresholds_for_macs_fraction(target.model, target.calibration_inputs, budget)
-        result = bench_policy(
+    runs = [
+        bench_at_budget(
             target.model,
             target.inputs,
-            ConfidencePolicy(thresholds),
+            target.calibration_inputs,
+            budget,
             batch_sizes=args.batch_sizes,
             rounds=args.rounds,
             warmup_s=args.warmup_s,
@@ -58,15 +56,9 @@ def run(args: Namespace) -> None:
             num_threads=args.threads,
             channels_last=args.channels_last,
         )
-        runs.append(
-            {
-                "budget": budget,
-                "calibrated_macs_fraction": predicted,
-                "thresholds": thresholds,
-                "compiled": args.compile,
-                **result,
-            }
-        )
+        | {"compiled": args.compile}
+        for budget in args.budgets
+    ]
     out = {"target": target.name, "runs": runs}
     if args.output:
         write_json(args.output, out)

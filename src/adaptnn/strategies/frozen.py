@@ -16,7 +16,7 @@ Two ways:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from ..state import State, index_state, state_tensors
+from ..state import State, index_state, map_state, state_tensors
 from .base import Strategy
 from .joint import JointLoss
 
@@ -127,7 +127,7 @@ def cache_head_inputs(
             state = segment(state)
             k = model._head_at[seg_idx]
             if k >= 0:
-                per_exit[k].append(_map_state(state, lambda t: t.detach().to("cpu", copy=True)))
+                per_exit[k].append(map_state(state, lambda t: t.detach().to("cpu", copy=True)))
         labels.append(torch.as_tensor(y).long())
         if i == 0:
             estimate = sum(_state_nbytes(p[0]) for p in per_exit) * len(dataset) / max(1, len(y))
@@ -182,7 +182,7 @@ def fit_heads_cached(
         for b in range(steps_per_epoch):
             idx = order[b * batch_size : (b + 1) * batch_size] if n >= batch_size else order
             y = labels[idx].to(device)
-            feats = [_map_state(index_state(inputs[k], idx), lambda t: t.to(device)) for k in range(model.num_exits)]
+            feats = [map_state(index_state(inputs[k], idx), lambda t: t.to(device)) for k in range(model.num_exits)]
             logits = [heads[k](f) for k, f in enumerate(feats)]
             loss = sum(torch.nn.functional.cross_entropy(lg, y) for lg in logits)
             optimizer.zero_grad(set_to_none=True)
@@ -197,17 +197,3 @@ def fit_heads_cached(
         history.append(record)
     model.eval()
     return history
-
-
-def _map_state(state: State, fn: Callable[[Tensor], Tensor]) -> State:
-    """Apply ``fn`` to every tensor of a nested state."""
-    if isinstance(state, Tensor):
-        return fn(state)
-    if isinstance(state, tuple):
-        items = [_map_state(s, fn) for s in state]
-        return type(state)(*items) if hasattr(state, "_fields") else tuple(items)
-    if isinstance(state, list):
-        return [_map_state(s, fn) for s in state]
-    if isinstance(state, dict):
-        return type(state)((k, _map_state(v, fn)) for k, v in state.items())
-    return state

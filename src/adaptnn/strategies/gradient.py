@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, autograd
 
-from ..state import State
+from ..state import State, map_state
 
 if TYPE_CHECKING:
     from ..staged import StagedModel
@@ -35,16 +35,7 @@ class _ScaleGrad(autograd.Function):
 
 def scale_grad(state: State, scale: float) -> State:
     """Identity in the forward pass; multiplies the gradient of every float tensor in ``state`` by ``scale``."""
-    if isinstance(state, Tensor):
-        return _ScaleGrad.apply(state, scale) if state.is_floating_point() and state.requires_grad else state
-    if isinstance(state, tuple):
-        items = [scale_grad(s, scale) for s in state]
-        return type(state)(*items) if hasattr(state, "_fields") else tuple(items)
-    if isinstance(state, list):
-        return [scale_grad(s, scale) for s in state]
-    if isinstance(state, dict):
-        return type(state)((k, scale_grad(v, scale)) for k, v in state.items())
-    return state
+    return map_state(state, lambda t: _ScaleGrad.apply(t, scale) if t.is_floating_point() and t.requires_grad else t)
 
 
 def equilibrium_scales(num_exits: int) -> list[tuple[float, float]]:
