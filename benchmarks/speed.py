@@ -48,10 +48,23 @@ def _maybe_reexec_with_jemalloc(enabled: bool) -> None:
 def write_markdown(out: dict, path: Path) -> None:
     """The human-readable table of a speed result (also usable on a saved JSON)."""
     entries, threads = out["entries"], out["threads"]
+    machine = entries[0]["machine"]
+    where = (
+        f"{machine['gpu']} (torch {machine['torch']}, host {machine['processor']})"
+        if machine.get("gpu")
+        else f"{machine['processor']} ({threads} threads, {out['allocator']}, torch {machine['torch']})"
+    )
+    variant = ", ".join(
+        [entries[0].get("dtype", "float32")]
+        + (["channels_last"] if entries[0].get("channels_last") else [])
+        + (["torch.compile (dynamic shapes)"] if out.get("compiled") else [])
+    )
     md = [
-        f"# Early-exit speed on {entries[0]['machine']['processor']} ({threads} threads, {out['allocator']})",
+        f"# Early-exit speed on {where}",
         "",
         f"Command: `{out['command']}`",
+        "",
+        f"Budget: {out.get('budget', 0.5)} of the full model's MACs; {variant}; random weights and inputs.",
         "",
         "realised = full / dynamic time; ideal = full / dynamic MACs; ratio = realised / ideal. "
         "time-ideal = full / oracle time (the same computation with exits known in advance: what the hardware "
@@ -93,13 +106,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(SUITE))
     parser.add_argument("--budget", type=float, default=0.5, help="target MACs fraction of the full model")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 8 64 (+256 on GPU)")
     parser.add_argument("--samples", type=int, default=128, help="samples timed per batch size")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=None, help="default: all cores")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile segments and heads (dynamic shapes)")
     parser.add_argument("--no-jemalloc", action="store_true")
     parser.add_argument("--no-latency-model", action="store_true")
     parser.add_argument("--output", default=None, help="default: benchmarks/results/speed_<device>.json")
@@ -116,23 +131,33 @@ def main() -> None:
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
+    on_gpu = torch.device(args.device).type == "cuda"
+    batch_sizes = args.batch_sizes or ([1, 8, 64, 256] if on_gpu else [1, 8, 64])
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    # latency model: profiled at powers of two, checked at sizes between them (never at a profiled size)
+    profile_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max(64, max(batch_sizes))]
+    held_out = [b for b in (3, 6, 24, 48, 96, 192) if b < profile_sizes[-1] and b <= args.samples]
     started = time.time()
     entries = []
     for name in args.models:
         input_size, kwargs = SUITE.get(name, (None, {}))
         print(f"== {name}", flush=True)
         target = resolve_target(name, num_samples=args.samples, input_size=input_size, model_kwargs=kwargs)
+        target.model.to(args.device, dtype)
+        if args.compile:
+            target.model.compile_parts()
         speed = bench_at_budget(
             target.model,
             target.inputs,
             target.calibration_inputs,
             args.budget,
-            batch_sizes=args.batch_sizes,
+            batch_sizes=batch_sizes,
             rounds=args.rounds,
             warmup_s=args.warmup_s,
             device=args.device,
             num_threads=threads,
             channels_last=args.channels_last,
+            dtype=dtype,
         )
         thresholds = speed["thresholds"]
         entry = {"model": name, "input_size": list(target.inputs.shape[1:]), **speed}
@@ -143,11 +168,10 @@ def main() -> None:
                 flush=True,
             )
         if not args.no_latency_model:
-            held_out = [b for b in (2, 6, 24, 48) if b <= args.samples]
             lm = profile_latency(
                 target.model,
                 target.calibration_inputs,
-                batch_sizes=(1, 2, 4, 8, 16, 32, 64),
+                batch_sizes=profile_sizes,
                 repeats=max(5, args.rounds),
                 device=args.device,
                 num_threads=threads,
@@ -174,6 +198,8 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "allocator": "jemalloc" if JEMALLOC in os.environ.get("LD_PRELOAD", "") else "glibc malloc",
         "threads": threads,
+        "budget": args.budget,
+        "compiled": args.compile,
         "elapsed_s": time.time() - started,
         "entries": entries,
     }

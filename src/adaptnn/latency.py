@@ -34,7 +34,7 @@ from .errors import ConfigError
 from .policies import ConfidencePolicy
 from .staged import StagedModel, split_finished
 from .state import State, index_state
-from .timing import Timer, machine_info, median_ms, pinned_threads, warm_up
+from .timing import Timer, machine_info, median_ms, pinned_threads, to_model, warm_up
 
 __all__ = ["PiecewiseLinear", "LatencyModel", "profile_latency", "validate_latency_model", "alive_per_segment"]
 
@@ -205,11 +205,14 @@ def profile_latency(
     head_t: list[list[float]] = [[] for _ in model.heads]
     over_t: list[list[float]] = [[] for _ in model.heads]
     n_pool = sample.shape[0]
+    # each piece is timed on its own, a real run times them once together: remove the timer's own cost
+    # (clock reads, and on CUDA the two synchronisations) from every piece
+    timer_overhead = median_ms(timer, lambda: None, 200)
     with pinned_threads(num_threads):
         for b in sizes:
             # a different batch each repeat, timed in context (each piece on the fresh output of the one
             # before, as in a real run), so caches are not kept warm by re-running one piece on one input
-            batches = [sample[(torch.arange(b) + r * b) % n_pool].to(device) for r in range(repeats)]
+            batches = [to_model(model, sample[(torch.arange(b) + r * b) % n_pool]) for r in range(repeats)]
             warm_up(lambda x=batches[0]: model.forward_all(x), warmup_s, timer)
             pieces: dict[tuple[str, int], list[float]] = {}
             for x in batches:
@@ -229,18 +232,24 @@ def profile_latency(
                         ms = timer(lambda p=policy, lg=logits, st=state, k=k: _exit_step(p, k, lg, st))
                         pieces.setdefault(("exit", k), []).append(ms)
             for j in range(len(model.segments)):
-                seg_t[j].append(statistics.median(pieces[("seg", j)]))
+                seg_t[j].append(max(0.0, statistics.median(pieces[("seg", j)]) - timer_overhead))
             for k in range(model.num_exits):
-                head_t[k].append(statistics.median(pieces[("head", k)]))
+                head_t[k].append(max(0.0, statistics.median(pieces[("head", k)]) - timer_overhead))
                 if k < model.num_exits - 1:
-                    over_t[k].append(statistics.median(pieces[("exit", k)]))
+                    over_t[k].append(max(0.0, statistics.median(pieces[("exit", k)]) - timer_overhead))
     fit = PiecewiseLinear.fit
     return LatencyModel(
         exit_after=list(model.exit_after),
         segment_ms=[fit(sizes, t) for t in seg_t],
         head_ms=[fit(sizes, t) for t in head_t],
         exit_overhead_ms=[fit(sizes, t) if t else PiecewiseLinear([1.0], [0.0]) for t in over_t],
-        info={**machine_info(device), "batch_sizes": sizes, "repeats": repeats, "input_shape": list(sample.shape[1:])},
+        info={
+            **machine_info(device),
+            "batch_sizes": sizes,
+            "repeats": repeats,
+            "input_shape": list(sample.shape[1:]),
+            "timer_overhead_ms": timer_overhead,
+        },
     )
 
 
@@ -283,7 +292,7 @@ def validate_latency_model(
             n = (inputs.shape[0] // b) * b
             if n == 0:
                 raise ConfigError(f"batch size {b} is larger than the {inputs.shape[0]} inputs")
-            batches = [inputs[i : i + b].to(device) for i in range(0, n, b)]
+            batches = [to_model(model, inputs[i : i + b]) for i in range(0, n, b)]
             warm_up(
                 lambda bs=batches: [model.run_dynamic(x, policy, check_finite=False) for x in bs[:4]], warmup_s, timer
             )

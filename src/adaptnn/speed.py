@@ -43,16 +43,19 @@ from .errors import ConfigError
 from .policies import ConfidencePolicy, ExitPolicy
 from .staged import StagedModel
 from .state import slice_state
-from .timing import Timer, machine_info, pinned_threads, warm_up
+from .timing import Timer, machine_info, model_device_dtype, pinned_threads, to_model, warm_up
 
 __all__ = ["full_model_macs", "thresholds_for_macs_fraction", "bench_policy", "bench_at_budget", "percentiles"]
 
 log = logging.getLogger(__name__)
 
 
-def full_model_macs(model: StagedModel, input_size: Sequence[int]) -> float:
-    """MACs of ``model.forward`` (all segments and only the last head) for one sample."""
-    breakdown = cost_breakdown(model, input_size)
+def full_model_macs(model: StagedModel, input_size: Sequence[int], *, dtype: torch.dtype | None = None) -> float:
+    """MACs of ``model.forward`` (all segments and only the last head) for one sample.
+
+    ``dtype``: the input dtype (default: the model's parameter dtype, so a half-precision model is counted too).
+    """
+    breakdown = cost_breakdown(model, input_size, dtype=dtype or model_device_dtype(model)[1])
     return sum(breakdown.segment_macs) + breakdown.head_macs[-1]
 
 
@@ -71,10 +74,11 @@ def thresholds_for_macs_fraction(
     if not 0 < fraction <= 1.5:
         raise ConfigError(f"target MACs fraction must be in (0, 1.5], got {fraction}")
     model.eval()
-    costs = cost_breakdown(model, tuple(calibration_inputs.shape[1:])).exit_macs
-    full = full_model_macs(model, tuple(calibration_inputs.shape[1:]))
+    dtype = model_device_dtype(model)[1] if calibration_inputs.is_floating_point() else calibration_inputs.dtype
+    costs = cost_breakdown(model, tuple(calibration_inputs.shape[1:]), dtype=dtype).exit_macs
+    full = full_model_macs(model, tuple(calibration_inputs.shape[1:]), dtype=dtype)
     logits = [
-        torch.stack(model.forward_all(calibration_inputs[i : i + batch_size])).float().cpu()
+        torch.stack(model.forward_all(to_model(model, calibration_inputs[i : i + batch_size]))).float().cpu()
         for i in range(0, calibration_inputs.shape[0], batch_size)
     ]
     probs = torch.cat(logits, dim=1).softmax(-1)
@@ -132,6 +136,7 @@ def bench_policy(
     device: torch.device | str = "cpu",
     num_threads: int | None = None,
     channels_last: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Time the full model against ``run_dynamic(policy)`` on the same batches (see the module docstring).
 
@@ -147,18 +152,25 @@ def bench_policy(
         device: where to run.
         num_threads: CPU threads to pin (None: leave as is).
         channels_last: convert model and inputs to channels_last (4-D inputs only).
+        dtype: run model and inputs in this floating dtype (e.g. ``torch.bfloat16`` on GPU); default as given.
 
     Returns:
         ``{"machine": ..., "full_model_macs": ..., "results": [one dict per batch size]}``.
     """
     model = model.eval().to(device)
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise ConfigError(f"dtype must be a floating-point dtype, got {dtype}")
+        model = model.to(dtype)
+        if inputs.is_floating_point():
+            inputs = inputs.to(dtype)
     if channels_last:
         if inputs.dim() != 4:
             raise ConfigError("channels_last needs 4-D image inputs")
         model = model.to(memory_format=torch.channels_last)
     timer = Timer(device)
     sample_shape = tuple(inputs.shape[1:])
-    full_macs = full_model_macs(model, sample_shape)
+    full_macs = full_model_macs(model, sample_shape, dtype=None if inputs.is_floating_point() else inputs.dtype)
     n_avail = inputs.shape[0] if max_samples is None else min(inputs.shape[0], max_samples)
     results = []
     with pinned_threads(num_threads):
@@ -237,6 +249,7 @@ def bench_policy(
         "rounds": rounds,
         "warmup_s": warmup_s,
         "channels_last": channels_last,
+        "dtype": str(model_device_dtype(model)[1]).removeprefix("torch."),
         "results": results,
     }
 

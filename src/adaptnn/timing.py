@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["Timer", "median_ms", "pinned_threads", "machine_info", "warm_up"]
+__all__ = ["Timer", "median_ms", "pinned_threads", "machine_info", "warm_up", "model_device_dtype", "to_model"]
 
 T = TypeVar("T")
 
@@ -43,6 +43,20 @@ class Timer:
         out = fn()
         self.sync()
         return (time.perf_counter() - start) * 1e3, out
+
+
+def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the model's parameters live and their floating dtype (cpu/float32 for a parameter-free model)."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.device, param.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def to_model(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the model's device, in its floating dtype when ``x`` is floating (token ids stay integers)."""
+    device, dtype = model_device_dtype(model)
+    return x.to(device, dtype) if x.is_floating_point() else x.to(device)
 
 
 def median_ms(timer: Timer, fn: Callable[[], object], repeats: int) -> float:

@@ -1,0 +1,119 @@
+"""Real early exit on a CUDA device: dynamic == simulated for every backbone family and batch size.
+
+Skipped where no GPU is present (CI); run on a GPU machine with ``pytest -m gpu tests/test_cuda.py``.
+Models run in float64 so that a batch's composition cannot flip a decision through rounding; thresholds sit
+between observed confidences so that every run has early and late exits.
+"""
+
+import pytest
+import torch
+
+from adaptnn import ConfidencePolicy, create_model
+from adaptnn.policies import simulate_exits
+from adaptnn.state import State, map_state
+from helpers import randomise_stats
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _timm(arch: str, input_size: tuple[int, ...], **kwargs):
+    timm = pytest.importorskip("timm")
+    from adaptnn.adapters import from_timm
+
+    return from_timm(timm.create_model(arch, num_classes=7, **kwargs), input_size=input_size)
+
+
+def _torchvision(arch: str):
+    torchvision = pytest.importorskip("torchvision")
+    from adaptnn.adapters import from_torchvision
+
+    return from_torchvision(torchvision.models.get_model(arch, num_classes=7), input_size=(3, 32, 32))
+
+
+FAMILIES = {
+    "mecnn": lambda: create_model("mecnn_cifar", widths=[8, 16, 16, 32]),
+    "msdnet": lambda: create_model("msdnet_test_tiny"),
+    "timm_cnn": lambda: _timm("test_resnet", (3, 32, 32)),
+    "timm_vit": lambda: _timm("test_vit", None),
+    "torchvision": lambda: _torchvision("mobilenet_v3_small"),
+}
+
+
+def _thresholds_between(logits: list[torch.Tensor], quantile: float) -> list[float]:
+    return [float(lg.softmax(-1).amax(-1).quantile(quantile)) + 1e-9 for lg in logits[:-1]]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_dynamic_equals_simulated_on_cuda(family, batch):
+    torch.manual_seed(0)
+    model = randomise_stats(FAMILIES[family]()).double().eval().cuda()
+    shape = model.input_spec.shape
+    reference = torch.randn(64, *shape, dtype=torch.float64, device="cuda")
+    x = reference[:batch]
+    with torch.inference_mode():
+        policy = ConfidencePolicy(_thresholds_between(model.forward_all(reference), 0.5))
+        logits = model.forward_all(x)
+    sim_exit, sim_logits = simulate_exits(policy, logits)
+    out = model.run_dynamic(x, policy)
+    assert out.logits.device.type == "cuda" and out.exit_index.device.type == "cuda"
+    assert torch.equal(out.exit_index, sim_exit)
+    torch.testing.assert_close(out.logits, sim_logits, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out.macs, model.exit_costs(x)[sim_exit])
+    if batch == 64:
+        assert len(set(sim_exit.tolist())) > 1  # samples really left at different exits
+
+
+def test_channels_last_stays_channels_last_through_compaction_on_cuda():
+    model = create_model("mecnn_cifar", widths=[8, 16, 16, 32]).eval().cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(32, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    seen: list[bool] = []
+
+    def record(module, args, output: State) -> None:
+        if isinstance(output, torch.Tensor) and output.device.type == "meta":
+            return  # the MACs counter runs a copy of the model (hooks included) on the meta device
+        map_state(output, lambda t: seen.append(t.dim() != 4 or t.is_contiguous(memory_format=torch.channels_last)))
+
+    hooks = [seg.register_forward_hook(record) for seg in model.segments]
+    with torch.inference_mode():
+        logits = model.forward_all(x)
+    policy = ConfidencePolicy(_thresholds_between(logits, 0.4))
+    seen.clear()
+    out = model.run_dynamic(x, policy)
+    for hook in hooks:
+        hook.remove()
+    assert seen and all(seen)
+    sim_exit, sim_logits = simulate_exits(policy, logits)
+    assert torch.equal(out.exit_index, sim_exit)
+    torch.testing.assert_close(out.logits, sim_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_parts_make_the_same_decisions_on_cuda():
+    model = randomise_stats(create_model("mecnn_cifar", widths=[8, 16, 16, 32])).eval().cuda()
+    x = torch.randn(24, 3, 32, 32, device="cuda")
+    with torch.inference_mode():
+        logits = model.forward_all(x)
+    policy = ConfidencePolicy(_thresholds_between(logits, 0.5))
+    eager = model.run_dynamic(x, policy)
+    model.compile_parts()
+    compiled = model.run_dynamic(x, policy)
+    # compiled kernels may round differently: samples whose confidence sits at a threshold may move
+    agree = (eager.exit_index == compiled.exit_index).float().mean()
+    assert agree >= 0.9
+    same = eager.exit_index == compiled.exit_index
+    torch.testing.assert_close(eager.logits[same], compiled.logits[same], rtol=1e-3, atol=1e-3)
+
+
+def test_speed_benchmark_runs_on_cuda_in_half_precision():
+    from adaptnn.speed import bench_at_budget
+
+    model = create_model("mecnn_cifar", widths=[8, 16, 16, 32]).eval()
+    inputs, calib = torch.randn(16, 3, 32, 32), torch.randn(32, 3, 32, 32)
+    result = bench_at_budget(
+        model, inputs, calib, 0.5, batch_sizes=(1, 8), rounds=1, warmup_s=0.0, device="cuda", dtype=torch.bfloat16
+    )
+    assert result["dtype"] == "bfloat16" and result["machine"]["gpu"]
+    assert all(r["dynamic_ms_per_batch"] > 0 and r["avg_macs"] > 0 for r in result["results"])
