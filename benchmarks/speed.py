@@ -58,6 +58,7 @@ def write_markdown(out: dict, path: Path) -> None:
         [entries[0].get("dtype", "float32")]
         + (["channels_last"] if entries[0].get("channels_last") else [])
         + (["torch.compile (dynamic shapes)"] if out.get("compiled") else [])
+        + (["CUDA graphs (power-of-two buckets)"] if entries[0].get("cuda_graphs") else [])
     )
     md = [
         f"# Early-exit speed on {where}",
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile segments and heads (dynamic shapes)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="run everything through CUDA graphs (GPU)")
     parser.add_argument("--no-jemalloc", action="store_true")
     parser.add_argument("--no-latency-model", action="store_true")
     parser.add_argument("--output", default=None, help="default: benchmarks/results/speed_<device>.json")
@@ -158,6 +160,7 @@ def main() -> None:
             num_threads=threads,
             channels_last=args.channels_last,
             dtype=dtype,
+            cuda_graphs=args.cuda_graphs,
         )
         thresholds = speed["thresholds"]
         entry = {"model": name, "input_size": list(target.inputs.shape[1:]), **speed}

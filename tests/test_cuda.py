@@ -117,3 +117,44 @@ def test_speed_benchmark_runs_on_cuda_in_half_precision():
     )
     assert result["dtype"] == "bfloat16" and result["machine"]["gpu"]
     assert all(r["dynamic_ms_per_batch"] > 0 and r["avg_macs"] > 0 for r in result["results"])
+
+
+@pytest.mark.parametrize("family", ["mecnn", "msdnet", "timm_cnn", "timm_vit"])
+def test_cuda_graphs_equal_eager_on_cuda(family):
+    from adaptnn.cuda_graphs import GraphedModel
+
+    torch.manual_seed(0)
+    model = randomise_stats(FAMILIES[family]()).double().eval().cuda()
+    x_all = torch.randn(80, *model.input_spec.shape, dtype=torch.float64, device="cuda")
+    with torch.inference_mode():
+        policy = ConfidencePolicy(_thresholds_between(model.forward_all(x_all[:64]), 0.5))
+    graphed = GraphedModel(model, x_all[:4], max_batch=64)
+    assert graphed.use_graphs
+    for batch in [1, 8, 37, 80]:  # 37: padded bucket; 80: two chunks
+        x = x_all[:batch]
+        eager = model.run_dynamic(x, policy)
+        out = graphed.run_dynamic(x, policy)
+        assert torch.equal(out.exit_index, eager.exit_index)
+        torch.testing.assert_close(out.logits, eager.logits, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(graphed(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_speed_benchmark_with_cuda_graphs():
+    from adaptnn.speed import bench_at_budget
+
+    model = create_model("mecnn_cifar", widths=[8, 16, 16, 32]).eval()
+    inputs, calib = torch.randn(16, 3, 32, 32), torch.randn(32, 3, 32, 32)
+    result = bench_at_budget(
+        model,
+        inputs,
+        calib,
+        0.5,
+        batch_sizes=(1, 8),
+        rounds=1,
+        warmup_s=0.0,
+        device="cuda",
+        cuda_graphs=True,
+        channels_last=True,
+        dtype=torch.bfloat16,
+    )
+    assert result["cuda_graphs"] and all(r["oracle_ms_per_batch"] > 0 for r in result["results"])

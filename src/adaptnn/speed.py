@@ -39,10 +39,11 @@ from torch import Tensor
 
 from .calibrate import budgeted_sweep
 from .cost import cost_breakdown
+from .cuda_graphs import GraphedModel, power_of_two_buckets
 from .errors import ConfigError
+from .execution import EagerStages, oracle_loop
 from .policies import ConfidencePolicy, ExitPolicy
 from .staged import StagedModel
-from .state import slice_state
 from .timing import Timer, machine_info, model_device_dtype, pinned_threads, to_model, warm_up
 
 __all__ = ["full_model_macs", "thresholds_for_macs_fraction", "bench_policy", "bench_at_budget", "percentiles"]
@@ -90,31 +91,14 @@ def thresholds_for_macs_fraction(
 
 
 def _oracle_plan(model: StagedModel, x: Tensor, exit_index: Tensor) -> tuple[Tensor, list[int]]:
-    """Samples sorted by exit (latest first) and how many of them run each segment."""
+    """Samples sorted by exit (latest first) and how many of them run each stage."""
     order = torch.argsort(exit_index, descending=True, stable=True)
     counts = torch.bincount(exit_index.cpu(), minlength=model.num_exits).tolist()
-    alive, left = [], x.shape[0]
-    for j in range(len(model.segments)):
-        alive.append(left)
-        k = model._head_at[j]
-        if k >= 0:
-            left -= counts[k]
+    alive = [sum(counts[k:]) for k in range(model.num_exits)]
     x_sorted = x.index_select(0, order)
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         x_sorted = x_sorted.contiguous(memory_format=torch.channels_last)
     return x_sorted, alive
-
-
-def _run_oracle(model: StagedModel, x_sorted: Tensor, alive: list[int]) -> None:
-    """Run exactly the segments and heads a dynamic run needs, on batch prefixes (views: no copies)."""
-    state = x_sorted
-    for j, segment in enumerate(model.segments):
-        if alive[j] == 0:
-            break
-        state = segment(slice_state(state, alive[j]))
-        k = model._head_at[j]
-        if k >= 0:
-            model.heads[k](state)
 
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> dict[str, float]:
@@ -137,6 +121,7 @@ def bench_policy(
     num_threads: int | None = None,
     channels_last: bool = False,
     dtype: torch.dtype | None = None,
+    cuda_graphs: bool = False,
 ) -> dict[str, Any]:
     """Time the full model against ``run_dynamic(policy)`` on the same batches (see the module docstring).
 
@@ -153,6 +138,8 @@ def bench_policy(
         num_threads: CPU threads to pin (None: leave as is).
         channels_last: convert model and inputs to channels_last (4-D inputs only).
         dtype: run model and inputs in this floating dtype (e.g. ``torch.bfloat16`` on GPU); default as given.
+        cuda_graphs: run the full model, the dynamic model and the oracle through
+            :class:`~adaptnn.cuda_graphs.GraphedModel` (graphs captured at powers of two up to the largest batch).
 
     Returns:
         ``{"machine": ..., "full_model_macs": ..., "results": [one dict per batch size]}``.
@@ -174,6 +161,14 @@ def bench_policy(
     n_avail = inputs.shape[0] if max_samples is None else min(inputs.shape[0], max_samples)
     results = []
     with pinned_threads(num_threads):
+        runner: StagedModel | GraphedModel = model
+        executor: Any = EagerStages(model)
+        if cuda_graphs:
+            example = inputs[:8].to(device)
+            if channels_last:
+                example = example.contiguous(memory_format=torch.channels_last)
+            runner = GraphedModel(model, example, buckets=power_of_two_buckets(max(batch_sizes)))
+            executor = runner.executor()
         for b in batch_sizes:
             n = (n_avail // b) * b
             if n == 0:
@@ -184,11 +179,11 @@ def bench_policy(
 
             def both(batches=batches) -> None:
                 for x in batches[:4]:
-                    model(x)
-                    model.run_dynamic(x, policy, check_finite=False)
+                    runner(x)
+                    runner.run_dynamic(x, policy, check_finite=False)
 
             warm_up(both, warmup_s, timer, min_calls=1)
-            outs = [model.run_dynamic(x, policy, check_finite=False) for x in batches]
+            outs = [runner.run_dynamic(x, policy, check_finite=False) for x in batches]
             plans = [_oracle_plan(model, x, o.exit_index) for x, o in zip(batches, outs, strict=True)]
             full_t: list[list[float]] = [[] for _ in batches]
             dyn_t: list[list[float]] = [[] for _ in batches]
@@ -197,9 +192,9 @@ def bench_policy(
                 for i, x in enumerate(batches):
                     x_sorted, alive = plans[i]
                     variants = [
-                        (full_t, lambda x=x: model(x)),
-                        (dyn_t, lambda x=x: model.run_dynamic(x, policy, check_finite=False)),
-                        (oracle_t, lambda x=x_sorted, a=alive: _run_oracle(model, x, a)),
+                        (full_t, lambda x=x: runner(x)),
+                        (dyn_t, lambda x=x: runner.run_dynamic(x, policy, check_finite=False)),
+                        (oracle_t, lambda x=x_sorted, a=alive: oracle_loop(executor, x, a)),
                     ]
                     shift = (r + i) % 3  # rotate who goes first: drifts and cache state hit all three alike
                     for times, fn in variants[shift:] + variants[:shift]:
@@ -250,6 +245,7 @@ def bench_policy(
         "warmup_s": warmup_s,
         "channels_last": channels_last,
         "dtype": str(model_device_dtype(model)[1]).removeprefix("torch."),
+        "cuda_graphs": cuda_graphs,
         "results": results,
     }
 

@@ -22,24 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
+from .execution import EagerStages, dynamic_loop, split_finished
 from .policies import ExitPolicy
-from .state import State, index_state
+from .state import State
 
 __all__ = ["StagedModel", "DynamicOutput", "InputSpec", "split_finished"]
-
-
-def split_finished(done: Tensor) -> tuple[int, Tensor | None, Tensor | None]:
-    """Split a batch by a "done" mask with ONE host sync: ``(n_done, done_idx, keep_idx)``.
-
-    ``done_idx``/``keep_idx`` are batch positions in batch order; both are ``None`` when nobody or everybody
-    is done (nothing to compact).
-    """
-    n_done = int(done.sum())  # the host sync: the next kernels' shapes depend on it
-    if n_done == 0 or n_done == done.shape[0]:
-        return n_done, None, None
-    # done samples first (stable: each group keeps batch order)
-    order = torch.argsort(done.to(torch.uint8), descending=True, stable=True)
-    return n_done, order[:n_done], order[n_done:]
 
 
 @dataclass(frozen=True)
@@ -221,44 +208,7 @@ class StagedModel(nn.Module):
         policy.check_num_exits(num_exits)
         costs = self.exit_costs(x)
         with torch.inference_mode():
-            batch = x.shape[0]
-            device = x.device
-            exit_index = torch.full((batch,), num_exits - 1, dtype=torch.long, device=device)
-            out: Tensor | None = None
-            active: Tensor | None = None  # original positions of the running samples; None = all of them
-            policy_state = policy.init_state(batch, device)
-            state: State = x
-            for seg_idx, segment in enumerate(self.segments):
-                state = segment(state)
-                k = self._head_at[seg_idx]
-                if k < 0:
-                    continue
-                done, prediction, policy_state = policy.decide(k, self.heads[k](state), policy_state)
-                if out is None:
-                    out = prediction.new_empty((batch, *prediction.shape[1:]))
-                if k == num_exits - 1:  # the last exit takes everyone still running
-                    if active is None:
-                        out = prediction
-                    else:
-                        out[active] = prediction
-                    break
-                n_done, done_idx, keep_idx = split_finished(done)
-                if n_done == 0:
-                    continue
-                if done_idx is None:  # everybody still running is done
-                    if active is None:
-                        out, exit_index = prediction, torch.full_like(exit_index, k)
-                    else:
-                        out[active] = prediction
-                        exit_index[active] = k
-                    break
-                global_done = done_idx if active is None else active[done_idx]
-                out[global_done] = prediction.index_select(0, done_idx)
-                exit_index[global_done] = k
-                active = keep_idx if active is None else active[keep_idx]
-                state = index_state(state, keep_idx)
-                policy_state = index_state(policy_state, keep_idx)
-            assert out is not None
+            out, exit_index = dynamic_loop(EagerStages(self), x, policy, num_exits)
             return DynamicOutput(logits=out, exit_index=exit_index, macs=costs[exit_index])
 
     def compile_parts(self, **compile_kwargs: object) -> StagedModel:

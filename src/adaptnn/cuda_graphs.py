@@ -1,0 +1,257 @@
+"""CUDA graphs for staged models: a stage's many small kernel launches paid as one.
+
+On a GPU, early exit at small and medium batch sizes is *launch-bound*: an eager MSDNet or ResNet stage is
+dozens of kernels of a few microseconds each, issued one by one from Python, so skipping the compute of
+the samples that left saves almost no time. :class:`GraphedModel` captures each stage (the segments up to
+an exit head, then the head) as one CUDA graph per *bucket* of batch sizes (powers of two by default), and
+the full model as one graph per bucket for a fair baseline.
+
+A batch of ``n`` running samples replays the graph of the smallest bucket ``>= n``; its first ``n`` rows hold
+the samples and the rows beyond are stale padding. Padding never changes a real row: in eval mode every
+layer computes each sample independently (``StagedModel.run_dynamic`` refuses train mode for the same
+reason). The stages of one bucket are captured chained (stage k+1 reads the buffer stage k writes), so
+when nobody leaves nothing is copied; after a compaction the survivors are gathered into the next stage's
+input buffer of their (possibly smaller) bucket.
+
+All graphs share one memory pool. That is safe because every buffer is read right after the graph (or the
+compaction copy) that produced it, before any other graph replays: a later replay may reuse an earlier
+graph's scratch memory, never a buffer still waiting to be read.
+
+On a CPU, or with ``use_graphs=False``, the same buffers and buckets are used and a "replay" calls the
+modules and copies their outputs into the buffers: the bookkeeping can be tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, InputError
+from .execution import dynamic_loop, stage_segments
+from .policies import ExitPolicy
+from .staged import DynamicOutput, StagedModel
+from .state import State, index_state, slice_state, state_tensors
+
+__all__ = ["GraphedModel", "GraphedStages", "power_of_two_buckets"]
+
+# (bucket, index of the last stage run (-1: none yet), running samples)
+Handle = tuple[int, int, int]
+
+
+def power_of_two_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, ... up to and including ``max_batch`` (added when it is not a power of two)."""
+    if max_batch < 1:
+        raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+    buckets, b = [], 1
+    while b < max_batch:
+        buckets.append(b)
+        b *= 2
+    return [*buckets, max_batch]
+
+
+def _copy_state(dst: State, src: State) -> None:
+    """Copy every tensor of ``src`` into the same-structured ``dst`` (leading rows, same order)."""
+    for d, s in zip(state_tensors(dst), state_tensors(src), strict=True):
+        d[: s.shape[0]].copy_(s)
+
+
+class GraphedModel:
+    """A :class:`StagedModel` run through CUDA graphs captured at bucketed batch sizes (see the module docstring).
+
+    Args:
+        model: the staged model, on the device the graphs are for (eval mode is set).
+        example: a few real input samples ``[m, ...]`` on that device, in the dtype and memory format the model
+            will get; they fill the buffers at capture (padding rows then hold realistic values).
+        buckets: batch sizes to capture, ascending (default: powers of two up to ``max_batch``).
+        max_batch: largest bucket when ``buckets`` is not given; larger batches are run in chunks.
+        use_graphs: capture CUDA graphs (default: when ``example`` is on a CUDA device).
+        warmup_calls: eager calls per graph before its capture (cuDNN/cuBLAS pick their kernels then).
+    """
+
+    def __init__(
+        self,
+        model: StagedModel,
+        example: Tensor,
+        *,
+        buckets: Sequence[int] | None = None,
+        max_batch: int = 256,
+        use_graphs: bool | None = None,
+        warmup_calls: int = 3,
+    ) -> None:
+        self.model = model.eval()
+        self.use_graphs = example.is_cuda if use_graphs is None else bool(use_graphs)
+        if self.use_graphs and not example.is_cuda:
+            raise ConfigError("CUDA graphs need the model and the example inputs on a CUDA device")
+        self.buckets = sorted(set(int(b) for b in buckets)) if buckets else power_of_two_buckets(max_batch)
+        if self.buckets[0] < 1:
+            raise ConfigError(f"bucket sizes must be >= 1, got {self.buckets}")
+        if example.dim() < 1 or example.shape[0] < 1:
+            raise InputError("example must hold at least one sample [m, ...]")
+        self.sample_shape = tuple(example.shape[1:])
+        self.dtype, self.device = example.dtype, example.device
+        self.stages = stage_segments(model.exit_after)
+        self._channels_last = example.dim() == 4 and example.is_contiguous(memory_format=torch.channels_last)
+        self._warmup_calls = warmup_calls
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._graphs: list[Any] = []  # keeps every captured graph alive
+        self._x: dict[int, Tensor] = {}
+        self._stage_out: dict[tuple[int, int], tuple[State, Tensor]] = {}
+        self._stage_replay: dict[tuple[int, int], Callable[[], None]] = {}
+        self._full_out: dict[int, Tensor] = {}
+        self._full_replay: dict[int, Callable[[], None]] = {}
+        with torch.inference_mode():
+            for b in self.buckets:
+                self._capture_bucket(b, example)
+
+    # -- capture -----------------------------------------------------------------------------------
+
+    def _capture_bucket(self, b: int, example: Tensor) -> None:
+        x = example[torch.arange(b, device=example.device) % example.shape[0]].clone()
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self._x[b] = x
+        state: State = x
+        for k, segs in enumerate(self.stages):
+
+            def stage(k: int = k, segs: range = segs, inp: State = state) -> tuple[State, Tensor]:
+                out = inp
+                for j in segs:
+                    out = self.model.segments[j](out)
+                return out, self.model.heads[k](out)
+
+            self._stage_replay[(b, k)], self._stage_out[(b, k)] = self._capture(stage)
+            state = self._stage_out[(b, k)][0]
+        self._full_replay[b], self._full_out[b] = self._capture(lambda: self.model(x))
+        # every buffer now holds finite activations of real samples: stale padding rows stay harmless
+        for k in range(len(self.stages)):
+            self._stage_replay[(b, k)]()
+        self._full_replay[b]()
+
+    def _capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        """``(replay, static outputs)`` of ``fn``: a CUDA graph, or on CPU a call that refills the outputs."""
+        if not self.use_graphs:
+            outputs = fn()
+
+            def rerun() -> None:
+                _copy_state(outputs, fn())
+
+            return rerun, outputs
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self._warmup_calls):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = fn()
+        self._graphs.append(graph)
+        return graph.replay, outputs
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def bucket_for(self, n: int) -> int:
+        """The smallest captured bucket holding ``n`` samples."""
+        i = bisect.bisect_left(self.buckets, n)
+        if i == len(self.buckets):
+            raise InputError(f"{n} samples exceed the largest captured bucket ({self.buckets[-1]})")
+        return self.buckets[i]
+
+    def _check(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise InputError(f"expected a torch.Tensor batch, got {type(x).__name__}")
+        if tuple(x.shape[1:]) != self.sample_shape or x.dtype != self.dtype or x.device != self.device:
+            raise InputError(
+                f"the graphs were captured for batches [n, {', '.join(map(str, self.sample_shape))}] of {self.dtype} "
+                f"on {self.device}; got {list(x.shape)} of {x.dtype} on {x.device}"
+            )
+
+    def _chunks(self, x: Tensor) -> list[Tensor]:
+        top = self.buckets[-1]
+        return [x[i : i + top] for i in range(0, x.shape[0], top)]
+
+    def executor(self) -> GraphedStages:
+        """The stage executor for :func:`adaptnn.execution.dynamic_loop` / ``oracle_loop``."""
+        return GraphedStages(self)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """The full model (one graph per bucket): ``[B, C]`` logits."""
+        return self.forward(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The full model (one graph per bucket): ``[B, C]`` logits."""
+        self._check(x)
+        outs = []
+        with torch.inference_mode():
+            for chunk in self._chunks(x):
+                n = chunk.shape[0]
+                b = self.bucket_for(n)
+                self._x[b][:n].copy_(chunk)
+                self._full_replay[b]()
+                outs.append(self._full_out[b][:n].clone())
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def run_dynamic(self, x: Tensor, policy: ExitPolicy, *, check_finite: bool = True) -> DynamicOutput:
+        """Real early exit through the graphs; same results as :meth:`StagedModel.run_dynamic`."""
+        self._check(x)
+        self.model.check_input(x, check_finite=check_finite)
+        policy.check_num_exits(self.model.num_exits)
+        costs = self.model.exit_costs(x)
+        logits, exits = [], []
+        with torch.inference_mode():
+            for chunk in self._chunks(x):
+                out, exit_index = dynamic_loop(self.executor(), chunk, policy, self.model.num_exits)
+                logits.append(out)
+                exits.append(exit_index)
+        exit_index = exits[0] if len(exits) == 1 else torch.cat(exits)
+        return DynamicOutput(
+            logits=logits[0] if len(logits) == 1 else torch.cat(logits), exit_index=exit_index, macs=costs[exit_index]
+        )
+
+
+class GraphedStages:
+    """Stage executor replaying a :class:`GraphedModel`'s graphs; the handle is ``(bucket, last stage, n)``."""
+
+    def __init__(self, graphed: GraphedModel) -> None:
+        self.g = graphed
+
+    def _state(self, handle: Handle) -> State:
+        b, k, _ = handle
+        return self.g._x[b] if k < 0 else self.g._stage_out[(b, k)][0]
+
+    def start(self, x: Tensor) -> Handle:
+        n = x.shape[0]
+        b = self.g.bucket_for(n)
+        self.g._x[b][:n].copy_(x)
+        return b, -1, n
+
+    def run(self, k: int, handle: Handle) -> tuple[Handle, Tensor]:
+        b, last, n = handle
+        if last != k - 1:
+            raise ConfigError(f"stage {k} must follow stage {k - 1}, not {last}")
+        self.g._stage_replay[(b, k)]()
+        return (b, k, n), self.g._stage_out[(b, k)][1][:n]
+
+    def _move(self, handle: Handle, rows: State, n: int) -> Handle:
+        """Put ``rows`` (``n`` samples) at the front of the current stage's buffer of bucket_for(n)."""
+        _, k, _ = handle
+        nb = self.g.bucket_for(n)
+        _copy_state(self._state((nb, k, n)), rows)
+        return nb, k, n
+
+    def keep(self, handle: Handle, keep_idx: Tensor) -> Handle:
+        rows = index_state(slice_state(self._state(handle), handle[2]), keep_idx)  # a copy: the buffer may be dst
+        return self._move(handle, rows, keep_idx.shape[0])
+
+    def prefix(self, handle: Handle, n: int) -> Handle:
+        b = handle[0]
+        if self.g.bucket_for(n) == b:
+            return b, handle[1], n  # the first n rows are already in place
+        return self._move(handle, slice_state(self._state(handle), n), n)
+
+    def own(self, prediction: Tensor) -> Tensor:
+        return prediction.clone()
