@@ -158,3 +158,13 @@ def test_speed_benchmark_with_cuda_graphs():
         dtype=torch.bfloat16,
     )
     assert result["cuda_graphs"] and all(r["oracle_ms_per_batch"] > 0 for r in result["results"])
+
+
+def test_latency_profile_on_cuda_records_gpu_time():
+    from adaptnn.latency import LatencyModel, profile_latency
+
+    model = create_model("mecnn_cifar", widths=[8, 16, 16, 32]).eval()
+    lm = profile_latency(model, torch.randn(16, 3, 32, 32), batch_sizes=(1, 4, 16), repeats=2, device="cuda")
+    assert lm.segment_gpu_ms is not None and all(f(4) > 0 for f in lm.segment_gpu_ms)
+    assert lm.predict([2, 2, 2, 2]) > 0
+    assert LatencyModel.from_dict(lm.to_dict()).predict([2, 2, 2, 2]) == lm.predict([2, 2, 2, 2])

@@ -73,3 +73,26 @@ def test_profile_and_validate_run_end_to_end():
     )
     assert [r["batch_size"] for r in rows] == [2, 8]
     assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rows)
+
+
+def test_gpu_profile_predicts_max_of_host_and_gpu_per_stage(tmp_path):
+    host = LatencyModel(
+        exit_after=[0, 2],
+        segment_ms=[_linear(1, 0), _linear(1, 0), _linear(1, 0)],  # launch-bound: flat in the batch size
+        head_ms=[_linear(0.5, 0), _linear(0.5, 0)],
+        exit_overhead_ms=[_linear(0.2, 0), PiecewiseLinear([1], [0.0])],
+    )
+    model = LatencyModel(
+        **{k: getattr(host, k) for k in ("exit_after", "segment_ms", "head_ms", "exit_overhead_ms")},
+        segment_gpu_ms=[_linear(0, 0.1), _linear(0, 0.2), _linear(0, 0.3)],
+        head_gpu_ms=[_linear(0, 0.01), _linear(0, 0.01)],
+        exit_gpu_ms=[_linear(0, 0.0), PiecewiseLinear([1], [0.0])],
+    )
+    # batch 100, 40 leave at exit 0: stage 0 host 1.7 vs GPU 11 -> 11; stage 1 host 2.5 vs GPU 30.6 -> 30.6
+    assert model.predict([40, 60]) == pytest.approx(100 * 0.11 + 60 * 0.51)
+    # batch 2: launch-bound, host time wins in both stages
+    assert model.predict([1, 1]) == pytest.approx(1.7 + 2.5)
+    assert host.predict([1, 1]) == pytest.approx(1.7 + 2.5)
+    assert model.predict_full(100) == pytest.approx(100 * 0.61)
+    model.save(tmp_path / "gpu.json")
+    assert LatencyModel.load(tmp_path / "gpu.json").predict([40, 60]) == pytest.approx(model.predict([40, 60]))

@@ -36,7 +36,7 @@ from .policies import ExitPolicy
 from .staged import DynamicOutput, StagedModel
 from .state import State, index_state, slice_state, state_tensors
 
-__all__ = ["GraphedModel", "GraphedStages", "power_of_two_buckets"]
+__all__ = ["GraphedModel", "GraphedStages", "default_buckets", "power_of_two_buckets"]
 
 # (bucket, index of the last stage run (-1: none yet), running samples)
 Handle = tuple[int, int, int]
@@ -53,6 +53,21 @@ def power_of_two_buckets(max_batch: int) -> list[int]:
     return [*buckets, max_batch]
 
 
+def default_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then steps of a quarter of the size (multiples of 8) up to ``max_batch``: padding <= ~25%.
+
+    A bucket pads the running samples up to its size, so coarse buckets (powers of two) can cost up to
+    twice the survivors' compute at large batches, where compute is what early exit saves.
+    """
+    if max_batch < 1:
+        raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+    buckets, b = [], 1
+    while b < max_batch:
+        buckets.append(b)
+        b = b * 2 if b < 8 else b + max(8, b // 4 // 8 * 8)
+    return [*buckets, max_batch]
+
+
 def _copy_state(dst: State, src: State) -> None:
     """Copy every tensor of ``src`` into the same-structured ``dst`` (leading rows, same order)."""
     for d, s in zip(state_tensors(dst), state_tensors(src), strict=True):
@@ -66,7 +81,7 @@ class GraphedModel:
         model: the staged model, on the device the graphs are for (eval mode is set).
         example: a few real input samples ``[m, ...]`` on that device, in the dtype and memory format the model
             will get; they fill the buffers at capture (padding rows then hold realistic values).
-        buckets: batch sizes to capture, ascending (default: powers of two up to ``max_batch``).
+        buckets: batch sizes to capture (default: :func:`default_buckets` of ``max_batch``).
         max_batch: largest bucket when ``buckets`` is not given; larger batches are run in chunks.
         use_graphs: capture CUDA graphs (default: when ``example`` is on a CUDA device).
         warmup_calls: eager calls per graph before its capture (cuDNN/cuBLAS pick their kernels then).
@@ -86,7 +101,7 @@ class GraphedModel:
         self.use_graphs = example.is_cuda if use_graphs is None else bool(use_graphs)
         if self.use_graphs and not example.is_cuda:
             raise ConfigError("CUDA graphs need the model and the example inputs on a CUDA device")
-        self.buckets = sorted(set(int(b) for b in buckets)) if buckets else power_of_two_buckets(max_batch)
+        self.buckets = sorted(set(int(b) for b in buckets)) if buckets else default_buckets(max_batch)
         if self.buckets[0] < 1:
             raise ConfigError(f"bucket sizes must be >= 1, got {self.buckets}")
         if example.dim() < 1 or example.shape[0] < 1:

@@ -15,6 +15,13 @@ segment j costs ``sum_j segment_ms[j](n_j) + sum_k (head_ms[k] + exit_overhead_m
 (no overhead after the last head). :meth:`LatencyModel.predict` does this for exit counts of one batch;
 :meth:`LatencyModel.exit_latency_ms` gives the cumulative latency to reach each exit, the input a
 latency-budget calibrator needs.
+
+On a GPU the host issues kernels asynchronously and waits only at the one sync per exit, so a stage (the
+segments up to an exit, its head, the exit step) takes about ``max(host time, GPU time)``, not their sum:
+small batches are launch-bound, large ones GPU-bound. A CUDA profile therefore also records each piece's
+GPU execution time (``*_gpu_ms``: timed with events while a sleep kernel holds the queue, so every launch is
+queued before the GPU starts the piece), and :meth:`LatencyModel.predict` sums ``max(host, GPU)`` per stage.
+On a CPU there is only host time.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import bisect
 import json
 import logging
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,8 +39,9 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .execution import split_finished, stage_segments
 from .policies import ConfidencePolicy
-from .staged import StagedModel, split_finished
+from .staged import StagedModel
 from .state import State, index_state
 from .timing import Timer, machine_info, median_ms, pinned_threads, to_model, warm_up
 
@@ -108,6 +117,9 @@ class LatencyModel:
     head_ms: list[PiecewiseLinear]
     exit_overhead_ms: list[PiecewiseLinear]
     info: dict[str, Any] = field(default_factory=dict)
+    segment_gpu_ms: list[PiecewiseLinear] | None = None
+    head_gpu_ms: list[PiecewiseLinear] | None = None
+    exit_gpu_ms: list[PiecewiseLinear] | None = None
 
     @property
     def num_exits(self) -> int:
@@ -118,12 +130,28 @@ class LatencyModel:
         if len(exit_counts) != self.num_exits:
             raise ConfigError(f"got {len(exit_counts)} exit counts for a model with {self.num_exits} exits")
         alive = alive_per_segment(self.exit_after, len(self.segment_ms), exit_counts)
-        total = sum(f(n) for f, n in zip(self.segment_ms, alive, strict=True))
-        for k, seg in enumerate(self.exit_after):
-            total += self.head_ms[k](alive[seg])
+        host = self._per_stage(alive, self.segment_ms, self.head_ms, self.exit_overhead_ms)
+        if self.segment_gpu_ms is None or self.head_gpu_ms is None or self.exit_gpu_ms is None:
+            return sum(host)
+        gpu = self._per_stage(alive, self.segment_gpu_ms, self.head_gpu_ms, self.exit_gpu_ms)
+        return sum(max(h, g) for h, g in zip(host, gpu, strict=True))
+
+    def _per_stage(
+        self,
+        alive: list[int] | list[float],
+        segments: list[PiecewiseLinear],
+        heads: list[PiecewiseLinear],
+        exits: list[PiecewiseLinear],
+    ) -> list[float]:
+        """ms of each stage (its segments, its head, its exit step) given the samples alive at each segment."""
+        out = []
+        for k, segs in enumerate(stage_segments(self.exit_after)):
+            n = alive[segs[-1]]
+            total = sum(segments[j](alive[j]) for j in segs) + heads[k](n)
             if k < self.num_exits - 1:
-                total += self.exit_overhead_ms[k](alive[seg])
-        return total
+                total += exits[k](n)
+            out.append(total)
+        return out
 
     def predict_fractions(self, batch_size: int, exit_fractions: Sequence[float]) -> float:
         """Predicted ms of a batch of ``batch_size`` whose samples exit with the given fractions."""
@@ -131,7 +159,10 @@ class LatencyModel:
 
     def predict_full(self, batch_size: int) -> float:
         """Predicted ms of the plain full model (every segment, only the last head, no exit overhead)."""
-        return sum(f(batch_size) for f in self.segment_ms) + self.head_ms[-1](batch_size)
+        host = sum(f(batch_size) for f in self.segment_ms) + self.head_ms[-1](batch_size)
+        if self.segment_gpu_ms is None or self.head_gpu_ms is None:
+            return host
+        return max(host, sum(f(batch_size) for f in self.segment_gpu_ms) + self.head_gpu_ms[-1](batch_size))
 
     def exit_latency_ms(self, batch_size: int = 1) -> list[float]:
         """Cumulative ms to reach each exit for a batch that stays together (input of latency budgets)."""
@@ -147,6 +178,9 @@ class LatencyModel:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyModel:
+        def curves(key: str) -> list[PiecewiseLinear] | None:
+            return None if data.get(key) is None else [PiecewiseLinear(**d) for d in data[key]]
+
         try:
             return cls(
                 exit_after=list(data["exit_after"]),
@@ -154,6 +188,9 @@ class LatencyModel:
                 head_ms=[PiecewiseLinear(**d) for d in data["head_ms"]],
                 exit_overhead_ms=[PiecewiseLinear(**d) for d in data["exit_overhead_ms"]],
                 info=dict(data.get("info", {})),
+                segment_gpu_ms=curves("segment_gpu_ms"),
+                head_gpu_ms=curves("head_gpu_ms"),
+                exit_gpu_ms=curves("exit_gpu_ms"),
             )
         except (KeyError, TypeError) as err:
             raise ConfigError(f"not a latency profile: {err}") from None
@@ -201,48 +238,55 @@ def profile_latency(
     model = model.eval().to(device)
     timer = Timer(device)
     sizes = sorted(set(int(b) for b in batch_sizes))
-    seg_t: list[list[float]] = [[] for _ in model.segments]
-    head_t: list[list[float]] = [[] for _ in model.heads]
-    over_t: list[list[float]] = [[] for _ in model.heads]
+    cuda = timer.cuda
+    host_t: dict[tuple[str, int], list[float]] = {}
+    gpu_t: dict[tuple[str, int], list[float]] = {}
     n_pool = sample.shape[0]
     # each piece is timed on its own, a real run times them once together: remove the timer's own cost
-    # (clock reads, and on CUDA the two synchronisations) from every piece
-    timer_overhead = median_ms(timer, lambda: None, 200)
+    # (on CPU; on CUDA the host time is measured without synchronising)
+    timer_overhead = 0.0 if cuda else median_ms(timer, lambda: None, 200)
     with pinned_threads(num_threads):
         for b in sizes:
             # a different batch each repeat, timed in context (each piece on the fresh output of the one
             # before, as in a real run), so caches are not kept warm by re-running one piece on one input
             batches = [to_model(model, sample[(torch.arange(b) + r * b) % n_pool]) for r in range(repeats)]
             warm_up(lambda x=batches[0]: model.forward_all(x), warmup_s, timer)
-            pieces: dict[tuple[str, int], list[float]] = {}
+            pieces: dict[tuple[str, int], list[tuple[float, float]]] = {}
+
+            def timed(key: tuple[str, int], fn: Any, pieces: dict = pieces) -> Any:
+                host_ms, gpu_ms, out = _time_piece(fn, timer)
+                pieces.setdefault(key, []).append((host_ms, gpu_ms))
+                return out
+
             for x in batches:
                 state: State = x
                 for j, segment in enumerate(model.segments):
-                    ms, state = timer.run(lambda s=segment, st=state: s(st))
-                    pieces.setdefault(("seg", j), []).append(ms)
+                    state = timed(("seg", j), lambda s=segment, st=state: s(st))
                     k = model._head_at[j]
                     if k < 0:
                         continue
-                    ms, logits = timer.run(lambda h=model.heads[k], st=state: h(st))
-                    pieces.setdefault(("head", k), []).append(ms)
+                    logits = timed(("head", k), lambda h=model.heads[k], st=state: h(st))
                     if k < model.num_exits - 1:
                         # a threshold that sends about half of the batch out: the engine's full work per exit
                         conf = logits.float().softmax(-1).amax(-1)
                         policy = ConfidencePolicy([float(conf.median())] * (model.num_exits - 1))
-                        ms = timer(lambda p=policy, lg=logits, st=state, k=k: _exit_step(p, k, lg, st))
-                        pieces.setdefault(("exit", k), []).append(ms)
-            for j in range(len(model.segments)):
-                seg_t[j].append(max(0.0, statistics.median(pieces[("seg", j)]) - timer_overhead))
-            for k in range(model.num_exits):
-                head_t[k].append(max(0.0, statistics.median(pieces[("head", k)]) - timer_overhead))
-                if k < model.num_exits - 1:
-                    over_t[k].append(max(0.0, statistics.median(pieces[("exit", k)]) - timer_overhead))
-    fit = PiecewiseLinear.fit
+                        timed(("exit", k), lambda p=policy, lg=logits, st=state, k=k: _exit_step(p, k, lg, st))
+            for key, values in pieces.items():
+                host_t.setdefault(key, []).append(max(0.0, statistics.median(v[0] for v in values) - timer_overhead))
+                gpu_t.setdefault(key, []).append(statistics.median(v[1] for v in values))
+
+    def curves(times: dict[tuple[str, int], list[float]], kind: str, count: int) -> list[PiecewiseLinear]:
+        return [
+            PiecewiseLinear.fit(sizes, times[(kind, i)]) if (kind, i) in times else PiecewiseLinear([1.0], [0.0])
+            for i in range(count)
+        ]
+
+    num_segments, num_exits = len(model.segments), model.num_exits
     return LatencyModel(
         exit_after=list(model.exit_after),
-        segment_ms=[fit(sizes, t) for t in seg_t],
-        head_ms=[fit(sizes, t) for t in head_t],
-        exit_overhead_ms=[fit(sizes, t) if t else PiecewiseLinear([1.0], [0.0]) for t in over_t],
+        segment_ms=curves(host_t, "seg", num_segments),
+        head_ms=curves(host_t, "head", num_exits),
+        exit_overhead_ms=curves(host_t, "exit", num_exits),
         info={
             **machine_info(device),
             "batch_sizes": sizes,
@@ -250,7 +294,34 @@ def profile_latency(
             "input_shape": list(sample.shape[1:]),
             "timer_overhead_ms": timer_overhead,
         },
+        segment_gpu_ms=curves(gpu_t, "seg", num_segments) if cuda else None,
+        head_gpu_ms=curves(gpu_t, "head", num_exits) if cuda else None,
+        exit_gpu_ms=curves(gpu_t, "exit", num_exits) if cuda else None,
     )
+
+
+def _time_piece(fn: Any, timer: Timer) -> tuple[float, float, Any]:
+    """``(host ms, GPU ms, result)`` of one piece.
+
+    Host ms: from the call until it returns (on CUDA: the launches, not waiting for the GPU). GPU ms (CUDA
+    only, else 0): a second call timed with events behind a sleep kernel that holds the queue until every
+    launch of the piece is queued, so launch gaps do not count.
+    """
+    if not timer.cuda:
+        ms, out = timer.run(fn)
+        return ms, 0.0, out
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    host_ms = (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(host_ms * 4e6) + 20_000)  # ~2 GHz clock: about twice the launch time
+    begin.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return host_ms, begin.elapsed_time(end), out
 
 
 def _exit_step(policy: ConfidencePolicy, k: int, logits: torch.Tensor, state: State) -> None:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .calibrate import budgeted_sweep
 from .cost import cost_breakdown
-from .cuda_graphs import GraphedModel, power_of_two_buckets
+from .cuda_graphs import GraphedModel, default_buckets
 from .errors import ConfigError
 from .execution import EagerStages, oracle_loop
 from .policies import ConfidencePolicy, ExitPolicy
@@ -167,7 +167,7 @@ def bench_policy(
             example = inputs[:8].to(device)
             if channels_last:
                 example = example.contiguous(memory_format=torch.channels_last)
-            runner = GraphedModel(model, example, buckets=power_of_two_buckets(max(batch_sizes)))
+            runner = GraphedModel(model, example, buckets=default_buckets(max(batch_sizes)))
             executor = runner.executor()
         for b in batch_sizes:
             n = (n_avail // b) * b
