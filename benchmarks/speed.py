@@ -58,7 +58,7 @@ def write_markdown(out: dict, path: Path) -> None:
         [entries[0].get("dtype", "float32")]
         + (["channels_last"] if entries[0].get("channels_last") else [])
         + (["torch.compile (dynamic shapes)"] if out.get("compiled") else [])
-        + (["CUDA graphs (power-of-two buckets)"] if entries[0].get("cuda_graphs") else [])
+        + (["CUDA graphs (bucketed batch sizes)"] if entries[0].get("cuda_graphs") else [])
     )
     md = [
         f"# Early-exit speed on {where}",

@@ -119,8 +119,9 @@ def test_speed_benchmark_runs_on_cuda_in_half_precision():
     assert all(r["dynamic_ms_per_batch"] > 0 and r["avg_macs"] > 0 for r in result["results"])
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
 @pytest.mark.parametrize("family", ["mecnn", "msdnet", "timm_cnn", "timm_vit"])
-def test_cuda_graphs_equal_eager_on_cuda(family):
+def test_cuda_graphs_equal_eager_on_cuda(family, fused):
     from adaptnn.cuda_graphs import GraphedModel
 
     torch.manual_seed(0)
@@ -130,10 +131,13 @@ def test_cuda_graphs_equal_eager_on_cuda(family):
         policy = ConfidencePolicy(_thresholds_between(model.forward_all(x_all[:64]), 0.5))
     graphed = GraphedModel(model, x_all[:4], max_batch=64)
     assert graphed.use_graphs
+    if fused:
+        graphed.run_dynamic(x_all[:2], policy)
+        assert all(d is not None for d in graphed._decisions.values())  # really captured, no fallback
     for batch in [1, 8, 37, 80]:  # 37: padded bucket; 80: two chunks
         x = x_all[:batch]
         eager = model.run_dynamic(x, policy)
-        out = graphed.run_dynamic(x, policy)
+        out = graphed.run_dynamic(x, policy, fused=fused)
         assert torch.equal(out.exit_index, eager.exit_index)
         torch.testing.assert_close(out.logits, eager.logits, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(graphed(x), model(x), rtol=1e-9, atol=1e-9)
@@ -168,3 +172,18 @@ def test_latency_profile_on_cuda_records_gpu_time():
     assert lm.segment_gpu_ms is not None and all(f(4) > 0 for f in lm.segment_gpu_ms)
     assert lm.predict([2, 2, 2, 2]) > 0
     assert LatencyModel.from_dict(lm.to_dict()).predict([2, 2, 2, 2]) == lm.predict([2, 2, 2, 2])
+
+
+def test_stateful_policy_decisions_captured_on_cuda():
+    from adaptnn.cuda_graphs import GraphedModel
+    from adaptnn.policies import PatiencePolicy
+
+    model = randomise_stats(FAMILIES["msdnet"]()).double().eval().cuda()
+    x = torch.randn(40, *model.input_spec.shape, dtype=torch.float64, device="cuda")
+    policy = PatiencePolicy(patience=1)
+    graphed = GraphedModel(model, x[:4], max_batch=32)
+    eager = model.run_dynamic(x, policy)
+    out = graphed.run_dynamic(x, policy)
+    assert all(d is not None for d in graphed._decisions.values())
+    assert torch.equal(out.exit_index, eager.exit_index)
+    torch.testing.assert_close(out.logits, eager.logits, rtol=1e-9, atol=1e-9)

@@ -42,8 +42,9 @@ def test_power_of_two_buckets():
         power_of_two_buckets(0)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_graphed_dynamic_equals_eager_and_simulated(name):
+def test_graphed_dynamic_equals_eager_and_simulated(name, fused):
     model = MODELS[name]()
     shape = (6,) if name == "tuple_state" else model.input_spec.shape
     gen = torch.Generator().manual_seed(1)
@@ -51,6 +52,8 @@ def test_graphed_dynamic_equals_eager_and_simulated(name):
     with torch.inference_mode():
         policy = ConfidencePolicy(_thresholds(model.forward_all(x_all)))
     graphed = GraphedModel(model, x_all[:3], buckets=[1, 2, 4, 8, 16], use_graphs=False)
+    if not fused:
+        graphed._decisions_for = lambda policy: None  # the generic per-exit loop over the stage buffers
     for batch in [1, 3, 8, 13, 40]:  # 13 and 40: padding, and chunks of the largest bucket
         x = x_all[:batch]
         with torch.inference_mode():
@@ -120,3 +123,16 @@ def test_bad_inputs_and_settings():
         graphed(x.float())
     with pytest.raises(InputError, match="exceed the largest captured bucket"):
         graphed.bucket_for(3)
+
+
+def test_fused_decisions_are_captured_once_per_policy_and_recaptured_when_it_changes():
+    model = MODELS["cnn"]()
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    graphed = GraphedModel(model, x[:2], buckets=[8], use_graphs=False)
+    policy = ConfidencePolicy([0.5, 0.5, 0.5])
+    graphed.run_dynamic(x, policy)
+    graphed.run_dynamic(x, ConfidencePolicy([0.5, 0.5, 0.5]))  # equal policy: same captured decisions
+    assert len(graphed._decisions) == 1
+    policy.thresholds = [0.0, 0.0, 0.0]  # changed thresholds: captured again, and really used
+    assert torch.equal(graphed.run_dynamic(x, policy).exit_index, torch.zeros(8, dtype=torch.long))
+    assert len(graphed._decisions) == 2

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adaptnn import ConfidencePolicy, create_model, simulate_exits
+from adaptnn import ConfidencePolicy, ConfigError, create_model, simulate_exits
 from adaptnn.cost import cost_breakdown
 from adaptnn.speed import bench_policy, full_model_macs, thresholds_for_macs_fraction
 from adaptnn.state import index_state
@@ -89,3 +89,28 @@ def test_compiled_parts_make_the_same_decisions():
     assert torch.equal(eager.exit_index, compiled.exit_index)
     torch.testing.assert_close(eager.logits, compiled.logits, rtol=1e-4, atol=1e-5)
     assert set(model.state_dict()) == set(create_model("mecnn_digits", widths=[4, 8, 8, 16]).state_dict())
+
+
+def test_bench_refuses_cuda_graphs_on_cpu_and_integer_dtypes():
+    model = create_model("mecnn_digits", widths=[4, 8, 8, 16]).eval()
+    inputs = torch.randn(4, 1, 8, 8)
+    policy = ConfidencePolicy([0.5, 0.5, 0.5])
+    with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device"):
+        bench_policy(model, inputs, policy, batch_sizes=(1,), rounds=1, warmup_s=0.0, cuda_graphs=True)
+    with pytest.raises(ConfigError, match="floating-point dtype"):
+        bench_policy(model, inputs, policy, batch_sizes=(1,), rounds=1, warmup_s=0.0, dtype=torch.int32)
+
+
+def test_bench_in_bfloat16_counts_the_same_macs():
+    model = create_model("mecnn_digits", widths=[4, 8, 8, 16]).eval()
+    full32 = full_model_macs(model, (1, 8, 8))
+    result = bench_policy(
+        model,
+        torch.randn(8, 1, 8, 8),
+        ConfidencePolicy([0.5, 0.5, 0.5]),
+        batch_sizes=(4,),
+        rounds=1,
+        warmup_s=0.0,
+        dtype=torch.bfloat16,
+    )
+    assert result["dtype"] == "bfloat16" and result["full_model_macs"] == full32

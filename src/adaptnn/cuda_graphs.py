@@ -13,6 +13,13 @@ reason). The stages of one bucket are captured chained (stage k+1 reads the buff
 when nobody leaves nothing is copied; after a compaction the survivors are gathered into the next stage's
 input buffer of their (possibly smaller) bucket.
 
+``run_dynamic`` also captures the *exit decisions* (one small graph per stage and bucket for each policy,
+captured on first use): the policy's rule, the writing of finished samples' predictions and exit indices,
+and the count of samples still running all happen on the device, so an exit costs the host two graph
+launches and reading one integer. Samples are compacted only when they fit a smaller bucket; until then
+finished rows ride along (masked) in their bucket. A policy whose rule cannot be captured (it synchronises
+or changes shapes) falls back to the per-exit loop of :func:`adaptnn.execution.dynamic_loop`.
+
 All graphs share one memory pool. That is safe because every buffer is read right after the graph (or the
 compaction copy) that produced it, before any other graph replays: a later replay may reuse an earlier
 graph's scratch memory, never a buffer still waiting to be read.
@@ -24,6 +31,8 @@ modules and copies their outputs into the buffers: the bookkeeping can be tested
 from __future__ import annotations
 
 import bisect
+import json
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +44,8 @@ from .execution import dynamic_loop, stage_segments
 from .policies import ExitPolicy
 from .staged import DynamicOutput, StagedModel
 from .state import State, index_state, slice_state, state_tensors
+
+log = logging.getLogger(__name__)
 
 __all__ = ["GraphedModel", "GraphedStages", "default_buckets", "power_of_two_buckets"]
 
@@ -118,6 +129,7 @@ class GraphedModel:
         self._stage_replay: dict[tuple[int, int], Callable[[], None]] = {}
         self._full_out: dict[int, Tensor] = {}
         self._full_replay: dict[int, Callable[[], None]] = {}
+        self._decisions: dict[str, _Decisions | None] = {}  # per policy (its JSON form); None: not capturable
         with torch.inference_mode():
             for b in self.buckets:
                 self._capture_bucket(b, example)
@@ -210,22 +222,140 @@ class GraphedModel:
                 outs.append(self._full_out[b][:n].clone())
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def run_dynamic(self, x: Tensor, policy: ExitPolicy, *, check_finite: bool = True) -> DynamicOutput:
-        """Real early exit through the graphs; same results as :meth:`StagedModel.run_dynamic`."""
+    def run_dynamic(
+        self, x: Tensor, policy: ExitPolicy, *, check_finite: bool = True, fused: bool = True
+    ) -> DynamicOutput:
+        """Real early exit through the graphs; same results as :meth:`StagedModel.run_dynamic`.
+
+        ``fused``: decisions captured as graphs too (see the module docstring); ``False`` runs the generic
+        per-exit loop over the stage graphs.
+        """
         self._check(x)
         self.model.check_input(x, check_finite=check_finite)
         policy.check_num_exits(self.model.num_exits)
         costs = self.model.exit_costs(x)
+        decisions = self._decisions_for(policy) if fused else None
         logits, exits = [], []
         with torch.inference_mode():
             for chunk in self._chunks(x):
-                out, exit_index = dynamic_loop(self.executor(), chunk, policy, self.model.num_exits)
+                if decisions is not None:
+                    out, exit_index = decisions.run(chunk)
+                else:
+                    out, exit_index = dynamic_loop(self.executor(), chunk, policy, self.model.num_exits)
                 logits.append(out)
                 exits.append(exit_index)
         exit_index = exits[0] if len(exits) == 1 else torch.cat(exits)
         return DynamicOutput(
             logits=logits[0] if len(logits) == 1 else torch.cat(logits), exit_index=exit_index, macs=costs[exit_index]
         )
+
+    def _decisions_for(self, policy: ExitPolicy) -> _Decisions | None:
+        try:
+            from .policies import policy_to_dict
+
+            key = json.dumps(policy_to_dict(policy), sort_keys=True, default=str)  # type: ignore[arg-type]
+        except Exception:  # a policy without a JSON form: one capture per object
+            key = f"id:{id(policy)}"
+        if key not in self._decisions:
+            try:
+                with torch.inference_mode():
+                    self._decisions[key] = _Decisions(self, policy)
+            except Exception as err:  # noqa: BLE001 - any capture failure means "use the generic loop"
+                log.warning("exit decisions of %s could not be captured (%s); using the per-exit loop", policy, err)
+                if self.use_graphs:
+                    torch.cuda.synchronize()
+                self._decisions[key] = None
+        return self._decisions[key]
+
+
+class _Decisions:
+    """Per-bucket device buffers and captured decision steps of one policy (see the module docstring).
+
+    Buffers per bucket b: ``live[b]`` (row still running), ``out[b]``/``exit[b]`` (prediction and exit of
+    each row, written when it finishes), ``n_live[b]`` (running rows), the policy state before stage 0 and
+    after each stage. The decision step of stage k reads stage k's logits buffer.
+    """
+
+    def __init__(self, graphed: GraphedModel, policy: ExitPolicy) -> None:
+        self.g, self.policy = graphed, policy
+        num_exits = graphed.model.num_exits
+        self.live: dict[int, Tensor] = {}
+        self.out: dict[int, Tensor] = {}
+        self.exit: dict[int, Tensor] = {}
+        self.n_live: dict[int, Tensor] = {}
+        self.state0: dict[int, State] = {}
+        self.state_out: dict[tuple[int, int], State] = {}
+        self.replay: dict[tuple[int, int], Callable[[], None]] = {}
+        self.row_ids: dict[int, Tensor] = {}
+        for b in graphed.buckets:
+            device = graphed.device
+            self.row_ids[b] = torch.arange(b, device=device)
+            self.live[b] = torch.zeros(b, dtype=torch.bool, device=device)
+            self.exit[b] = torch.zeros(b, dtype=torch.long, device=device)
+            self.n_live[b] = torch.zeros((), dtype=torch.long, device=device)
+            self.state0[b] = policy.init_state(b, device)
+            _, prediction, _ = policy.decide(0, graphed._stage_out[(b, 0)][1], policy.init_state(b, device))
+            self.out[b] = torch.zeros_like(prediction)
+            state = self.state0[b]
+            for k in range(num_exits):
+
+                def step(k: int = k, b: int = b, state: State = state) -> State:
+                    logits = self.g._stage_out[(b, k)][1]
+                    done, prediction, new_state = self.policy.decide(k, logits, state)
+                    live = self.live[b]
+                    newly = live if k == num_exits - 1 else done & live
+                    self.out[b].copy_(torch.where(newly[:, None], prediction.to(self.out[b].dtype), self.out[b]))
+                    self.exit[b].masked_fill_(newly, k)
+                    live.logical_and_(~newly)
+                    self.n_live[b].copy_(live.sum())
+                    return new_state
+
+                self.replay[(b, k)], self.state_out[(b, k)] = graphed._capture(step)
+                state = self.state_out[(b, k)]
+
+    def run(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits [n, C], exit_index [n])`` of one chunk (at most the largest bucket)."""
+        g, num_exits = self.g, self.g.model.num_exits
+        n = x.shape[0]
+        b = g.bucket_for(n)
+        g._x[b][:n].copy_(x)
+        torch.lt(self.row_ids[b], n, out=self.live[b])
+        _copy_state(self.state0[b], self.policy.init_state(b, g.device))
+        rows = None  # original position of each row of the current bucket; None: row i is sample i
+        out = self.out[b].new_empty((n, *self.out[b].shape[1:]))
+        exit_index = torch.empty(n, dtype=torch.long, device=g.device)
+        for k in range(num_exits):
+            g._stage_replay[(b, k)]()
+            self.replay[(b, k)]()
+            if k == num_exits - 1:
+                break
+            n_live = int(self.n_live[b])  # the one host sync per exit
+            if n_live == 0:
+                break
+            nb = g.bucket_for(n_live)
+            if nb == b:
+                continue  # finished rows ride along, masked, until the survivors fit a smaller bucket
+            self._flush(b, n, rows, out, exit_index)
+            keep = self.live[b][:n].nonzero().squeeze(1)
+            _copy_state(g._stage_out[(nb, k)][0], index_state(slice_state(g._stage_out[(b, k)][0], n), keep))
+            _copy_state(self.state_out[(nb, k)], index_state(slice_state(self.state_out[(b, k)], n), keep))
+            rows = keep if rows is None else rows[keep]
+            torch.lt(self.row_ids[nb], n_live, out=self.live[nb])
+            b, n = nb, n_live
+        self._flush(b, n, rows, out, exit_index)
+        return out, exit_index
+
+    def _flush(self, b: int, n: int, rows: Tensor | None, out: Tensor, exit_index: Tensor) -> None:
+        """Copy the first ``n`` rows' predictions and exits of bucket b to their samples.
+
+        Rows still running carry stale values here; they are overwritten when those rows finish.
+        """
+        if rows is None:
+            out.copy_(self.out[b][:n])
+            exit_index.copy_(self.exit[b][:n])
+        else:
+            out[rows] = self.out[b][:n]
+            exit_index[rows] = self.exit[b][:n]
 
 
 class GraphedStages:

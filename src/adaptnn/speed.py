@@ -144,6 +144,8 @@ def bench_policy(
     Returns:
         ``{"machine": ..., "full_model_macs": ..., "results": [one dict per batch size]}``.
     """
+    if cuda_graphs and torch.device(device).type != "cuda":
+        raise ConfigError(f"CUDA graphs need a CUDA device, got device={device!s}")
     model = model.eval().to(device)
     if dtype is not None:
         if not dtype.is_floating_point:

@@ -25,6 +25,12 @@ def build(parser: ArgumentParser) -> None:
     parser.add_argument(
         "--compile", action=ActionYesNo, default=False, help="torch.compile segments and heads (dynamic shapes)."
     )
+    parser.add_argument(
+        "--cuda_graphs", action=ActionYesNo, default=False, help="Run through CUDA graphs at bucketed batch sizes."
+    )
+    parser.add_argument(
+        "--dtype", type=str | None, default=None, help="Run in this dtype: float32, bfloat16 or float16 (GPU)."
+    )
     parser.add_argument("--input_size", type=list[int] | None, default=None, help="Sample shape for model names.")
     parser.add_argument("--kwargs", type=dict | None, default=None, help="Model arguments for model names.")
     parser.add_argument("--output", type=str | None, default=None, help="Write the JSON here.")
@@ -32,6 +38,9 @@ def build(parser: ArgumentParser) -> None:
 
 
 def run(args: Namespace) -> None:
+    import torch
+
+    from ..errors import ConfigError
     from ..report import write_json
     from ..speed import bench_at_budget
     from ..targets import resolve_target
@@ -41,6 +50,11 @@ def run(args: Namespace) -> None:
         args.target, num_samples=args.num_samples, input_size=args.input_size, model_kwargs=args.kwargs
     )
     device = resolve_device(args.device)
+    dtype = None
+    if args.dtype is not None:
+        if args.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
+        dtype = getattr(torch, args.dtype)
     if args.compile:
         target.model.compile_parts()
     runs = [
@@ -55,6 +69,8 @@ def run(args: Namespace) -> None:
             device=device,
             num_threads=args.threads,
             channels_last=args.channels_last,
+            dtype=dtype,
+            cuda_graphs=args.cuda_graphs,
         )
         | {"compiled": args.compile}
         for budget in args.budgets
