@@ -158,8 +158,11 @@ class GraphedModel:
             self._stage_replay[(b, k)]()
         self._full_replay[b]()
 
-    def _capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
-        """``(replay, static outputs)`` of ``fn``: a CUDA graph, or on CPU a call that refills the outputs."""
+    def _capture(self, fn: Callable[[], Any], pool: Any = None) -> tuple[Callable[[], None], Any]:
+        """``(replay, static outputs)`` of ``fn``: a CUDA graph, or on CPU a call that refills the outputs.
+
+        ``pool``: the memory pool of the graph (default: the one shared by the stage graphs).
+        """
         if not self.use_graphs:
             outputs = fn()
 
@@ -174,7 +177,7 @@ class GraphedModel:
                 fn()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool if pool is None else pool):
             outputs = fn()
         self._graphs.append(graph)
         return graph.replay, outputs
@@ -279,6 +282,11 @@ class _Decisions:
     def __init__(self, graphed: GraphedModel, policy: ExitPolicy) -> None:
         self.g, self.policy = graphed, policy
         num_exits = graphed.model.num_exits
+        # a pool of their own: the policy state one decision step leaves for the next must survive the stage
+        # graph replayed in between, whose scratch memory a shared pool could hand to it
+        self._pool = torch.cuda.graph_pool_handle() if graphed.use_graphs else None
+        self._counts = torch.zeros(num_exits, dtype=torch.long, pin_memory=graphed.use_graphs)
+        self._events = [torch.cuda.Event() for _ in range(num_exits)] if graphed.use_graphs else []
         self.live: dict[int, Tensor] = {}
         self.out: dict[int, Tensor] = {}
         self.exit: dict[int, Tensor] = {}
@@ -310,11 +318,31 @@ class _Decisions:
                     self.n_live[b].copy_(live.sum())
                     return new_state
 
-                self.replay[(b, k)], self.state_out[(b, k)] = graphed._capture(step)
+                self.replay[(b, k)], self.state_out[(b, k)] = graphed._capture(step, pool=self._pool)
                 state = self.state_out[(b, k)]
 
+    def _enqueue(self, b: int, k: int) -> None:
+        """Stage k and its decision on bucket b, then an asynchronous copy of the running count to the host."""
+        self.g._stage_replay[(b, k)]()
+        self.replay[(b, k)]()
+        if self.g.use_graphs:
+            self._counts[k].copy_(self.n_live[b], non_blocking=True)
+            self._events[k].record()
+        else:
+            self._counts[k] = self.n_live[b]
+
+    def _count(self, k: int) -> int:
+        """Samples still running after stage k (waits for that stage only, not for later queued work)."""
+        if self.g.use_graphs:
+            self._events[k].synchronize()
+        return int(self._counts[k])
+
     def run(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(logits [n, C], exit_index [n])`` of one chunk (at most the largest bucket)."""
+        """``(logits [n, C], exit_index [n])`` of one chunk (at most the largest bucket).
+
+        The count after stage k is read while stage k+1 already runs (queued speculatively: rows that
+        finished are masked, so an extra stage changes no result), so the GPU does not idle at each exit.
+        """
         g, num_exits = self.g, self.g.model.num_exits
         n = x.shape[0]
         b = g.bucket_for(n)
@@ -324,17 +352,22 @@ class _Decisions:
         rows = None  # original position of each row of the current bucket; None: row i is sample i
         out = self.out[b].new_empty((n, *self.out[b].shape[1:]))
         exit_index = torch.empty(n, dtype=torch.long, device=g.device)
-        for k in range(num_exits):
-            g._stage_replay[(b, k)]()
-            self.replay[(b, k)]()
+        self._enqueue(b, 0)
+        for k in range(1, num_exits):
+            self._enqueue(b, k)
             if k == num_exits - 1:
                 break
-            n_live = int(self.n_live[b])  # the one host sync per exit
+            n_live = self._count(k - 1)
+            if n_live == 0:
+                break  # everyone finished by stage k-1; stage k ran masked
+            if g.bucket_for(n_live) == b:
+                continue  # finished rows ride along, masked, until the survivors fit a smaller bucket
+            n_live = self._count(k)  # compact the rows still running after stage k
             if n_live == 0:
                 break
             nb = g.bucket_for(n_live)
             if nb == b:
-                continue  # finished rows ride along, masked, until the survivors fit a smaller bucket
+                continue
             self._flush(b, n, rows, out, exit_index)
             keep = self.live[b][:n].nonzero().squeeze(1)
             _copy_state(g._stage_out[(nb, k)][0], index_state(slice_state(g._stage_out[(b, k)][0], n), keep))
