@@ -119,9 +119,10 @@ def test_speed_benchmark_runs_on_cuda_in_half_precision():
     assert all(r["dynamic_ms_per_batch"] > 0 and r["avg_macs"] > 0 for r in result["results"])
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
+@pytest.mark.parametrize("mode", ["fused", "fused_speculative", "loop"])
 @pytest.mark.parametrize("family", ["mecnn", "msdnet", "timm_cnn", "timm_vit"])
-def test_cuda_graphs_equal_eager_on_cuda(family, fused):
+def test_cuda_graphs_equal_eager_on_cuda(family, mode):
+    fused = mode != "loop"
     from adaptnn.cuda_graphs import GraphedModel
 
     torch.manual_seed(0)
@@ -129,8 +130,8 @@ def test_cuda_graphs_equal_eager_on_cuda(family, fused):
     x_all = torch.randn(80, *model.input_spec.shape, dtype=torch.float64, device="cuda")
     with torch.inference_mode():
         policy = ConfidencePolicy(_thresholds_between(model.forward_all(x_all[:64]), 0.5))
-    graphed = GraphedModel(model, x_all[:4], max_batch=64)
-    assert graphed.use_graphs
+    graphed = GraphedModel(model, x_all[:4], max_batch=64, speculate=True if mode == "fused_speculative" else None)
+    assert graphed.use_graphs and graphed.stage_ms
     if fused:
         graphed.run_dynamic(x_all[:2], policy)
         assert all(d is not None for d in graphed._decisions.values())  # really captured, no fallback

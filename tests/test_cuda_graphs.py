@@ -42,17 +42,19 @@ def test_power_of_two_buckets():
         power_of_two_buckets(0)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
+@pytest.mark.parametrize("mode", ["fused", "fused_speculative", "loop"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_graphed_dynamic_equals_eager_and_simulated(name, fused):
+def test_graphed_dynamic_equals_eager_and_simulated(name, mode):
     model = MODELS[name]()
     shape = (6,) if name == "tuple_state" else model.input_spec.shape
     gen = torch.Generator().manual_seed(1)
     x_all = torch.randn(40, *shape, generator=gen, dtype=torch.float64)
     with torch.inference_mode():
         policy = ConfidencePolicy(_thresholds(model.forward_all(x_all)))
-    graphed = GraphedModel(model, x_all[:3], buckets=[1, 2, 4, 8, 16], use_graphs=False)
-    if not fused:
+    graphed = GraphedModel(
+        model, x_all[:3], buckets=[1, 2, 4, 8, 16], use_graphs=False, speculate=mode == "fused_speculative"
+    )
+    if mode == "loop":
         graphed._decisions_for = lambda policy: None  # the generic per-exit loop over the stage buffers
     for batch in [1, 3, 8, 13, 40]:  # 13 and 40: padding, and chunks of the largest bucket
         x = x_all[:batch]
@@ -84,12 +86,13 @@ def test_stateful_policy_through_graphs():
     model = MODELS["cnn"]()
     x = torch.randn(24, 3, 32, 32, dtype=torch.float64)
     policy = PatiencePolicy(patience=1)
-    graphed = GraphedModel(model, x[:2], max_batch=8, use_graphs=False)
     with torch.inference_mode():
         sim_exit, sim_logits = simulate_exits(policy, model.forward_all(x))
-    out = graphed.run_dynamic(x, policy)
-    assert torch.equal(out.exit_index, sim_exit)
-    torch.testing.assert_close(out.logits, sim_logits)
+    for speculate in (False, True):
+        graphed = GraphedModel(model, x[:2], max_batch=8, use_graphs=False, speculate=speculate)
+        out = graphed.run_dynamic(x, policy)
+        assert torch.equal(out.exit_index, sim_exit)
+        torch.testing.assert_close(out.logits, sim_logits)
 
 
 def test_oracle_through_graph_executor_matches_eager():
@@ -136,3 +139,12 @@ def test_fused_decisions_are_captured_once_per_policy_and_recaptured_when_it_cha
     policy.thresholds = [0.0, 0.0, 0.0]  # changed thresholds: captured again, and really used
     assert torch.equal(graphed.run_dynamic(x, policy).exit_index, torch.zeros(8, dtype=torch.long))
     assert len(graphed._decisions) == 2
+
+
+def test_speculation_rule_from_stage_times():
+    model = MODELS["cnn"]()
+    graphed = GraphedModel(model, torch.randn(2, 3, 32, 32, dtype=torch.float64), buckets=[1, 8], use_graphs=False)
+    graphed.stage_ms = {(1, 1): 1.0, (8, 1): 2.0, (1, 2): 1.0, (8, 2): 5.0}
+    assert graphed.speculate(8, 1)  # about as slow at 8 as at 1: launch-bound, hide the read
+    assert not graphed.speculate(8, 2)  # compute-bound: compact as early as possible
+    assert not graphed.speculate(1, 1)  # batch 1: nothing to compact

@@ -96,6 +96,11 @@ class GraphedModel:
         max_batch: largest bucket when ``buckets`` is not given; larger batches are run in chunks.
         use_graphs: capture CUDA graphs (default: when ``example`` is on a CUDA device).
         warmup_calls: eager calls per graph before its capture (cuDNN/cuBLAS pick their kernels then).
+        speculate: queue the next stage before reading how many samples are still running (see
+            :meth:`speculate`); ``None`` (default) decides per stage and bucket from the replay times
+            measured after capture.
+        speculate_ratio: with ``speculate=None``, speculate where a stage at the bucket costs at most this
+            many times the same stage at batch 1 (launch-bound: shrinking the batch would save little).
     """
 
     def __init__(
@@ -107,6 +112,8 @@ class GraphedModel:
         max_batch: int = 256,
         use_graphs: bool | None = None,
         warmup_calls: int = 3,
+        speculate: bool | None = None,
+        speculate_ratio: float = 3.0,
     ) -> None:
         self.model = model.eval()
         self.use_graphs = example.is_cuda if use_graphs is None else bool(use_graphs)
@@ -133,6 +140,39 @@ class GraphedModel:
         with torch.inference_mode():
             for b in self.buckets:
                 self._capture_bucket(b, example)
+        self._speculate, self._speculate_ratio = speculate, speculate_ratio
+        self.stage_ms: dict[tuple[int, int], float] = self._time_stages() if self.use_graphs else {}
+
+    def _time_stages(self, repeats: int = 5) -> dict[tuple[int, int], float]:
+        """Median GPU ms of each stage graph's replay, per bucket (inputs as left by the capture)."""
+        times: dict[tuple[int, int], float] = {}
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for (b, k), replay in self._stage_replay.items():
+            samples = []
+            for _ in range(repeats):
+                begin.record()
+                replay()
+                end.record()
+                end.synchronize()
+                samples.append(begin.elapsed_time(end))
+            times[(b, k)] = sorted(samples)[len(samples) // 2]
+        return times
+
+    def speculate(self, bucket: int, stage: int) -> bool:
+        """Queue ``stage`` on ``bucket`` before reading the count after the stage before it?
+
+        Speculating hides the host's read at each exit (the GPU would otherwise idle for it) but compacts one
+        stage later. It pays where a stage costs about the same at any batch size (launch-bound), never at
+        batch 1, where nothing can be compacted and a finished sample would run one stage for nothing.
+        """
+        if bucket == 1:
+            return False
+        if self._speculate is not None:
+            return self._speculate
+        here, alone = self.stage_ms.get((bucket, stage)), self.stage_ms.get((self.buckets[0], stage))
+        if here is None or alone is None:
+            return False
+        return here <= self._speculate_ratio * alone
 
     # -- capture -----------------------------------------------------------------------------------
 
@@ -340,8 +380,9 @@ class _Decisions:
     def run(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits [n, C], exit_index [n])`` of one chunk (at most the largest bucket).
 
-        The count after stage k is read while stage k+1 already runs (queued speculatively: rows that
-        finished are masked, so an extra stage changes no result), so the GPU does not idle at each exit.
+        Where :meth:`GraphedModel.speculate` says so, stage k+1 is queued before the count after stage k
+        is read (rows that finished are masked, so an extra stage changes no result): the GPU then does
+        not idle at the exit, at the price of compacting one stage later.
         """
         g, num_exits = self.g, self.g.model.num_exits
         n = x.shape[0]
@@ -353,28 +394,36 @@ class _Decisions:
         out = self.out[b].new_empty((n, *self.out[b].shape[1:]))
         exit_index = torch.empty(n, dtype=torch.long, device=g.device)
         self._enqueue(b, 0)
-        for k in range(1, num_exits):
-            self._enqueue(b, k)
-            if k == num_exits - 1:
-                break
-            n_live = self._count(k - 1)
+        last = k = 0  # last stage queued; stage whose count is read next
+        while last < num_exits - 1:
+            if last == k and g.speculate(b, k + 1):
+                last = k + 1
+                self._enqueue(b, last)
+                if last == num_exits - 1:
+                    break  # the last stage is queued: it finishes everyone still running
+            n_live = self._count(k)
             if n_live == 0:
-                break  # everyone finished by stage k-1; stage k ran masked
-            if g.bucket_for(n_live) == b:
-                continue  # finished rows ride along, masked, until the survivors fit a smaller bucket
-            n_live = self._count(k)  # compact the rows still running after stage k
-            if n_live == 0:
-                break
-            nb = g.bucket_for(n_live)
-            if nb == b:
-                continue
-            self._flush(b, n, rows, out, exit_index)
-            keep = self.live[b][:n].nonzero().squeeze(1)
-            _copy_state(g._stage_out[(nb, k)][0], index_state(slice_state(g._stage_out[(b, k)][0], n), keep))
-            _copy_state(self.state_out[(nb, k)], index_state(slice_state(self.state_out[(b, k)], n), keep))
-            rows = keep if rows is None else rows[keep]
-            torch.lt(self.row_ids[nb], n_live, out=self.live[nb])
-            b, n = nb, n_live
+                break  # everyone has finished (a speculative stage ran masked)
+            if g.bucket_for(n_live) < b:
+                if last > k:  # a later stage already ran on this bucket: compact its survivors
+                    n_live = self._count(last)
+                    if n_live == 0:
+                        break
+                nb = g.bucket_for(n_live)
+                if nb < b:
+                    self._flush(b, n, rows, out, exit_index)
+                    keep = self.live[b][:n].nonzero().squeeze(1)
+                    src_state = slice_state(g._stage_out[(b, last)][0], n)
+                    _copy_state(g._stage_out[(nb, last)][0], index_state(src_state, keep))
+                    src_policy = slice_state(self.state_out[(b, last)], n)
+                    _copy_state(self.state_out[(nb, last)], index_state(src_policy, keep))
+                    rows = keep if rows is None else rows[keep]
+                    torch.lt(self.row_ids[nb], n_live, out=self.live[nb])
+                    b, n = nb, n_live
+            k += 1
+            if last < k:  # finished rows ride along, masked, until the survivors fit a smaller bucket
+                last = k
+                self._enqueue(b, last)
         self._flush(b, n, rows, out, exit_index)
         return out, exit_index
 
