@@ -59,6 +59,7 @@ def write_markdown(out: dict, path: Path) -> None:
         + (["channels_last"] if entries[0].get("channels_last") else [])
         + (["torch.compile (dynamic shapes)"] if out.get("compiled") else [])
         + (["CUDA graphs (bucketed batch sizes)"] if entries[0].get("cuda_graphs") else [])
+        + ([f"engine: {out['engine']}"] if out.get("engine") else [])
     )
     md = [
         f"# Early-exit speed on {where}",

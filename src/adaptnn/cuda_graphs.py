@@ -271,7 +271,9 @@ class GraphedModel:
         """Real early exit through the graphs; same results as :meth:`StagedModel.run_dynamic`.
 
         ``fused``: decisions captured as graphs too (see the module docstring); ``False`` runs the generic
-        per-exit loop over the stage graphs.
+        per-exit loop over the stage graphs. A single sample always takes the loop: nothing can be
+        compacted, and on an H100 the loop's few eager ops per exit were faster than a second graph launch
+        plus an event wait (``benchmarks/results/speed_cuda_h100_graphs_*``).
         """
         self._check(x)
         self.model.check_input(x, check_finite=check_finite)
@@ -281,7 +283,7 @@ class GraphedModel:
         logits, exits = [], []
         with torch.inference_mode():
             for chunk in self._chunks(x):
-                if decisions is not None:
+                if decisions is not None and chunk.shape[0] > 1:
                     out, exit_index = decisions.run(chunk)
                 else:
                     out, exit_index = dynamic_loop(self.executor(), chunk, policy, self.model.num_exits)
