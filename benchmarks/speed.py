@@ -137,9 +137,12 @@ def main() -> None:
     on_gpu = torch.device(args.device).type == "cuda"
     batch_sizes = args.batch_sizes or ([1, 8, 64, 256] if on_gpu else [1, 8, 64])
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    # latency model: profiled at powers of two, checked at sizes between them (never at a profiled size)
-    profile_sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max(64, max(batch_sizes))]
-    held_out = [b for b in (3, 6, 24, 48, 96, 192) if b < profile_sizes[-1] and b <= args.samples]
+    # latency model: profiled at powers of two and the midpoints between them from 8 up (time is not linear in
+    # the batch size between far-apart knots), checked at sizes between the knots (never at a profiled size)
+    profile_sizes = [
+        b for b in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b <= max(64, max(batch_sizes))
+    ]
+    held_out = [b for b in (3, 6, 20, 40, 56, 80, 160) if b < profile_sizes[-1] and b <= args.samples]
     started = time.time()
     entries = []
     for name in args.models:

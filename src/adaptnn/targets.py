@@ -2,7 +2,7 @@
 
 * a **run directory** (``model.safetensors`` + ``config.yaml``): its weights; inputs from its test split;
   calibration inputs (for choosing thresholds) from its validation split;
-* a **model name** (registered, or ``timm:NAME`` / ``torchvision:NAME``): random weights; random
+* a **model name** (registered, or ``timm:NAME`` / ``torchvision:NAME``): random weights (seeded); random
   Gaussian inputs of the model's (or the given) input size. Timing depends on the exit distribution,
   not on accuracy, so this is a fair way to time architectures whose trained weights are not available
   offline.
@@ -60,7 +60,9 @@ def resolve_target(
     from .models import create_model, resolve_model_name
 
     factory, naming = resolve_model_name(target)
-    model = create_model(factory, **naming, **(model_kwargs or {})).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the same random weights every run: the exit distribution depends on them
+        model = create_model(factory, **naming, **(model_kwargs or {})).eval()
     shape = input_size or (list(model.input_spec.shape) if model.input_spec is not None else None)
     if shape is None or any(s is None for s in shape):
         raise ConfigError(f"model {target!r} has no fixed input size; pass input_size (e.g. [3, 224, 224])")

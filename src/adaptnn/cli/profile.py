@@ -11,9 +11,11 @@ HELP = "Profile latencies and fit/validate the latency model."
 
 def build(parser: ArgumentParser) -> None:
     parser.add_argument("target", type=str, help="A trained run directory or a registered model name.")
-    parser.add_argument("--batch_sizes", type=list[int], default=[1, 2, 4, 8, 16, 32, 64], help="Profiled sizes.")
     parser.add_argument(
-        "--validate_batch_sizes", type=list[int], default=[3, 12, 48], help="Held-out sizes to check predictions on."
+        "--batch_sizes", type=list[int], default=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64], help="Profiled sizes."
+    )
+    parser.add_argument(
+        "--validate_batch_sizes", type=list[int], default=[3, 20, 40], help="Held-out sizes to check predictions on."
     )
     parser.add_argument("--budget", type=float, default=0.5, help="MACs fraction of the held-out dynamic runs.")
     parser.add_argument("--repeats", type=int, default=20, help="Timed calls per piece (median).")
