@@ -20,14 +20,16 @@ pytestmark = [
 
 
 def _timm(arch: str, input_size: tuple[int, ...], **kwargs):
-    timm = pytest.importorskip("timm")
+    import timm  # dev extra, always installed where these tests run
+
     from adaptnn.adapters import from_timm
 
     return from_timm(timm.create_model(arch, num_classes=7, **kwargs), input_size=input_size)
 
 
 def _torchvision(arch: str):
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
+
     from adaptnn.adapters import from_torchvision
 
     return from_torchvision(torchvision.models.get_model(arch, num_classes=7), input_size=(3, 32, 32))
