@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, InputError
-from .execution import dynamic_loop, stage_segments
+from .execution import dynamic_loop
 from .policies import ExitPolicy
 from .staged import DynamicOutput, StagedModel
 from .state import State, index_state, slice_state, state_tensors
@@ -126,7 +126,7 @@ class GraphedModel:
             raise InputError("example must hold at least one sample [m, ...]")
         self.sample_shape = tuple(example.shape[1:])
         self.dtype, self.device = example.dtype, example.device
-        self.stages = stage_segments(model.exit_after)
+        self.stages = model.stages
         self._channels_last = example.dim() == 4 and example.is_contiguous(memory_format=torch.channels_last)
         self._warmup_calls = warmup_calls
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -279,7 +279,7 @@ class GraphedModel:
         self.model.check_input(x, check_finite=check_finite)
         policy.check_num_exits(self.model.num_exits)
         costs = self.model.exit_costs(x)
-        decisions = self._decisions_for(policy) if fused else None
+        decisions = self._decisions_for(policy) if fused and x.shape[0] > 1 else None  # see above: 1 -> loop
         logits, exits = [], []
         with torch.inference_mode():
             for chunk in self._chunks(x):

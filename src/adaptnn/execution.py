@@ -68,7 +68,7 @@ class EagerStages:
 
     def __init__(self, model: StagedModel) -> None:
         self.model = model
-        self.stages = stage_segments(model.exit_after)
+        self.stages = model.stages
 
     def start(self, x: Tensor) -> State:
         return x

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
-from .execution import EagerStages, dynamic_loop, split_finished
+from .execution import EagerStages, dynamic_loop, split_finished, stage_segments
 from .policies import ExitPolicy
 from .state import State
 
@@ -142,6 +142,7 @@ class StagedModel(nn.Module):
         for k, seg in enumerate(exit_after):
             self._head_at[seg] = k
         self._cost_cache: dict[tuple, Tensor] = {}
+        self.stages: list[range] = stage_segments(self.exit_after)  # segments run before each exit decision
 
     @property
     def num_exits(self) -> int:
