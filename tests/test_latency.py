@@ -96,3 +96,27 @@ def test_gpu_profile_predicts_max_of_host_and_gpu_per_stage(tmp_path):
     assert model.predict_full(100) == pytest.approx(100 * 0.61)
     model.save(tmp_path / "gpu.json")
     assert LatencyModel.load(tmp_path / "gpu.json").predict([40, 60]) == pytest.approx(model.predict([40, 60]))
+
+
+def test_compaction_is_charged_only_where_some_but_not_all_leave():
+    model = LatencyModel(
+        exit_after=[0, 1],
+        segment_ms=[_linear(1, 0), _linear(1, 0)],
+        head_ms=[_linear(0, 0), _linear(0, 0)],
+        exit_overhead_ms=[_linear(0.1, 0), PiecewiseLinear([1], [0.0])],
+        compaction_ms=[_linear(0.5, 0.01), PiecewiseLinear([1], [0.0])],
+    )
+    assert model.predict([4, 6]) == pytest.approx(1 + 0.1 + (0.5 + 0.1) + 1)  # 4 of 10 leave: compaction
+    assert model.predict([0, 10]) == pytest.approx(1 + 0.1 + 1)  # nobody leaves at exit 0
+    assert model.predict([10, 0]) == pytest.approx(1 + 0.1)  # everybody leaves: no compaction, no later stage
+    legacy = model.to_dict()
+    del legacy["compaction_ms"], legacy["compaction_gpu_ms"]  # a profile written before compaction was split out
+    assert LatencyModel.from_dict(legacy).predict([4, 6]) == pytest.approx(1 + 0.1 + 1)
+
+
+def test_profile_separates_decision_and_compaction():
+    model = create_model("mecnn_digits", widths=[4, 8, 8, 16]).eval()
+    lm = profile_latency(model, torch.randn(16, 1, 8, 8), batch_sizes=(1, 4, 8), repeats=2, warmup_s=0.0)
+    assert lm.compaction_ms is not None and len(lm.compaction_ms) == model.num_exits
+    assert all(f(1) == 0.0 for f in lm.compaction_ms)  # one sample never compacts
+    assert all(f(8) >= 0.0 for f in lm.compaction_ms)

@@ -6,13 +6,17 @@ few batch sizes and predict a dynamic run from what it executes:
 
 * ``segment_ms[j](b)``: segment j on a batch of b samples;
 * ``head_ms[k](b)``: exit head k;
-* ``exit_overhead_ms[k](b)``: the engine's work after head k for a batch of b (policy decision, the one
-  host sync, index computation and compaction of the state), measured with half of the batch leaving.
+* ``exit_overhead_ms[k](b)``: the engine's work after head k for a batch of b when nobody leaves (policy
+  decision, the one host sync);
+* ``compaction_ms[k](b)``: the extra work when some (not all) of the b samples leave at exit k (index
+  computation, writing their outputs, compacting the state), measured with half of the batch leaving. Most
+  exits of a small batch see nobody leave; charging every exit for a compaction over-predicts those.
 
 Each is a :class:`PiecewiseLinear` function of the batch size through the measured medians (linear
 extrapolation beyond the largest batch, zero at b = 0). A dynamic run in which ``n_j`` samples reach
 segment j costs ``sum_j segment_ms[j](n_j) + sum_k (head_ms[k] + exit_overhead_ms[k])(n at head k)``
-(no overhead after the last head). :meth:`LatencyModel.predict` does this for exit counts of one batch;
+plus ``compaction_ms[k]`` at the exits where some but not all samples leave (no overhead after the last
+head). :meth:`LatencyModel.predict` does this for exit counts of one batch;
 :meth:`LatencyModel.exit_latency_ms` gives the cumulative latency to reach each exit, the input a
 latency-budget calibrator needs.
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -120,6 +125,8 @@ class LatencyModel:
     segment_gpu_ms: list[PiecewiseLinear] | None = None
     head_gpu_ms: list[PiecewiseLinear] | None = None
     exit_gpu_ms: list[PiecewiseLinear] | None = None
+    compaction_ms: list[PiecewiseLinear] | None = None  # None (older profiles): exit_overhead_ms includes it
+    compaction_gpu_ms: list[PiecewiseLinear] | None = None
 
     @property
     def num_exits(self) -> int:
@@ -130,18 +137,25 @@ class LatencyModel:
         if len(exit_counts) != self.num_exits:
             raise ConfigError(f"got {len(exit_counts)} exit counts for a model with {self.num_exits} exits")
         alive = alive_per_segment(self.exit_after, len(self.segment_ms), exit_counts)
-        host = self._per_stage(alive, self.segment_ms, self.head_ms, self.exit_overhead_ms)
+        compacts = [0 < c < alive[seg] for c, seg in zip(exit_counts, self.exit_after, strict=True)]
+        host = self._per_stage(
+            alive, compacts, self.segment_ms, self.head_ms, self.exit_overhead_ms, self.compaction_ms
+        )
         if self.segment_gpu_ms is None or self.head_gpu_ms is None or self.exit_gpu_ms is None:
             return sum(host)
-        gpu = self._per_stage(alive, self.segment_gpu_ms, self.head_gpu_ms, self.exit_gpu_ms)
+        gpu = self._per_stage(
+            alive, compacts, self.segment_gpu_ms, self.head_gpu_ms, self.exit_gpu_ms, self.compaction_gpu_ms
+        )
         return sum(max(h, g) for h, g in zip(host, gpu, strict=True))
 
     def _per_stage(
         self,
         alive: list[int] | list[float],
+        compacts: list[bool],
         segments: list[PiecewiseLinear],
         heads: list[PiecewiseLinear],
         exits: list[PiecewiseLinear],
+        compactions: list[PiecewiseLinear] | None,
     ) -> list[float]:
         """ms of each stage (its segments, its head, its exit step) given the samples alive at each segment."""
         out = []
@@ -150,6 +164,8 @@ class LatencyModel:
             total = sum(segments[j](alive[j]) for j in segs) + heads[k](n)
             if k < self.num_exits - 1:
                 total += exits[k](n)
+                if compactions is not None and compacts[k]:
+                    total += compactions[k](n)
             out.append(total)
         return out
 
@@ -191,6 +207,8 @@ class LatencyModel:
                 segment_gpu_ms=curves("segment_gpu_ms"),
                 head_gpu_ms=curves("head_gpu_ms"),
                 exit_gpu_ms=curves("exit_gpu_ms"),
+                compaction_ms=curves("compaction_ms"),
+                compaction_gpu_ms=curves("compaction_gpu_ms"),
             )
         except (KeyError, TypeError) as err:
             raise ConfigError(f"not a latency profile: {err}") from None
@@ -267,10 +285,13 @@ def profile_latency(
                         continue
                     logits = timed(("head", k), lambda h=model.heads[k], st=state: h(st))
                     if k < model.num_exits - 1:
-                        # a threshold that sends about half of the batch out: the engine's full work per exit
-                        conf = logits.float().softmax(-1).amax(-1)
-                        policy = ConfidencePolicy([float(conf.median())] * (model.num_exits - 1))
-                        timed(("exit", k), lambda p=policy, lg=logits, st=state, k=k: _exit_step(p, k, lg, st))
+                        # nobody leaves (the decision alone), then about half leaves (decision + compaction)
+                        stay = ConfidencePolicy([math.inf] * (model.num_exits - 1))
+                        timed(("exit", k), lambda p=stay, lg=logits, st=state, k=k: _exit_step(p, k, lg, st))
+                        if b > 1:
+                            conf = logits.float().softmax(-1).amax(-1)
+                            half = ConfidencePolicy([float(conf.median())] * (model.num_exits - 1))
+                            timed(("leave", k), lambda p=half, lg=logits, st=state, k=k: _exit_step(p, k, lg, st))
             for key, values in pieces.items():
                 host_t.setdefault(key, []).append(max(0.0, statistics.median(v[0] for v in values) - timer_overhead))
                 gpu_t.setdefault(key, []).append(statistics.median(v[1] for v in values))
@@ -282,6 +303,13 @@ def profile_latency(
         ]
 
     num_segments, num_exits = len(model.segments), model.num_exits
+    # compaction = (half leaves) - (nobody leaves); a batch of 1 never compacts, so it is 0 there
+    for times in (host_t, gpu_t):
+        for k in range(num_exits - 1):
+            if ("leave", k) in times:
+                leave = dict(zip([b for b in sizes if b > 1], times[("leave", k)], strict=True))
+                stay = dict(zip(sizes, times[("exit", k)], strict=True))
+                times[("compact", k)] = [max(0.0, leave[b] - stay[b]) if b > 1 else 0.0 for b in sizes]
     return LatencyModel(
         exit_after=list(model.exit_after),
         segment_ms=curves(host_t, "seg", num_segments),
@@ -297,6 +325,8 @@ def profile_latency(
         segment_gpu_ms=curves(gpu_t, "seg", num_segments) if cuda else None,
         head_gpu_ms=curves(gpu_t, "head", num_exits) if cuda else None,
         exit_gpu_ms=curves(gpu_t, "exit", num_exits) if cuda else None,
+        compaction_ms=curves(host_t, "compact", num_exits),
+        compaction_gpu_ms=curves(gpu_t, "compact", num_exits) if cuda else None,
     )
 
 
