@@ -8,9 +8,12 @@ batch sizes.
 
 Allocator: PyTorch's CPU allocations go through glibc malloc by default, whose behaviour on these shared
 VMs makes identical calls vary a lot (early exit allocates tensors of a new batch size at every exit).
-With ``--jemalloc`` (default on when Debian's libjemalloc2 is installed) the script re-executes itself with
-``LD_PRELOAD=libjemalloc.so.2`` and ``MALLOC_CONF=background_thread:true,metadata_thp:auto``; the figures
-record which allocator was used.
+Unless ``--no-jemalloc`` is given (and when Debian's libjemalloc2 is installed), the script re-executes itself
+with ``LD_PRELOAD=libjemalloc.so.2`` and ``MALLOC_CONF`` = :data:`JEMALLOC_CONF`; the figures record which
+allocator and settings were used. The settings keep freed memory (``dirty_decay_ms:-1,muzzy_decay_ms:-1``):
+with jemalloc's default decay, activations of a large batch are returned to the OS after each call and
+page-faulted back in on the next, which made MSDNet's full model 1.8x slower at batch 64 (470 vs 260 ms on
+the 2-core EPYC) and flattered early exit, which allocates less.
 
 Usage::
 
@@ -28,6 +31,7 @@ import time
 from pathlib import Path
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+JEMALLOC_CONF = "background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 RESULTS = Path(__file__).parent / "results"
 
 # model name -> (input size, model kwargs)
@@ -41,7 +45,7 @@ SUITE = {
 def _maybe_reexec_with_jemalloc(enabled: bool) -> None:
     if not enabled or not os.path.exists(JEMALLOC) or JEMALLOC in os.environ.get("LD_PRELOAD", ""):
         return
-    env = dict(os.environ, LD_PRELOAD=JEMALLOC, MALLOC_CONF="background_thread:true,metadata_thp:auto")
+    env = dict(os.environ, LD_PRELOAD=JEMALLOC, MALLOC_CONF=JEMALLOC_CONF)
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
@@ -203,7 +207,11 @@ def main() -> None:
         entries.append(entry)
     out = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "allocator": "jemalloc" if JEMALLOC in os.environ.get("LD_PRELOAD", "") else "glibc malloc",
+        "allocator": (
+            f"jemalloc ({os.environ.get('MALLOC_CONF', 'default settings')})"
+            if JEMALLOC in os.environ.get("LD_PRELOAD", "")
+            else "glibc malloc"
+        ),
         "threads": threads,
         "budget": args.budget,
         "compiled": args.compile,
