@@ -43,7 +43,7 @@ from .errors import ConfigError, InputError
 from .execution import dynamic_loop
 from .policies import ExitPolicy
 from .staged import DynamicOutput, StagedModel
-from .state import State, index_state, slice_state, state_tensors
+from .state import State, copy_rows, index_state, slice_state
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,6 @@ def default_buckets(max_batch: int) -> list[int]:
         buckets.append(b)
         b = b * 2 if b < 8 else b + max(8, b // 4 // 8 * 8)
     return [*buckets, max_batch]
-
-
-def _copy_state(dst: State, src: State) -> None:
-    """Copy every tensor of ``src`` into the same-structured ``dst`` (leading rows, same order)."""
-    for d, s in zip(state_tensors(dst), state_tensors(src), strict=True):
-        d[: s.shape[0]].copy_(s)
 
 
 class GraphedModel:
@@ -207,7 +201,7 @@ class GraphedModel:
             outputs = fn()
 
             def rerun() -> None:
-                _copy_state(outputs, fn())
+                copy_rows(outputs, fn())
 
             return rerun, outputs
         side = torch.cuda.Stream()
@@ -391,7 +385,7 @@ class _Decisions:
         b = g.bucket_for(n)
         g._x[b][:n].copy_(x)
         torch.lt(self.row_ids[b], n, out=self.live[b])
-        _copy_state(self.state0[b], self.policy.init_state(b, g.device))
+        copy_rows(self.state0[b], self.policy.init_state(b, g.device))
         rows = None  # original position of each row of the current bucket; None: row i is sample i
         out = self.out[b].new_empty((n, *self.out[b].shape[1:]))
         exit_index = torch.empty(n, dtype=torch.long, device=g.device)
@@ -416,9 +410,9 @@ class _Decisions:
                     self._flush(b, n, rows, out, exit_index)
                     keep = self.live[b][:n].nonzero().squeeze(1)
                     src_state = slice_state(g._stage_out[(b, last)][0], n)
-                    _copy_state(g._stage_out[(nb, last)][0], index_state(src_state, keep))
+                    copy_rows(g._stage_out[(nb, last)][0], index_state(src_state, keep))
                     src_policy = slice_state(self.state_out[(b, last)], n)
-                    _copy_state(self.state_out[(nb, last)], index_state(src_policy, keep))
+                    copy_rows(self.state_out[(nb, last)], index_state(src_policy, keep))
                     rows = keep if rows is None else rows[keep]
                     torch.lt(self.row_ids[nb], n_live, out=self.live[nb])
                     b, n = nb, n_live
@@ -469,7 +463,7 @@ class GraphedStages:
         """Put ``rows`` (``n`` samples) at the front of the current stage's buffer of bucket_for(n)."""
         _, k, _ = handle
         nb = self.g.bucket_for(n)
-        _copy_state(self._state((nb, k, n)), rows)
+        copy_rows(self._state((nb, k, n)), rows)
         return nb, k, n
 
     def keep(self, handle: Handle, keep_idx: Tensor) -> Handle:

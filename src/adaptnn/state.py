@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
-__all__ = ["State", "index_state", "map_state", "slice_state", "state_batch_size", "state_tensors"]
+__all__ = ["State", "copy_rows", "index_state", "map_state", "slice_state", "state_batch_size", "state_tensors"]
 
 State: TypeAlias = Any
 """A tensor, ``None``, or a (nested) tuple/list/dict of them; every tensor has the batch as dim 0."""
@@ -69,6 +69,12 @@ def state_tensors(state: State) -> list[Tensor]:
     if isinstance(state, Mapping):
         return [t for v in state.values() for t in state_tensors(v)]
     return []
+
+
+def copy_rows(dst: State, src: State) -> None:
+    """Copy every tensor of ``src`` into the leading rows of the same-structured ``dst`` (static buffers)."""
+    for d, s in zip(state_tensors(dst), state_tensors(src), strict=True):
+        d[: s.shape[0]].copy_(s)
 
 
 def state_batch_size(state: State) -> int:
