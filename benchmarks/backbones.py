@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 import adaptnn
-from adaptnn.cost import cost_breakdown
 from adaptnn.models import create_model, list_models
+from adaptnn.runtime.cost import cost_breakdown
 
 FACTORIES = {"timm_staged", "torchvision_staged", "hf_staged"}
 

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from adaptnn import create_model, list_models
-from adaptnn.cost import cost_breakdown
 from adaptnn.models.msdnet import MSDNetLayer, reference_counter_costs
+from adaptnn.runtime.cost import cost_breakdown
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -34,14 +34,14 @@ import torch
 
 from adaptnn import create_model
 from adaptnn.calibration import calibrate_accuracy_guarantee, calibrate_to_budget
-from adaptnn.cost import exit_macs
 from adaptnn.data import DataConfig, build_datasets
 from adaptnn.errors import BudgetError
-from adaptnn.evaluate import collect_logits
+from adaptnn.evaluation import collect_logits, plot_curves
+from adaptnn.io import write_json
 from adaptnn.policies import POLICY_NAMES, make_policy, simulate_exits
-from adaptnn.report import plot_curves, write_json
 from adaptnn.runs import compare_policies
-from adaptnn.train import TrainConfig, Trainer, seed_everything
+from adaptnn.runtime.cost import exit_macs
+from adaptnn.training import TrainConfig, Trainer, seed_everything
 
 log = logging.getLogger("benchmarks.policies")
 

@@ -130,11 +130,11 @@ def main() -> None:
 
     import torch
 
-    from adaptnn.latency import profile_latency, validate_latency_model
+    from adaptnn.io import to_jsonable
+    from adaptnn.measure.latency import profile_latency, validate_latency_model
+    from adaptnn.measure.speed import bench_at_budget
     from adaptnn.policies import ConfidencePolicy
-    from adaptnn.report import to_jsonable
-    from adaptnn.speed import bench_at_budget
-    from adaptnn.targets import resolve_target
+    from adaptnn.runs.targets import resolve_target
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)

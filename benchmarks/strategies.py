@@ -37,13 +37,13 @@ import numpy as np
 import torch
 
 from adaptnn import create_model
-from adaptnn.calibrate import budgeted_sweep
-from adaptnn.cost import exit_macs
+from adaptnn.calibration.budgeted import budgeted_sweep
 from adaptnn.data import DataConfig, build_datasets
-from adaptnn.evaluate import collect_logits
+from adaptnn.evaluation import collect_logits
+from adaptnn.io import write_json
 from adaptnn.policies import simulate_exits
-from adaptnn.report import write_json
-from adaptnn.train import TrainConfig, Trainer, build_strategy, seed_everything
+from adaptnn.runtime.cost import exit_macs
+from adaptnn.training import TrainConfig, Trainer, build_strategy, seed_everything
 
 log = logging.getLogger("benchmarks.strategies")
 

@@ -6,7 +6,7 @@ import skimage.data as skimage_data
 import torch
 
 from adaptnn import create_model
-from adaptnn.cost import cost_breakdown
+from adaptnn.runtime.cost import cost_breakdown
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 

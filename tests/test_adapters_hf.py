@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adaptnn import ConfidencePolicy, ConfigError
-from adaptnn.heads import TokenHead
+from adaptnn.layers.heads import TokenHead
 from adaptnn.policies import simulate_exits
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,8 +71,9 @@ def test_run_dynamic_compacts_hidden_states_and_mask(original):
 
 def test_registered_factory_loads_the_packaged_weights_offline(tmp_path):
     from adaptnn import create_model
-    from adaptnn.checkpoint import load_model, save_checkpoint
-    from adaptnn.cost import exit_macs
+    from adaptnn.io import save_checkpoint
+    from adaptnn.models import load_model
+    from adaptnn.runtime.cost import exit_macs
 
     staged = create_model("hf_staged", path="all-MiniLM-L6-v2", exits=[2], num_classes=4).eval()
     path = save_checkpoint(tmp_path / "hf.safetensors", staged, {"model_spec": staged.model_spec})

@@ -8,8 +8,9 @@ import torch
 
 from adaptnn import ConfidencePolicy, ConfigError, create_model
 from adaptnn.adapters import from_timm  # noqa: E402
-from adaptnn.checkpoint import load_model, save_checkpoint
-from adaptnn.heads import PoolLinearHead, TokenHead
+from adaptnn.io import save_checkpoint
+from adaptnn.layers.heads import PoolLinearHead, TokenHead
+from adaptnn.models import load_model
 from adaptnn.policies import simulate_exits
 
 # small variants (random weights, nothing downloaded), one per family the issue names

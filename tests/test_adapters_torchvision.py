@@ -6,8 +6,9 @@ import torchvision
 
 from adaptnn import ConfidencePolicy, ConfigError, create_model
 from adaptnn.adapters import from_torchvision
-from adaptnn.checkpoint import load_model, save_checkpoint
-from adaptnn.heads import PoolLinearHead
+from adaptnn.io import save_checkpoint
+from adaptnn.layers.heads import PoolLinearHead
+from adaptnn.models import load_model
 from adaptnn.policies import simulate_exits
 
 

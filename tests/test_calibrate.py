@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaptnn.calibrate import DEFAULT_P_VALUES, assign_exits, budgeted_sweep, choose_operating_point
+from adaptnn.calibration.budgeted import DEFAULT_P_VALUES, assign_exits, budgeted_sweep, choose_operating_point
 from adaptnn.errors import BudgetError, ConfigError
 
 # --------------------------------------------------------------------------------------------------

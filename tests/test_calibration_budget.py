@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from adaptnn import BudgetError, ConfigError
-from adaptnn.calibrate import budgeted_sweep
 from adaptnn.calibration import (
     EXIT_ALL,
     calibrate_to_budget,
@@ -15,6 +14,7 @@ from adaptnn.calibration import (
     flat_curve,
     policy_sweep,
 )
+from adaptnn.calibration.budgeted import budgeted_sweep
 from adaptnn.policies import ConfidencePolicy, MarginPolicy, PatiencePolicy, simulate_exits
 
 

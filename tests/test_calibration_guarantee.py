@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from adaptnn import BudgetError, ConfigError
-from adaptnn.calibrate import assign_exits
 from adaptnn.calibration import (
     binomial_p_value,
     binomial_upper_bound,
@@ -18,6 +17,7 @@ from adaptnn.calibration import (
     p_path,
     split_figures,
 )
+from adaptnn.calibration.budgeted import assign_exits
 from adaptnn.calibration.guarantee import _losses_from_exits as _losses
 from adaptnn.policies import ConfidencePolicy, EntropyPolicy
 

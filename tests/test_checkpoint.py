@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from adaptnn import CheckpointError, create_model
-from adaptnn.checkpoint import load_checkpoint, load_model, load_weights, pack_tensors, save_checkpoint, unpack_tensors
+from adaptnn.io import load_checkpoint, load_weights, pack_tensors, save_checkpoint, unpack_tensors
+from adaptnn.models import load_model
 
 
 def test_round_trip_rebuilds_model(tmp_path):

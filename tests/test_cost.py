@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from adaptnn import StagedModel, create_model
-from adaptnn.cost import cost_breakdown, count_macs, exit_macs
-from adaptnn.heads import PoolLinearHead
-from adaptnn.staged import InputSpec
+from adaptnn.layers.heads import PoolLinearHead
+from adaptnn.runtime import InputSpec
+from adaptnn.runtime.cost import cost_breakdown, count_macs, exit_macs
 
 
 def test_conv_and_linear_macs_by_hand():

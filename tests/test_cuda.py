@@ -10,7 +10,7 @@ import torch
 
 from adaptnn import ConfidencePolicy, create_model
 from adaptnn.policies import simulate_exits
-from adaptnn.state import State, map_state
+from adaptnn.runtime import State, map_state
 from helpers import randomise_stats
 
 pytestmark = [
@@ -110,7 +110,7 @@ def test_compiled_parts_make_the_same_decisions_on_cuda():
 
 
 def test_speed_benchmark_runs_on_cuda_in_half_precision():
-    from adaptnn.speed import bench_at_budget
+    from adaptnn.measure.speed import bench_at_budget
 
     model = create_model("mecnn_cifar", widths=[8, 16, 16, 32]).eval()
     inputs, calib = torch.randn(16, 3, 32, 32), torch.randn(32, 3, 32, 32)
@@ -125,7 +125,7 @@ def test_speed_benchmark_runs_on_cuda_in_half_precision():
 @pytest.mark.parametrize("family", ["mecnn", "msdnet", "timm_cnn", "timm_vit"])
 def test_cuda_graphs_equal_eager_on_cuda(family, mode):
     fused = mode != "loop"
-    from adaptnn.cuda_graphs import GraphedModel
+    from adaptnn.runtime.cuda_graphs import GraphedModel
 
     torch.manual_seed(0)
     model = randomise_stats(FAMILIES[family]()).double().eval().cuda()
@@ -147,7 +147,7 @@ def test_cuda_graphs_equal_eager_on_cuda(family, mode):
 
 
 def test_speed_benchmark_with_cuda_graphs():
-    from adaptnn.speed import bench_at_budget
+    from adaptnn.measure.speed import bench_at_budget
 
     model = create_model("mecnn_cifar", widths=[8, 16, 16, 32]).eval()
     inputs, calib = torch.randn(16, 3, 32, 32), torch.randn(32, 3, 32, 32)
@@ -168,7 +168,7 @@ def test_speed_benchmark_with_cuda_graphs():
 
 
 def test_latency_profile_on_cuda_records_gpu_time():
-    from adaptnn.latency import LatencyModel, profile_latency
+    from adaptnn.measure.latency import LatencyModel, profile_latency
 
     model = create_model("mecnn_cifar", widths=[8, 16, 16, 32]).eval()
     lm = profile_latency(model, torch.randn(16, 3, 32, 32), batch_sizes=(1, 4, 16), repeats=2, device="cuda")
@@ -178,8 +178,8 @@ def test_latency_profile_on_cuda_records_gpu_time():
 
 
 def test_stateful_policy_decisions_captured_on_cuda():
-    from adaptnn.cuda_graphs import GraphedModel
     from adaptnn.policies import PatiencePolicy
+    from adaptnn.runtime.cuda_graphs import GraphedModel
 
     model = randomise_stats(FAMILIES["msdnet"]()).double().eval().cuda()
     x = torch.randn(40, *model.input_spec.shape, dtype=torch.float64, device="cuda")

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from adaptnn import ConfidencePolicy, ConfigError, InputError, StagedModel, create_model
-from adaptnn.cuda_graphs import GraphedModel, power_of_two_buckets
-from adaptnn.execution import EagerStages, oracle_loop
 from adaptnn.policies import PatiencePolicy, simulate_exits
+from adaptnn.runtime import EagerStages, oracle_loop
+from adaptnn.runtime.cuda_graphs import GraphedModel, power_of_two_buckets
 from helpers import TupleSegment, randomise_stats
 
 

@@ -4,16 +4,15 @@ import pytest
 import torch
 
 from adaptnn import ConfigError, create_model
-from adaptnn.cost import count_macs
-from adaptnn.heads import (
+from adaptnn.layers.heads import (
     ConvPoolHead,
     MSDNetConvHead,
     PoolLinearHead,
     TokenHead,
     default_head_kind,
-    heads_share,
     make_head,
 )
+from adaptnn.runtime.cost import count_macs, heads_share
 
 
 def test_family_defaults():

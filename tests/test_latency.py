@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adaptnn import ConfidencePolicy, ConfigError, create_model
-from adaptnn.latency import (
+from adaptnn.measure.latency import (
     LatencyModel,
     PiecewiseLinear,
     alive_per_segment,

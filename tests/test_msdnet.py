@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from adaptnn import ConfidencePolicy, ConfigError, NeverExit, create_model, list_models, simulate_exits
-from adaptnn.cost import cost_breakdown
 from adaptnn.models.msdnet import msdnet_block_depths, msdnet_scale_schedule, reference_counter_costs
+from adaptnn.runtime.cost import cost_breakdown
 from helpers import randomise_stats
 
 # Published by the reference PyTorch implementation's op counter (kalviny/MSDNet-PyTorch, issue #10): the
@@ -205,7 +205,8 @@ def test_bad_arguments_raise_config_error(kwargs, message):
 
 
 def test_checkpoint_round_trip_rebuilds_from_spec(tmp_path):
-    from adaptnn.checkpoint import load_model, save_checkpoint
+    from adaptnn.io import save_checkpoint
+    from adaptnn.models import load_model
 
     model = create_model("msdnet_test_tiny", prune="min", gr_factor=[1, 2, 4], bn_factor="1-2-4").eval()
     path = save_checkpoint(tmp_path / "m.safetensors", model, {"model_spec": model.model_spec})

@@ -25,7 +25,7 @@ from adaptnn.policies import (
     max_softmax,
     simulate_exits,
 )
-from adaptnn.staged import InputSpec
+from adaptnn.runtime import InputSpec
 from helpers import TupleSegment, randomise_stats
 
 
@@ -248,8 +248,8 @@ def test_never_exit_and_legacy_imports():
 def test_policies_round_trip_through_json():
     import json
 
+    from adaptnn.io import to_jsonable
     from adaptnn.policies import policy_from_dict, policy_to_dict
-    from adaptnn.report import to_jsonable
 
     logits = torch.randn(3, 40, 4)
     labels = torch.randint(0, 4, (40,))

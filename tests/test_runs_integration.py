@@ -2,8 +2,8 @@
 
 import torch
 
-from adaptnn.config import RunConfig
 from adaptnn.runs import calibrate_run, evaluate_run, strategy_policy, train_run
+from adaptnn.runs.config import RunConfig
 from adaptnn.strategies import boosted_logits
 
 
@@ -29,9 +29,9 @@ def test_boost_run_uses_the_boosted_policy(tmp_path):
     report = evaluate_run(tmp_path, progress=False, policies=None)
     assert report["operating_point"]["realised_equals_simulated"] is True
     # anytime accuracy of exit k is that of the additive ensemble A_k, not of the raw head
-    from adaptnn.checkpoint import load_model
     from adaptnn.data import DataConfig, build_datasets
-    from adaptnn.evaluate import collect_logits
+    from adaptnn.evaluation import collect_logits
+    from adaptnn.models import load_model
 
     model = load_model(tmp_path / "model.safetensors")
     logits, labels = collect_logits(model, build_datasets(DataConfig(name="digits", val_size=200)).test)
@@ -44,8 +44,8 @@ def test_latency_budget_from_the_runs_profile(tmp_path):
     import pytest
 
     from adaptnn import ConfigError
-    from adaptnn.checkpoint import load_model
-    from adaptnn.latency import profile_latency
+    from adaptnn.measure.latency import profile_latency
+    from adaptnn.models import load_model
 
     config = RunConfig.from_dict(
         {

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from adaptnn import ConfidencePolicy, ConfigError, create_model, simulate_exits
-from adaptnn.cost import cost_breakdown
-from adaptnn.speed import bench_policy, full_model_macs, thresholds_for_macs_fraction
-from adaptnn.state import index_state
+from adaptnn.measure.speed import bench_policy, full_model_macs, thresholds_for_macs_fraction
+from adaptnn.runtime import index_state
+from adaptnn.runtime.cost import cost_breakdown
 
 
 def test_full_model_macs_excludes_intermediate_heads():
@@ -48,8 +48,8 @@ def test_bench_policy_reports_consistent_figures():
 
 
 def test_oracle_plan_runs_each_segment_on_the_samples_that_reach_it():
-    from adaptnn.speed import _oracle_plan
-    from adaptnn.state import slice_state
+    from adaptnn.measure.speed import _oracle_plan
+    from adaptnn.runtime import slice_state
 
     model = create_model("mecnn_digits", widths=[4, 8, 8, 16]).eval()
     x = torch.randn(6, 1, 8, 8)

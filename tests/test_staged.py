@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from adaptnn import ConfidencePolicy, ConfigError, InputError, NeverExit, StagedModel, create_model, simulate_exits
-from adaptnn.staged import InputSpec
+from adaptnn.runtime import InputSpec
 from helpers import TupleSegment, randomise_stats
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from adaptnn import create_model
 from adaptnn.errors import ConfigError
 from adaptnn.policies import simulate_exits
-from adaptnn.staged import InputSpec, StagedModel
+from adaptnn.runtime import InputSpec, StagedModel
 from adaptnn.strategies import (
     BoostLoss,
     GradientEquilibrium,
@@ -25,7 +25,7 @@ from adaptnn.strategies import (
     get,
 )
 from adaptnn.strategies.l2w import allocate_exits
-from adaptnn.train import TrainConfig, Trainer, build_strategy
+from adaptnn.training import TrainConfig, Trainer, build_strategy
 
 
 def _mlp_model(num_exits=3, width=16, features=6, classes=4, bn=False):

@@ -6,7 +6,7 @@ import torch
 
 from adaptnn import create_model
 from adaptnn.data import DataConfig, build_datasets
-from adaptnn.train import TrainConfig, Trainer, cosine_warmup_factor
+from adaptnn.training import TrainConfig, Trainer, cosine_warmup_factor
 
 
 def _tiny_setup():

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from adaptnn.errors import ConfigError
-from adaptnn.staged import InputSpec, StagedModel
-from adaptnn.train import TrainConfig, Trainer, micro_batch_indices
+from adaptnn.runtime import InputSpec, StagedModel
+from adaptnn.training import TrainConfig, Trainer, micro_batch_indices
 
 
 def _model():
@@ -89,7 +89,7 @@ def test_tensorboard_scalars_or_clear_error(tmp_path):
 
 
 def test_strategy_is_part_of_the_run_config():
-    from adaptnn.config import RunConfig
+    from adaptnn.runs.config import RunConfig
 
     config = RunConfig.from_dict({"train": {"strategy": "boost", "strategy_options": {"r": 0.25}}})
     assert RunConfig.from_dict(config.to_dict()) == config

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..heads import make_head
-from ..staged import InputSpec, StagedModel
+from ..layers.heads import make_head
+from ..runtime.staged import InputSpec, StagedModel
 
 __all__ = [
     "ShellCall",

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models._registry import create_model, register_model
-from ..staged import InputSpec, StagedModel
+from ..runtime.staged import InputSpec, StagedModel
 from ._common import assemble, default_head, require
 
 __all__ = ["from_hf", "wrap_hf", "hf_staged", "packaged_model_path"]

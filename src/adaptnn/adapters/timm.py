@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models._registry import create_model, register_model
-from ..staged import InputSpec, StagedModel
+from ..runtime.staged import InputSpec, StagedModel
 from ._common import ShellCall, assemble, default_head, require, resolve_exits, shell
 
 __all__ = ["from_timm", "wrap_timm", "timm_staged"]

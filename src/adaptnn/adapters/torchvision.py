@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models._registry import create_model, register_model
-from ..staged import InputSpec, StagedModel
+from ..runtime.staged import InputSpec, StagedModel
 from ._common import assemble, default_head, resolve_exits, stage_ends, trace_shapes
 
 __all__ = ["from_torchvision", "wrap_torchvision", "torchvision_staged"]

@@ -65,7 +65,7 @@ class CalibrationResult:
 
 
 def _cost_std_error(es: ExitScores, thresholds: Sequence[float], costs: np.ndarray) -> float:
-    from ..calibrate import assign_exits
+    from .budgeted import assign_exits
 
     per_sample = costs[assign_exits(es.scores, list(thresholds))]
     return float(per_sample.std(ddof=1) / math.sqrt(len(per_sample))) if len(per_sample) > 1 else 0.0

@@ -40,10 +40,10 @@ from collections.abc import Sequence
 import numpy as np
 from torch import Tensor
 
-from ..calibrate import assign_exits
 from ..errors import BudgetError, ConfigError
 from ..policies import ThresholdPolicy
 from .budget import CalibrationResult
+from .budgeted import assign_exits
 from .scores import DENSE_P_VALUES, ExitScores, check_costs, exit_scores, exits_for_candidates, p_path, split_figures
 
 __all__ = ["calibrate_accuracy_guarantee", "binomial_p_value", "binomial_upper_bound", "exit_losses", "LOSSES"]

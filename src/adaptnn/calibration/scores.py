@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..calibrate import _fit_thresholds, _quota, assign_exits
 from ..errors import ConfigError
 from ..policies import ThresholdPolicy
+from .budgeted import _fit_thresholds, _quota, assign_exits
 
 __all__ = [
     "ExitScores",

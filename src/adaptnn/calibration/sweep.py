@@ -21,8 +21,8 @@ from typing import Any
 
 from torch import Tensor
 
-from ..calibrate import DEFAULT_P_VALUES, _check_p_values, _exit_distribution, _fit_thresholds
 from ..policies import ThresholdPolicy
+from .budgeted import DEFAULT_P_VALUES, _check_p_values, _exit_distribution, _fit_thresholds
 from .scores import check_costs, exit_scores, split_figures
 
 __all__ = ["policy_sweep", "flat_curve"]

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from jsonargparse import ArgumentParser
 
-from .. import __version__
 from ..errors import AdaptnnError
+from ..version import __version__
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 

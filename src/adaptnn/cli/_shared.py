@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from ..config import CalibrationConfig, EvalConfig, ModelConfig, RunConfig
 from ..data import DataConfig
-from ..train import TrainConfig
+from ..runs.config import CalibrationConfig, EvalConfig, ModelConfig, RunConfig
+from ..training.trainer import TrainConfig
 
 __all__ = ["add_run_config", "run_config_from_args", "summarise_report"]
 

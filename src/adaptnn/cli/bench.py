@@ -41,10 +41,10 @@ def run(args: Namespace) -> None:
     import torch
 
     from ..errors import ConfigError
-    from ..report import write_json
-    from ..speed import bench_at_budget
-    from ..targets import resolve_target
-    from ..train import resolve_device
+    from ..io import write_json
+    from ..measure.speed import bench_at_budget
+    from ..runs.targets import resolve_target
+    from ..training.trainer import resolve_device
 
     target = resolve_target(
         args.target, num_samples=args.num_samples, input_size=args.input_size, model_kwargs=args.kwargs

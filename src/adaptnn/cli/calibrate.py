@@ -49,7 +49,7 @@ def build(parser: ArgumentParser) -> None:
 
 
 def run(args: Namespace) -> None:
-    from ..runs import calibrate_run
+    from ..runs.workflows import calibrate_run
 
     calibration = calibrate_run(
         args.run_dir,

@@ -28,8 +28,8 @@ def _label(run: Path, used: set[str]) -> str:
 
 
 def run(args: Namespace) -> None:
-    from ..evaluate import curve_table
-    from ..report import plot_curves, write_json
+    from ..evaluation import curve_table, plot_curves
+    from ..io import write_json
 
     curves: dict[str, tuple[list[float], list[float]]] = {}
     last_exit: dict[str, tuple[float, float]] = {}

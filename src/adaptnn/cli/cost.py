@@ -38,9 +38,9 @@ def build(parser: ArgumentParser) -> None:
 def run(args: Namespace) -> None:
     import torch
 
-    from ..cost import cost_breakdown
     from ..errors import ConfigError
     from ..models import create_model, resolve_model_name
+    from ..runtime.cost import cost_breakdown
 
     factory, naming = resolve_model_name(args.model)
     model = create_model(factory, **naming, **(args.kwargs or {}))

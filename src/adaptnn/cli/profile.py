@@ -30,11 +30,11 @@ def build(parser: ArgumentParser) -> None:
 
 
 def run(args: Namespace) -> None:
-    from ..latency import profile_latency, validate_latency_model
+    from ..measure.latency import profile_latency, validate_latency_model
+    from ..measure.speed import thresholds_for_macs_fraction
     from ..policies import ConfidencePolicy
-    from ..speed import thresholds_for_macs_fraction
-    from ..targets import resolve_target
-    from ..train import resolve_device
+    from ..runs.targets import resolve_target
+    from ..training.trainer import resolve_device
 
     target = resolve_target(
         args.target, num_samples=args.num_samples, input_size=args.input_size, model_kwargs=args.kwargs

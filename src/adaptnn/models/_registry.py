@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable
 
 from ..errors import ConfigError
-from ..staged import StagedModel
+from ..runtime.staged import StagedModel
 
 __all__ = ["register_model", "create_model", "list_models", "model_accepts", "model_spec", "resolve_model_name"]
 

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
-from ..heads import make_head
-from ..staged import InputSpec, StagedModel
+from ..layers.heads import make_head
+from ..runtime.staged import InputSpec, StagedModel
 from ._registry import register_model
 
 __all__ = [

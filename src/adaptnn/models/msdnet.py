@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..staged import InputSpec, StagedModel
+from ..runtime.staged import InputSpec, StagedModel
 from ._registry import register_model
 
 __all__ = [

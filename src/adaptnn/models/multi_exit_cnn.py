@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..errors import ConfigError
-from ..heads import PoolLinearHead
-from ..staged import InputSpec, StagedModel
+from ..layers.heads import PoolLinearHead
+from ..runtime.staged import InputSpec, StagedModel
 from ._registry import register_model
 
 __all__ = ["multi_exit_cnn", "mecnn_digits", "mecnn_mnist", "mecnn_cifar"]

@@ -29,13 +29,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..state import State
+from ..runtime.policy import ExitPolicy
+from ..runtime.state import State
 
 __all__ = [
     "ExitPolicy",
@@ -45,17 +46,6 @@ __all__ = [
     "softmax_margin",
     "normalised_certainty",
 ]
-
-
-@runtime_checkable
-class ExitPolicy(Protocol):
-    """Decides after each exit head which samples stop there (see the module docstring)."""
-
-    def check_num_exits(self, num_exits: int) -> None: ...
-
-    def init_state(self, batch_size: int, device: torch.device) -> State: ...
-
-    def decide(self, exit_index: int, logits: Tensor, state: State) -> tuple[Tensor, Tensor, State]: ...
 
 
 def max_softmax(logits: Tensor) -> Tensor:
@@ -90,6 +80,14 @@ def _parse_thresholds(thresholds: Sequence[float | None], owner: str) -> list[fl
     return values
 
 
+def _saved_thresholds(data: dict[str, Any]) -> list[float | None]:
+    """Thresholds of a saved description (``null`` = disabled exit), checked to be a list."""
+    saved = data.get("thresholds", [])
+    if not isinstance(saved, list):
+        raise ConfigError(f"saved policy thresholds must be a list, got {type(saved).__name__}")
+    return [None if t is None else t for t in saved]
+
+
 class ThresholdPolicy:
     """Base of the rules "stop at exit k when ``score_k >= T_k``".
 
@@ -106,6 +104,8 @@ class ThresholdPolicy:
             the score is computed. Predictions (argmax) are unchanged by temperature scaling.
     """
 
+    #: registry name of the family (``policy_from_dict`` finds the class by it); set by subclasses
+    name: str = ""
     #: what the score measures, for reports
     score_name: str = "score"
 
@@ -120,9 +120,8 @@ class ThresholdPolicy:
 
     # -- protocol ------------------------------------------------------------------------------------
     def check_num_exits(self, num_exits: int) -> None:
-        if len(self.thresholds) == num_exits and num_exits > 0:
-            self.thresholds = self.thresholds[:-1]
-        if len(self.thresholds) != num_exits - 1:
+        """Raise :class:`ConfigError` unless this policy fits a model with ``num_exits`` exits (never mutates)."""
+        if len(self.thresholds) not in (num_exits - 1, num_exits) or num_exits < 1:
             raise ConfigError(
                 f"{type(self).__name__} has {len(self.thresholds)} thresholds but the model has {num_exits} exits: "
                 f"give one threshold per exit before the last ({num_exits - 1})"
@@ -138,9 +137,21 @@ class ThresholdPolicy:
 
     def decide(self, exit_index: int, logits: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
         score, prediction, state = self.step(exit_index, logits, state)
-        if exit_index >= len(self.thresholds):  # last exit: everyone stops
-            return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device), prediction, state
-        return score >= self.thresholds[exit_index], prediction, state
+        return score >= self.threshold_at(exit_index), prediction, state
+
+    def threshold_at(self, exit_index: int) -> float:
+        """``T_k``; ``inf`` (nobody stops) past the given thresholds. The runtime stops everyone at the last exit."""
+        return self.thresholds[exit_index] if exit_index < len(self.thresholds) else math.inf
+
+    # -- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description: ``{name, thresholds, temperatures}`` plus the family's own parameters."""
+        return {"name": self.name, "thresholds": list(self.thresholds), "temperatures": self.temperatures}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ThresholdPolicy:
+        """Inverse of :meth:`to_dict` for this family (``null`` thresholds read back as disabled exits)."""
+        return cls(_saved_thresholds(data), temperatures=data.get("temperatures"))
 
     # -- for subclasses ------------------------------------------------------------------------------
     def step(self, exit_index: int, logits: Tensor, state: State) -> tuple[Tensor, Tensor, State]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
-from ..state import State
+from ..errors import ConfigError
+from ..runtime.state import State
 from .base import ThresholdPolicy, max_softmax, normalised_certainty, softmax_margin
 
 __all__ = ["ConfidencePolicy", "NeverExit", "EntropyPolicy", "MarginPolicy"]
@@ -21,6 +22,7 @@ class ConfidencePolicy(ThresholdPolicy):
         temperatures: optional per-exit temperatures ``tau_k`` (default: none, i.e. 1).
     """
 
+    name = "confidence"
     score_name = "max softmax probability"
 
     def __init__(self, thresholds: Sequence[float | None], *, temperatures: Sequence[float] | None = None) -> None:
@@ -33,11 +35,19 @@ class ConfidencePolicy(ThresholdPolicy):
 class NeverExit(ConfidencePolicy):
     """Every sample runs to the last exit; ``run_dynamic`` then equals the full model."""
 
+    name = "never"
+
     def __init__(self) -> None:
         super().__init__([])
 
     def check_num_exits(self, num_exits: int) -> None:
-        self.thresholds = [math.inf] * (num_exits - 1)
+        """Fits any model: no thresholds, so no exit before the last one is ever taken."""
+        if num_exits < 1:
+            raise ConfigError(f"a model needs at least one exit, got {num_exits}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NeverExit:
+        return cls()
 
 
 class EntropyPolicy(ThresholdPolicy):
@@ -48,6 +58,7 @@ class EntropyPolicy(ThresholdPolicy):
     means "entropy at most ``(1 - T) log C``" (the usual entropy-threshold rule, e.g. BranchyNet).
     """
 
+    name = "entropy"
     score_name = "1 - entropy / log(C)"
 
     def step(self, exit_index: int, logits: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
@@ -57,6 +68,7 @@ class EntropyPolicy(ThresholdPolicy):
 class MarginPolicy(ThresholdPolicy):
     """Margin rule: stop at exit k when the top-1 minus top-2 probability of ``softmax(z_k / tau_k)`` >= T_k."""
 
+    name = "margin"
     score_name = "top-1 minus top-2 softmax probability"
 
     def step(self, exit_index: int, logits: Tensor, state: State) -> tuple[Tensor, Tensor, State]:

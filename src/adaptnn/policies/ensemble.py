@@ -10,13 +10,14 @@ with the model state) and return the combination as the prediction of a sample t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..state import State
-from .base import ThresholdPolicy, max_softmax
+from ..runtime.state import State
+from .base import ThresholdPolicy, _saved_thresholds, max_softmax
 
 __all__ = ["AveragedEnsemblePolicy", "BoostedEnsemblePolicy"]
 
@@ -35,6 +36,7 @@ class BoostedEnsemblePolicy(ThresholdPolicy):
         temperatures: optional per-exit temperatures applied to ``A_s`` for the confidence only.
     """
 
+    name = "boosted"
     score_name = "max softmax of the boosted logits"
 
     def __init__(
@@ -56,6 +58,13 @@ class BoostedEnsemblePolicy(ThresholdPolicy):
         boosted, carried = self.combine(exit_index, logits, state, self.r)
         return max_softmax(self.scaled(exit_index, boosted)), boosted, carried
 
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "r": self.r}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BoostedEnsemblePolicy:
+        return cls(_saved_thresholds(data), r=float(data.get("r", 0.5)), temperatures=data.get("temperatures"))
+
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", r={self.r})"
 
@@ -67,6 +76,7 @@ class AveragedEnsemblePolicy(ThresholdPolicy):
     ``max q_k >= T_k`` and returns ``log q_k`` (float32; its softmax is ``q_k``).
     """
 
+    name = "average"
     score_name = "max averaged probability"
 
     def step(self, exit_index: int, logits: Tensor, state: State) -> tuple[Tensor, Tensor, State]:

@@ -11,13 +11,20 @@ from ..errors import ConfigError
 from .base import ThresholdPolicy
 from .confidence import ConfidencePolicy, EntropyPolicy, MarginPolicy
 from .ensemble import AveragedEnsemblePolicy, BoostedEnsemblePolicy
-from .learned import ExitCorrectnessNet, LearnedPolicy, fit_learned_policy
+from .learned import LearnedPolicy, fit_learned_policy
 from .patience import PatiencePolicy
 from .temperature import fit_temperatures
 
 __all__ = ["POLICY_NAMES", "make_policy", "policy_name", "policy_to_dict", "policy_from_dict"]
 
-POLICY_NAMES: tuple[str, ...] = ("confidence", "entropy", "margin", "patience", "average", "boosted", "learned")
+_FAMILIES: tuple[type[ThresholdPolicy], ...] = (
+    ConfidencePolicy, EntropyPolicy, MarginPolicy, PatiencePolicy, AveragedEnsemblePolicy, BoostedEnsemblePolicy,
+    LearnedPolicy,
+)  # fmt: skip
+_CLASSES: dict[str, type[ThresholdPolicy]] = {cls.name: cls for cls in _FAMILIES}
+
+#: the calibratable rule families, by the ``name`` each class carries
+POLICY_NAMES: tuple[str, ...] = tuple(_CLASSES)
 
 
 def make_policy(
@@ -66,59 +73,22 @@ def make_policy(
     return fit_learned_policy(val_logits, val_labels, thresholds=thresholds, temperatures=temps, **kwargs)
 
 
-_CLASSES: dict[str, type] = {
-    "confidence": ConfidencePolicy,
-    "entropy": EntropyPolicy,
-    "margin": MarginPolicy,
-    "patience": PatiencePolicy,
-    "average": AveragedEnsemblePolicy,
-    "boosted": BoostedEnsemblePolicy,
-    "learned": LearnedPolicy,
-}
-
-
 def policy_name(policy: ThresholdPolicy) -> str:
     """The registry name of a shipped policy's family (``"confidence"``, ...)."""
-    for name, cls in _CLASSES.items():
-        if type(policy) is cls:
-            return name
-    raise ConfigError(f"{type(policy).__name__} is not one of the named policy families {list(POLICY_NAMES)}")
+    if _CLASSES.get(getattr(policy, "name", "")) is not type(policy):
+        raise ConfigError(f"{type(policy).__name__} is not one of the named policy families {list(POLICY_NAMES)}")
+    return policy.name
 
 
 def policy_to_dict(policy: ThresholdPolicy) -> dict[str, Any]:
-    """JSON-ready description (family, thresholds, temperatures, parameters, learned weights) of a policy."""
-    out: dict[str, Any] = {
-        "name": policy_name(policy),
-        "thresholds": list(policy.thresholds),
-        "temperatures": policy.temperatures,
-    }
-    if isinstance(policy, BoostedEnsemblePolicy):
-        out["r"] = policy.r
-    if isinstance(policy, LearnedPolicy):
-        out["hidden"] = policy.net.body[0].out_features
-        out["num_exits"] = policy.net.num_exits
-        out["state_dict"] = {k: v.detach().cpu().tolist() for k, v in policy.net.state_dict().items()}
-    return out
+    """JSON-ready description of a named policy (:meth:`ThresholdPolicy.to_dict`)."""
+    policy_name(policy)
+    return policy.to_dict()
 
 
 def policy_from_dict(data: dict[str, Any]) -> ThresholdPolicy:
     """Rebuild a policy written by :func:`policy_to_dict` (``null`` thresholds read back as disabled exits)."""
-    import torch
-
-    name = data.get("name")
+    name = data.get("name") if isinstance(data, dict) else None
     if name not in _CLASSES:
         raise ConfigError(f"unknown policy {name!r} in the saved description; expected one of {list(POLICY_NAMES)}")
-    thresholds = [None if t is None else float(t) for t in data.get("thresholds", [])]
-    temps = data.get("temperatures")
-    if name == "patience":
-        return PatiencePolicy(thresholds)
-    if name == "boosted":
-        return BoostedEnsemblePolicy(thresholds, r=float(data.get("r", 0.5)), temperatures=temps)
-    if name == "learned":
-        try:
-            net = ExitCorrectnessNet(int(data["num_exits"]), int(data["hidden"]))
-            net.load_state_dict({k: torch.tensor(v) for k, v in data["state_dict"].items()})
-        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-            raise ConfigError(f"the saved learned policy is incomplete or corrupt: {exc}") from exc
-        return LearnedPolicy(net, thresholds, temperatures=temps)
-    return _CLASSES[name](thresholds, temperatures=temps)
+    return _CLASSES[name].from_dict(data)

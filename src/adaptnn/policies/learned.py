@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..state import State
-from .base import ThresholdPolicy, normalised_certainty
+from ..runtime.state import State
+from .base import ThresholdPolicy, _saved_thresholds, normalised_certainty
 
 __all__ = ["ExitCorrectnessNet", "LearnedPolicy", "exit_features", "fit_learned_policy", "NUM_BASE_FEATURES"]
 
@@ -76,6 +77,7 @@ class LearnedPolicy(ThresholdPolicy):
         temperatures: optional per-exit temperatures applied to the logits before the features.
     """
 
+    name = "learned"
     score_name = "learned probability that the exit is correct"
 
     def __init__(
@@ -94,6 +96,23 @@ class LearnedPolicy(ThresholdPolicy):
                 f"LearnedPolicy's network was trained for {self.net.num_exits} exits but the model has {num_exits}"
             )
         super().check_num_exits(num_exits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **super().to_dict(),
+            "hidden": self.net.body[0].out_features,
+            "num_exits": self.net.num_exits,
+            "state_dict": {k: v.detach().cpu().tolist() for k, v in self.net.state_dict().items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LearnedPolicy:
+        try:
+            net = ExitCorrectnessNet(int(data["num_exits"]), int(data["hidden"]))
+            net.load_state_dict({k: torch.tensor(v) for k, v in data["state_dict"].items()})
+        except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"the saved learned policy is incomplete or corrupt: {exc}") from exc
+        return cls(net, _saved_thresholds(data), temperatures=data.get("temperatures"))
 
     def step(self, exit_index: int, logits: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
         temperature = None if self.temperatures is None else self.temperatures[exit_index]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..state import State
-from .base import ThresholdPolicy
+from ..runtime.state import State
+from .base import ThresholdPolicy, _saved_thresholds
 
 __all__ = ["PatiencePolicy"]
 
@@ -27,6 +28,7 @@ class PatiencePolicy(ThresholdPolicy):
             disables an exit).
     """
 
+    name = "patience"
     score_name = "consecutive unchanged predictions"
 
     def __init__(self, patience: int | Sequence[float | None]) -> None:
@@ -45,9 +47,25 @@ class PatiencePolicy(ThresholdPolicy):
         return self._uniform
 
     def check_num_exits(self, num_exits: int) -> None:
+        if self._uniform is None:
+            super().check_num_exits(num_exits)
+        elif num_exits < 1:
+            raise ConfigError(f"a model needs at least one exit, got {num_exits}")
+
+    def threshold_at(self, exit_index: int) -> float:
+        return float(self._uniform) if self._uniform is not None else super().threshold_at(exit_index)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
         if self._uniform is not None:
-            self.thresholds = [float(self._uniform)] * max(0, num_exits - 1)
-        super().check_num_exits(num_exits)
+            out["patience"] = self._uniform
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PatiencePolicy:
+        if data.get("patience") is not None:
+            return cls(data["patience"])
+        return cls(_saved_thresholds(data))
 
     def with_thresholds(self, thresholds: Sequence[float | None]) -> PatiencePolicy:
         new = super().with_thresholds(thresholds)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..policies import ConfidencePolicy, ExitPolicy
 
 if TYPE_CHECKING:
-    from ..staged import StagedModel
+    from ..runtime.staged import StagedModel
 
 __all__ = ["Strategy", "StepContext", "per_exit_cross_entropy"]
 

@@ -28,7 +28,7 @@ from .gradient import forward_all_rescaled
 from .joint import exit_weights
 
 if TYPE_CHECKING:
-    from ..staged import StagedModel
+    from ..runtime.staged import StagedModel
 
 __all__ = ["BoostLoss", "boosted_logits"]
 

@@ -24,12 +24,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from ..state import State, index_state, map_state, state_tensors
+from ..runtime.state import State, index_state, map_state, state_tensors
 from .base import Strategy
 from .joint import JointLoss
 
 if TYPE_CHECKING:
-    from ..staged import StagedModel
+    from ..runtime.staged import StagedModel
 
 __all__ = ["FrozenBackbone", "freeze_backbone", "cache_head_inputs", "fit_heads_cached"]
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, autograd
 
-from ..state import State, map_state
+from ..runtime.state import State, map_state
 
 if TYPE_CHECKING:
-    from ..staged import StagedModel
+    from ..runtime.staged import StagedModel
 
 __all__ = ["scale_grad", "forward_all_rescaled", "equilibrium_scales"]
 

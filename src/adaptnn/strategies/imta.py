@@ -23,7 +23,7 @@ from .gradient import forward_all_rescaled
 from .joint import JointLoss
 
 if TYPE_CHECKING:
-    from ..staged import StagedModel
+    from ..runtime.staged import StagedModel
 
 __all__ = ["GradientEquilibrium"]
 

@@ -41,7 +41,7 @@ from ..errors import ConfigError
 from .base import StepContext, Strategy, per_exit_cross_entropy
 
 if TYPE_CHECKING:
-    from ..staged import StagedModel
+    from ..runtime.staged import StagedModel
 
 __all__ = ["L2WLoss", "WeightNet", "allocate_exits", "exit_distribution"]
 

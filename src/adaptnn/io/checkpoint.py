@@ -3,7 +3,7 @@
 A checkpoint is ONE ``.safetensors`` file. Its tensors are the model's ``state_dict`` (keys prefixed
 ``model.``) plus any extra tensors (optimizer moments, RNG states; prefixed by their group). Its header
 metadata holds ``{"format": "adaptnn-checkpoint", "version": 1, "meta": <JSON>}`` where the JSON has
-the model spec (registry name + kwargs), so :func:`load_model` rebuilds the model with no other input.
+the model spec (registry name + kwargs), so :func:`adaptnn.models.load_model` rebuilds the model with no other input.
 A readable copy of the JSON is written next to it (``<name>.json``); the safetensors header is the source
 of truth, so the pair can never disagree in a way that matters.
 
@@ -15,26 +15,22 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from .atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "Checkpoint",
     "save_checkpoint",
     "load_checkpoint",
-    "load_model",
     "load_weights",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "pack_tensors",
     "unpack_tensors",
 ]
@@ -50,36 +46,6 @@ class Checkpoint:
     model_state: dict[str, Tensor]
     meta: dict[str, Any]
     extra: dict[str, dict[str, Tensor]] = field(default_factory=dict)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def pack_tensors(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
@@ -131,7 +97,7 @@ def save_checkpoint(
     Args:
         path: target file; a ``.json`` with the same stem is written next to it.
         model: a module (its ``state_dict`` is saved; unwrap DDP/compile first) or a state dict.
-        meta: JSON-serialisable description; should hold ``model_spec`` for :func:`load_model`.
+        meta: JSON-serialisable description; should hold ``model_spec`` for :func:`adaptnn.models.load_model`.
         extra: named groups of tensors, e.g. ``{"optim": {...}}``.
     """
     path = Path(path)
@@ -171,7 +137,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if header.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is a safetensors file but not an adaptnn checkpoint (its metadata has no "
-            f"format={FORMAT!r}); load foreign weights with adaptnn.checkpoint.load_weights"
+            f"format={FORMAT!r}); load foreign weights with adaptnn.io.load_weights"
         )
     if int(header.get("version", 0)) > VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {header['version']}; this adaptnn reads {VERSION}")
@@ -210,16 +176,3 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], *, source: str = "c
             parts.append(f"{len(shapes)} shape mismatch(es) e.g. {shapes[:3]}")
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
-
-
-def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model saved in checkpoint ``path`` (from its ``model_spec``) and load its weights."""
-    from .models import create_model  # local: models import the core, not checkpoints
-
-    ckpt = load_checkpoint(path)
-    spec = ckpt.meta.get("model_spec")
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise CheckpointError(f"{path} has no model_spec in its metadata, so the model cannot be rebuilt")
-    model = create_model(spec["name"], **spec.get("kwargs", {}))
-    load_weights(model, ckpt.model_state, source=str(path))
-    return model.to(map_location)

@@ -37,13 +37,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .calibrate import budgeted_sweep
-from .cost import cost_breakdown
-from .cuda_graphs import GraphedModel, default_buckets
-from .errors import ConfigError
-from .execution import EagerStages, oracle_loop
-from .policies import ConfidencePolicy, ExitPolicy
-from .staged import StagedModel
+from ..calibration.budgeted import budgeted_sweep
+from ..errors import ConfigError
+from ..policies import ConfidencePolicy, ExitPolicy
+from ..runtime.cost import cost_breakdown
+from ..runtime.cuda_graphs import GraphedModel, default_buckets
+from ..runtime.execution import EagerStages, oracle_loop
+from ..runtime.staged import StagedModel
 from .timing import Timer, machine_info, model_device_dtype, pinned_threads, to_model, warm_up
 
 __all__ = ["full_model_macs", "thresholds_for_macs_fraction", "bench_policy", "bench_at_budget", "percentiles"]

@@ -17,17 +17,16 @@ kept cheap. The defaults of :func:`make_head` (chosen by :func:`default_head_kin
 * Encoder states ``{"hidden": [b, t, d], "mask": [b, t]}`` (BERT-family): ``"token"`` shaped like BERT's
   own classifier, a ``d x d`` dense + tanh (the pooler) then a linear layer on the [CLS] token.
 
-:func:`heads_share` reports the heads' MACs separately from the backbone's.
+:func:`adaptnn.runtime.cost.heads_share` reports the heads' MACs separately from the backbone's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "PoolLinearHead",
@@ -39,7 +38,6 @@ __all__ = [
     "FAMILY_DEFAULT_OPTIONS",
     "default_head_kind",
     "make_head",
-    "heads_share",
 ]
 
 
@@ -227,27 +225,3 @@ def make_head(kind: str, in_features: int, num_classes: int, **options: object) 
         return HEAD_KINDS[kind](int(in_features), int(num_classes), **options)
     except TypeError as err:
         raise ConfigError(f"head {kind!r}: {err}") from None
-
-
-def heads_share(model: nn.Module, input_size: Sequence[int], *, dtype: torch.dtype = torch.float32) -> dict:
-    """MACs of the exit heads reported separately from the backbone's (per sample).
-
-    Returns:
-        ``{"head_macs": [per head], "heads_total": sum over all heads, "backbone_macs": sum over segments,
-        "share": heads_total / backbone_macs, "added_heads_total": sum over all heads but the last (the
-        ones early exit adds to a single-exit network), "added_share": added_heads_total / backbone_macs}``.
-    """
-    from .cost import cost_breakdown  # local import: cost imports staged, which is fine, but keep heads light
-
-    b = cost_breakdown(model, input_size, dtype=dtype)
-    backbone = float(sum(b.segment_macs))
-    total = float(sum(b.head_macs))
-    added = float(sum(b.head_macs[:-1]))
-    return {
-        "head_macs": list(b.head_macs),
-        "heads_total": total,
-        "backbone_macs": backbone,
-        "share": total / backbone if backbone else float("nan"),
-        "added_heads_total": added,
-        "added_share": added / backbone if backbone else float("nan"),
-    }

@@ -244,12 +244,8 @@ def _evaluate(
     n_exits, n = predictions.shape
     taken = predictions[exits, np.arange(n)]
     accuracy = int(np.count_nonzero(taken == labels)) / n
-    counts = np.bincount(exits, minlength=n_exits)
-    fractions = [int(c) / n for c in counts]
-    avg_cost = 0.0
-    for frac, cost in zip(fractions, costs.tolist(), strict=True):
-        avg_cost += frac * cost
-    return accuracy, avg_cost, fractions
+    fractions = np.bincount(exits, minlength=n_exits) / n
+    return accuracy, float(fractions @ costs), fractions.tolist()
 
 
 def budgeted_sweep(

@@ -6,7 +6,7 @@ ways to run it:
 
 * :meth:`StagedModel.forward_all` runs every segment and head and returns the logits of every exit
   (training, anytime evaluation, calibration on cached logits);
-* :meth:`StagedModel.run_dynamic` really exits early: after each head an :class:`~adaptnn.policies.ExitPolicy`
+* :meth:`StagedModel.run_dynamic` really exits early: after each head an :class:`~adaptnn.runtime.ExitPolicy`
   marks finished samples, their outputs are written, and only the remaining samples (model state and
   policy state compacted together) run on.
 
@@ -15,15 +15,17 @@ ways to run it:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
+from .cost import exit_macs
 from .execution import EagerStages, dynamic_loop, split_finished, stage_segments
-from .policies import ExitPolicy
+from .policy import ExitPolicy
 from .state import State
 
 __all__ = ["StagedModel", "DynamicOutput", "InputSpec", "split_finished"]
@@ -167,13 +169,38 @@ class StagedModel(nn.Module):
     def forward_all(self, x: Tensor) -> list[Tensor]:
         """Run every segment and every head; returns the K exits' logits, each ``[B, C]``."""
         self.check_input(x, check_finite=False)
+        return self.walk(x)
+
+    def walk(
+        self,
+        x: State,
+        *,
+        segment: Callable[[int, nn.Module, State], State] | None = None,
+        head: Callable[[int, nn.Module, State], Any] | None = None,
+        after_exit: Callable[[int, State], State] | None = None,
+    ) -> list[Any]:
+        """Run the segments in order and each exit head right after its segment: the one stage walk.
+
+        Every tool that needs the pieces one by one (MACs per segment and head, latency profiling, gradient
+        rescaling, frozen-backbone caching) passes callbacks instead of re-implementing the loop:
+
+        * ``segment(j, module, state) -> state`` replaces the call of segment ``j`` (default ``module(state)``);
+        * ``head(k, module, state) -> out`` replaces the call of exit head ``k`` (default ``module(state)``);
+        * ``after_exit(k, state) -> state`` runs after head ``k``, before the next segment (default: no-op).
+
+        No input check: ``x`` may be any state (e.g. on the meta device). Returns the heads' outputs in exit order.
+        """
         state: State = x
-        outputs: list[Tensor] = []
-        for seg_idx, segment in enumerate(self.segments):
-            state = segment(state)
-            k = self._head_at[seg_idx]
+        outputs: list[Any] = []
+        head_at = self._head_at
+        for j, module in enumerate(self.segments):
+            state = module(state) if segment is None else segment(j, module, state)
+            k = head_at[j]
             if k >= 0:
-                outputs.append(self.heads[k](state))
+                head_module = self.heads[k]
+                outputs.append(head_module(state) if head is None else head(k, head_module, state))
+                if after_exit is not None:
+                    state = after_exit(k, state)
         return outputs
 
     def exit_costs(self, x: Tensor) -> Tensor:
@@ -181,8 +208,6 @@ class StagedModel(nn.Module):
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         cost = self._cost_cache.get(key)
         if cost is None:
-            from .cost import exit_macs  # local import: cost depends on this module
-
             cost = torch.tensor(exit_macs(self, tuple(x.shape[1:]), dtype=x.dtype), dtype=torch.float64)
             cost = cost.to(x.device)
             self._cost_cache[key] = cost
@@ -196,7 +221,7 @@ class StagedModel(nn.Module):
 
         Args:
             x: input batch ``[B, ...]``.
-            policy: an :class:`~adaptnn.policies.ExitPolicy`.
+            policy: an :class:`~adaptnn.runtime.ExitPolicy`.
             check_finite: reject NaN/inf inputs (one device sync).
 
         Returns:

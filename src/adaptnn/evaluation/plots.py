@@ -1,45 +1,26 @@
-"""Run reports: ``report.json`` (machine-readable) and ``report.png`` (accuracy vs MACs, exit histogram)."""
+"""Plots a person can read: ``report.png`` (accuracy vs MACs, exit histogram) and curve overlays.
+
+Figures are built with :class:`matplotlib.figure.Figure` directly, never through ``pyplot``: no backend is
+selected and no global figure state is touched, so importing or calling this module changes nothing in the
+user's matplotlib session. Files are written atomically.
+"""
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
+from matplotlib.figure import Figure
 
-__all__ = ["to_jsonable", "write_json", "plot_report", "plot_curves"]
+from ..io.atomic import atomic_write_bytes
 
-
-def to_jsonable(obj: Any) -> Any:
-    """Strict-JSON version of ``obj``: non-finite floats become ``None``, tensors/arrays become lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if hasattr(obj, "tolist"):  # torch / numpy
-        return to_jsonable(obj.tolist())
-    if hasattr(obj, "item"):
-        return to_jsonable(obj.item())
-    return obj
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented strict JSON, atomically."""
-    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+__all__ = ["plot_report", "plot_curves"]
 
 
 def plot_report(report: dict[str, Any], path: str | Path) -> None:
     """Plot accuracy vs average MACs (anytime exits, budgeted curve, realised point) and the exit histogram."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_curve, ax_hist) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig = Figure(figsize=(11, 4.2))
+    ax_curve, ax_hist = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
     anytime = report["anytime"]
     ax_curve.plot(
         [a["macs"] / 1e6 for a in anytime],
@@ -113,22 +94,13 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
         ax_hist.legend(fontsize=8)
     else:
         ax_hist.axis("off")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    _save(fig, path)
 
 
 def plot_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | Path, *, title: str = "") -> None:
     """Overlay accuracy-vs-MACs curves (``label -> (avg MACs, accuracy)``) in one plot, atomically written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     for label, (costs, accs) in curves.items():
         pairs = sorted(zip(costs, accs, strict=True))
         ax.plot([c / 1e6 for c, _ in pairs], [100 * a for _, a in pairs], "-", marker=".", ms=3, lw=1, label=label)
@@ -137,9 +109,14 @@ def plot_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | 
     ax.set_title(title or "accuracy vs compute")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
+    _save(fig, path)
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    """Render ``fig`` as PNG and write it atomically (the old plot stays until the new one is complete)."""
+    import io
+
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())

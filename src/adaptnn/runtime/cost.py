@@ -18,16 +18,19 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import InputError
-from .staged import StagedModel
+from ..errors import InputError
 from .state import State
 
-__all__ = ["CostBreakdown", "cost_breakdown", "exit_macs", "count_macs", "count_params"]
+if TYPE_CHECKING:  # the staged model imports this module to price its exits
+    from .staged import StagedModel
+
+__all__ = ["CostBreakdown", "cost_breakdown", "exit_macs", "heads_share", "count_macs", "count_params"]
 
 
 @dataclass(frozen=True)
@@ -80,17 +83,19 @@ def cost_breakdown(
             f"{model.input_spec.shape} (no batch dim)"
         )
     meta: StagedModel = copy.deepcopy(model).to(device="meta").eval()
-    state: State = torch.empty((1, *input_size), dtype=dtype, device="meta")
     segment_macs: list[float] = []
     head_macs: list[float] = []
+
+    def count_segment(j: int, segment: nn.Module, state: State) -> State:
+        macs, out = _macs_of(segment, state)
+        segment_macs.append(macs)
+        return out
+
+    def count_head(k: int, head: nn.Module, state: State) -> None:
+        head_macs.append(_macs_of(head, state)[0])
+
     with torch.no_grad():
-        for seg_idx, segment in enumerate(meta.segments):
-            macs, state = _macs_of(segment, state)
-            segment_macs.append(macs)
-            k = meta._head_at[seg_idx]
-            if k >= 0:
-                macs, _ = _macs_of(meta.heads[k], state)
-                head_macs.append(macs)
+        meta.walk(torch.empty((1, *input_size), dtype=dtype, device="meta"), segment=count_segment, head=count_head)
     cumulative: list[float] = []
     exit_params: list[int] = []
     for k, seg_idx in enumerate(model.exit_after):
@@ -105,3 +110,25 @@ def cost_breakdown(
 def exit_macs(model: StagedModel, input_size: Sequence[int], *, dtype: torch.dtype = torch.float32) -> list[float]:
     """Cumulative MACs to reach each exit for one sample of shape ``input_size``, heads included."""
     return cost_breakdown(model, input_size, dtype=dtype).exit_macs
+
+
+def heads_share(model: StagedModel, input_size: Sequence[int], *, dtype: torch.dtype = torch.float32) -> dict:
+    """MACs of the exit heads reported separately from the backbone's (per sample).
+
+    Returns:
+        ``{"head_macs": [per head], "heads_total": sum over all heads, "backbone_macs": sum over segments,
+        "share": heads_total / backbone_macs, "added_heads_total": sum over all heads but the last (the
+        ones early exit adds to a single-exit network), "added_share": added_heads_total / backbone_macs}``.
+    """
+    b = cost_breakdown(model, input_size, dtype=dtype)
+    backbone = float(sum(b.segment_macs))
+    total = float(sum(b.head_macs))
+    added = float(sum(b.head_macs[:-1]))
+    return {
+        "head_macs": list(b.head_macs),
+        "heads_total": total,
+        "backbone_macs": backbone,
+        "share": total / backbone if backbone else float("nan"),
+        "added_heads_total": added,
+        "added_share": added / backbone if backbone else float("nan"),
+    }

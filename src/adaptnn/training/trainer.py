@@ -44,11 +44,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, load_weights, pack_tensors, save_checkpoint, unpack_tensors
-from .errors import CheckpointError, ConfigError
-from .models import model_spec
-from .staged import StagedModel
-from .strategies import StepContext, Strategy, available, get
+from ..errors import CheckpointError, ConfigError
+from ..io.checkpoint import load_checkpoint, load_weights, pack_tensors, save_checkpoint, unpack_tensors
+from ..models import model_spec
+from ..runtime.staged import StagedModel
+from ..strategies import StepContext, Strategy, available, get
 
 __all__ = [
     "TrainConfig",

@@ -18,7 +18,7 @@ from torch import Tensor
 from .state import State, index_state, slice_state
 
 if TYPE_CHECKING:
-    from .policies import ExitPolicy
+    from .policy import ExitPolicy
     from .staged import StagedModel
 
 __all__ = ["StageExecutor", "EagerStages", "dynamic_loop", "oracle_loop", "split_finished", "stage_segments"]

@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, InputError
+from ..errors import ConfigError, InputError
 from .execution import dynamic_loop
-from .policies import ExitPolicy
+from .policy import ExitPolicy
 from .staged import DynamicOutput, StagedModel
 from .state import State, copy_rows, index_state, slice_state
 
@@ -289,10 +289,8 @@ class GraphedModel:
         )
 
     def _decisions_for(self, policy: ExitPolicy) -> _Decisions | None:
-        try:
-            from .policies import policy_to_dict
-
-            key = json.dumps(policy_to_dict(policy), sort_keys=True, default=str)  # type: ignore[arg-type]
+        try:  # policies that serialise themselves are keyed by content (edited thresholds -> a new capture)
+            key = json.dumps(policy.to_dict(), sort_keys=True, default=str)  # type: ignore[attr-defined]
         except Exception:  # a policy without a JSON form: one capture per object
             key = f"id:{id(policy)}"
         if key not in self._decisions:

@@ -43,11 +43,11 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
-from .execution import split_finished, stage_segments
-from .policies import ConfidencePolicy
-from .staged import StagedModel
-from .state import State, index_state
+from ..errors import ConfigError
+from ..policies import ConfidencePolicy
+from ..runtime.execution import split_finished, stage_segments
+from ..runtime.staged import StagedModel
+from ..runtime.state import State, index_state
 from .timing import Timer, machine_info, median_ms, pinned_threads, to_model, warm_up
 
 __all__ = ["PiecewiseLinear", "LatencyModel", "profile_latency", "validate_latency_model", "alive_per_segment"]
@@ -214,7 +214,7 @@ class LatencyModel:
             raise ConfigError(f"not a latency profile: {err}") from None
 
     def save(self, path: str | Path) -> None:
-        from .report import write_json
+        from ..io import write_json
 
         write_json(path, self.to_dict())
 
