@@ -9,14 +9,13 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..io.checkpoint import load_checkpoint, load_weights
+from ._registry import create_model
 
 __all__ = ["load_model"]
 
 
 def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model saved in checkpoint ``path`` (from its ``model_spec``) and load its weights."""
-    from ..models import create_model  # local: models import the core, not checkpoints
-
     ckpt = load_checkpoint(path)
     spec = ckpt.meta.get("model_spec")
     if not isinstance(spec, dict) or "name" not in spec:
