@@ -2,7 +2,16 @@
 
 from . import _deprecated
 from .adapters import from_hf, from_timm, from_torchvision
-from .errors import AdaptnnError, BudgetError, CheckpointError, ConfigError, DataError, InputError
+from .errors import (
+    AdaptnnError,
+    BudgetError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DivergedLossError,
+    InputError,
+    UnsupportedModelError,
+)
 from .models import create_model, list_models, register_model
 from .policies import ConfidencePolicy, ExitPolicy, NeverExit, simulate_exits
 from .runtime.staged import DynamicOutput, InputSpec, StagedModel
@@ -16,6 +25,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DivergedLossError",
+    "UnsupportedModelError",
     "InputError",
     "ConfidencePolicy",
     "DynamicOutput",

@@ -7,7 +7,16 @@ Python user would expect (``ValueError``, ``FileNotFoundError``), so ``except Va
 
 from __future__ import annotations
 
-__all__ = ["AdaptnnError", "ConfigError", "CheckpointError", "DataError", "InputError", "BudgetError"]
+__all__ = [
+    "AdaptnnError",
+    "ConfigError",
+    "CheckpointError",
+    "DataError",
+    "InputError",
+    "BudgetError",
+    "DivergedLossError",
+    "UnsupportedModelError",
+]
 
 
 class AdaptnnError(Exception):
@@ -32,3 +41,11 @@ class InputError(AdaptnnError, ValueError):
 
 class BudgetError(AdaptnnError, ValueError):
     """A compute/accuracy budget cannot be met; the message names the closest achievable point."""
+
+
+class DivergedLossError(AdaptnnError, ArithmeticError):
+    """The training loss became NaN or infinite (learning rate too high, or non-finite inputs)."""
+
+
+class UnsupportedModelError(AdaptnnError, TypeError):
+    """A backbone's structure cannot be turned into a staged model (e.g. a custom forward an adapter cannot split)."""

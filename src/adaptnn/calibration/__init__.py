@@ -12,6 +12,16 @@ and cached ``forward_all`` logits, and return thresholds that ``run_dynamic`` ap
 """
 
 from .budget import CalibrationResult, calibrate_to_budget, calibrate_to_latency
+from .budgeted import (
+    DEFAULT_P_VALUES,
+    assign_exits,
+    budgeted_sweep,
+    check_p_values,
+    choose_operating_point,
+    exit_distribution,
+    fit_thresholds,
+    quota,
+)
 from .guarantee import (
     LOSSES,
     binomial_p_value,
@@ -23,6 +33,14 @@ from .scores import DENSE_P_VALUES, EXIT_ALL, ExitScores, exit_scores, exits_for
 from .sweep import flat_curve, policy_sweep
 
 __all__ = [
+    "DEFAULT_P_VALUES",
+    "assign_exits",
+    "budgeted_sweep",
+    "check_p_values",
+    "choose_operating_point",
+    "exit_distribution",
+    "fit_thresholds",
+    "quota",
     "CalibrationResult",
     "calibrate_to_budget",
     "calibrate_to_latency",

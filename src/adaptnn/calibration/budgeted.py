@@ -47,7 +47,16 @@ import numpy as np
 
 from adaptnn.errors import BudgetError, ConfigError
 
-__all__ = ["DEFAULT_P_VALUES", "assign_exits", "budgeted_sweep", "choose_operating_point"]
+__all__ = [
+    "DEFAULT_P_VALUES",
+    "assign_exits",
+    "budgeted_sweep",
+    "check_p_values",
+    "choose_operating_point",
+    "exit_distribution",
+    "fit_thresholds",
+    "quota",
+]
 
 #: Default sweep of the exit-distribution parameter ``p``: 0.05, 0.10, ..., 1.95.
 DEFAULT_P_VALUES: tuple[float, ...] = tuple(q / 20 for q in range(1, 40))
@@ -131,7 +140,7 @@ def _check_costs(x: Any, n_exits: int) -> np.ndarray:
     return arr
 
 
-def _check_p_values(p_values: Sequence[float] | None) -> list[float]:
+def check_p_values(p_values: Sequence[float] | None) -> list[float]:
     if p_values is None:
         return list(DEFAULT_P_VALUES)
     arr = _to_numpy(p_values, "p_values")
@@ -154,7 +163,7 @@ def _check_p_values(p_values: Sequence[float] | None) -> list[float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _exit_distribution(p: float, n_exits: int) -> list[float]:
+def exit_distribution(p: float, n_exits: int) -> list[float]:
     """Target exit fractions ``pi_k = p**k / sum_j p**j`` for ``k = 1..K`` (Python floats)."""
     try:
         weights = [p**k for k in range(1, n_exits + 1)]
@@ -166,26 +175,26 @@ def _exit_distribution(p: float, n_exits: int) -> list[float]:
     return [w / total for w in weights]
 
 
-def _quota(n_samples: int, fraction: float) -> int:
+def quota(n_samples: int, fraction: float) -> int:
     """``floor(n_samples * fraction)``, robust to the product landing just below an integer."""
     x = n_samples * fraction
     return math.floor(x + _QUOTA_REL_SLACK * max(1.0, x))
 
 
-def _fit_thresholds(confidences: np.ndarray, pi: Sequence[float]) -> list[Any]:
+def fit_thresholds(confidences: np.ndarray, pi: Sequence[float]) -> list[Any]:
     """Greedy validation-set thresholds; returns ``K-1`` numpy scalars in ``confidences.dtype``."""
     n_exits, n = confidences.shape
     unassigned = np.ones(n, dtype=bool)
     inf = confidences.dtype.type(np.inf)
     thresholds: list[Any] = []
     for k in range(n_exits - 1):
-        quota = _quota(n, pi[k])
+        n_k = quota(n, pi[k])
         remaining = confidences[k, unassigned]
-        if quota == 0 or remaining.size < quota:
+        if n_k == 0 or remaining.size < n_k:
             threshold = inf
         else:
-            # The quota-th largest remaining confidence (1-based, descending order).
-            pos = remaining.size - quota
+            # The n_k-th largest remaining confidence (1-based, descending order).
+            pos = remaining.size - n_k
             threshold = np.partition(remaining, pos)[pos]
             unassigned &= ~(confidences[k] >= threshold)
         thresholds.append(threshold)
@@ -304,7 +313,7 @@ def budgeted_sweep(
     vl = _check_labels(val_labels, "val_labels", "val_probs", tuple(vp.shape))
     tl = _check_labels(test_labels, "test_labels", "test_probs", tuple(tp.shape))
     costs = _check_costs(exit_costs, vp.shape[0])
-    ps = _check_p_values(p_values)
+    ps = check_p_values(p_values)
 
     n_exits = vp.shape[0]
     val_conf, val_pred = vp.max(axis=2), vp.argmax(axis=2)
@@ -312,8 +321,8 @@ def budgeted_sweep(
 
     results: list[dict[str, Any]] = []
     for p in ps:
-        pi = _exit_distribution(p, n_exits)
-        thresholds = [float(t) for t in _fit_thresholds(val_conf, pi)]
+        pi = exit_distribution(p, n_exits)
+        thresholds = [float(t) for t in fit_thresholds(val_conf, pi)]
         val_acc, val_cost, val_frac = _evaluate(assign_exits(val_conf, thresholds), val_pred, vl, costs)
         test_acc, test_cost, test_frac = _evaluate(assign_exits(test_conf, thresholds), test_pred, tl, costs)
         results.append(

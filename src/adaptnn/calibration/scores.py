@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..policies import ThresholdPolicy
-from .budgeted import _fit_thresholds, _quota, assign_exits
+from .budgeted import assign_exits, fit_thresholds, quota
 
 __all__ = [
     "ExitScores",
@@ -144,9 +144,9 @@ def p_path(scores: np.ndarray, p_values: Sequence[float] = DENSE_P_VALUES) -> li
     for p in p_values:
         weights = np.asarray([p**k for k in range(1, n_exits + 1)], dtype=np.float64)
         pi = (weights / weights.sum()).tolist()
-        if not any(_quota(n, f) for f in pi[:-1]):
+        if not any(quota(n, f) for f in pi[:-1]):
             continue
-        thresholds = [float(t) for t in _fit_thresholds(scores, pi)]
+        thresholds = [float(t) for t in fit_thresholds(scores, pi)]
         key = tuple(thresholds)
         if key not in seen:
             seen.add(key)

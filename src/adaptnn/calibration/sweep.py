@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor
 
 from ..policies import ThresholdPolicy
-from .budgeted import DEFAULT_P_VALUES, _check_p_values, _exit_distribution, _fit_thresholds
+from .budgeted import DEFAULT_P_VALUES, check_p_values, exit_distribution, fit_thresholds
 from .scores import check_costs, exit_scores, split_figures
 
 __all__ = ["policy_sweep", "flat_curve"]
@@ -47,11 +47,11 @@ def policy_sweep(
     val = exit_scores(policy, val_logits, val_labels)
     test = exit_scores(policy, test_logits, test_labels)
     costs = check_costs(exit_costs, val.num_exits)
-    ps = _check_p_values(p_values if p_values is not None else DEFAULT_P_VALUES)
+    ps = check_p_values(p_values if p_values is not None else DEFAULT_P_VALUES)
     out: list[dict[str, Any]] = []
     for p in ps:
-        pi = _exit_distribution(p, val.num_exits)
-        thresholds = [float(t) for t in _fit_thresholds(val.scores, pi)]
+        pi = exit_distribution(p, val.num_exits)
+        thresholds = [float(t) for t in fit_thresholds(val.scores, pi)]
         v = split_figures(val, thresholds, costs)
         t = split_figures(test, thresholds, costs)
         out.append(
