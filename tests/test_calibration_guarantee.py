@@ -18,7 +18,7 @@ from adaptnn.calibration import (
     split_figures,
 )
 from adaptnn.calibration.budgeted import assign_exits
-from adaptnn.calibration.guarantee import _losses_from_exits as _losses
+from adaptnn.calibration.guarantee import losses_from_exits as _losses
 from adaptnn.policies import ConfidencePolicy, EntropyPolicy
 
 COSTS = [1.0, 2.0, 3.0]

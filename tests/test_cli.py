@@ -23,7 +23,7 @@ def test_quickstart_writes_report(quick_run, capsys):
     assert all(a["macs"] < b["macs"] for a, b in itertools.pairwise(report["anytime"]))
     assert len(report["budgeted"]) == 39
     for point in report["budgeted"]:
-        assert {"p", "thresholds", "val_accuracy", "test_accuracy", "avg_cost", "exit_fractions"} <= set(point)
+        assert {"p", "thresholds", "val_accuracy", "test_accuracy", "avg_macs", "exit_fractions"} <= set(point)
     op = report["operating_point"]
     real, sim = op["realised"], op["simulated"]
     assert {"accuracy", "avg_macs", "exit_fractions", "wall_time_s", "full_model_wall_time_s"} <= set(real)
@@ -34,7 +34,7 @@ def test_quickstart_writes_report(quick_run, capsys):
     # the chosen point is the budgeted sweep's point with that p
     chosen = next(b for b in report["budgeted"] if b["p"] == op["p"])
     assert chosen["test_accuracy"] == pytest.approx(sim["accuracy"])
-    assert chosen["avg_cost"] == pytest.approx(sim["avg_macs"])
+    assert chosen["avg_macs"] == pytest.approx(sim["avg_macs"])
     split = json.loads((quick_run / "splits.json").read_text())
     assert len(split["val_indices"]) == 300
 

@@ -7,7 +7,7 @@ from torch import nn
 from adaptnn import ConfidencePolicy, ConfigError, InputError, StagedModel, create_model
 from adaptnn.policies import PatiencePolicy, simulate_exits
 from adaptnn.runtime import EagerStages, oracle_loop
-from adaptnn.runtime.cuda_graphs import GraphedModel, power_of_two_buckets
+from adaptnn.runtime.cuda_graphs import GraphedModel
 from helpers import TupleSegment, randomise_stats
 
 
@@ -32,14 +32,6 @@ MODELS = {
     "msdnet": lambda: randomise_stats(create_model("msdnet_test_tiny")).double().eval(),
     "tuple_state": _tuple_model,
 }
-
-
-def test_power_of_two_buckets():
-    assert power_of_two_buckets(1) == [1]
-    assert power_of_two_buckets(8) == [1, 2, 4, 8]
-    assert power_of_two_buckets(12) == [1, 2, 4, 8, 12]
-    with pytest.raises(ConfigError):
-        power_of_two_buckets(0)
 
 
 @pytest.mark.parametrize("mode", ["fused", "fused_speculative", "loop"])

@@ -65,4 +65,4 @@ def test_latency_budget_from_the_runs_profile(tmp_path):
     budget = (per_exit[0] + per_exit[-1]) / 2
     calibration = calibrate_run(tmp_path, budget_ms=budget, progress=False)
     assert calibration["calibrator"]["method"] == "latency_budget"
-    assert calibration["calibrator"]["val"]["avg_cost"] <= budget + 1e-9
+    assert calibration["calibrator"]["val"]["avg_latency_ms"] <= budget + 1e-9

@@ -1,10 +1,13 @@
-"""Speed benchmark mechanics (no timing assertions) and layout-preserving compaction."""
+"""Speed benchmark mechanics (no timing assertions), the timing engine, the realised run and compaction."""
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from adaptnn import ConfidencePolicy, ConfigError, create_model, simulate_exits
-from adaptnn.measure.speed import bench_policy, full_model_macs, thresholds_for_macs_fraction
+from adaptnn.evaluation import realised_run
+from adaptnn.measure.speed import bench_policy, full_model_macs, latency_percentiles, thresholds_for_macs_fraction
+from adaptnn.measure.timing import interleaved_medians
 from adaptnn.runtime import index_state
 from adaptnn.runtime.cost import cost_breakdown
 
@@ -45,6 +48,38 @@ def test_bench_policy_reports_consistent_figures():
         # realised speedup decomposes exactly into the hardware part and the engine part
         assert entry["realised_speedup"] == pytest.approx(entry["time_ideal_speedup"] * entry["engine_efficiency"])
     assert set(result["results"][0]["latency_ms"]) == {"full", "dynamic", "dynamic_by_exit_median"}
+
+
+def test_timing_engine_interleaves_in_rotating_order():
+    calls = []
+    variants = {name: (lambda batch, name=name: calls.append((name, batch))) for name in "abc"}
+    medians = interleaved_medians(variants, ["x", "y"], rounds=2, warmup_s=0.0, warmup_batches=1)
+    assert calls[:3] == [("a", "x"), ("b", "x"), ("c", "x")]  # warm-up: every variant on the first batch, once
+    timed = calls[3:]
+    assert timed[:6] == [("a", "x"), ("b", "x"), ("c", "x"), ("b", "y"), ("c", "y"), ("a", "y")]
+    assert timed[6:] == [("b", "x"), ("c", "x"), ("a", "x"), ("c", "y"), ("a", "y"), ("b", "y")]
+    assert set(medians) == {"a", "b", "c"} and all(len(m) == 2 and min(m) >= 0 for m in medians.values())
+    assert interleaved_medians(variants, [], rounds=3) == {"a": [], "b": [], "c": []}
+
+
+def test_latency_percentiles_group_dynamic_times_by_exit():
+    lat = latency_percentiles([1.0, 1.0, 1.0], [0.5, 2.0, 1.0], [0, 3, 0])
+    assert lat["full"]["p50"] == 1.0 and lat["dynamic"]["p50"] == 1.0
+    assert lat["dynamic_by_exit_median"] == {"0": 0.75, "3": 2.0}
+
+
+def test_realised_run_takes_figures_from_run_dynamic_and_times_with_the_engine():
+    model = create_model("mecnn_digits", widths=[4, 8, 8, 16]).eval()
+    x, y = torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,))
+    policy = ConfidencePolicy([0.1001, 0.1001, 0.1001])
+    real = realised_run(model, TensorDataset(x, y), policy, batch_size=8, rounds=1, warmup_s=0.0)
+    sim_exit, sim_logits = simulate_exits(policy, torch.stack(model.forward_all(x)))
+    assert torch.equal(real["exit_index"], sim_exit)
+    assert real["accuracy"] == float((sim_logits.argmax(-1) == y).double().mean())
+    assert real["avg_macs"] == pytest.approx(float(model.exit_costs(x)[sim_exit].mean()))
+    assert real["wall_time_s"] > 0 and real["full_model_wall_time_s"] > 0
+    assert real["speedup"] == real["full_model_wall_time_s"] / real["wall_time_s"]
+    assert (real["rounds"], real["warmup_s"], real["batch_size"]) == (1, 0.0, 8)
 
 
 def test_oracle_plan_runs_each_segment_on_the_samples_that_reach_it():

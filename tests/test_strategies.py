@@ -110,6 +110,14 @@ def test_boost_policy_in_run_dynamic_matches_simulation():
     torch.testing.assert_close(out.logits, ensembles[out.exit_index, torch.arange(64)])
 
 
+def test_policy_spec_names_the_matching_policy():
+    assert get("joint").policy_spec() == ("confidence", {})
+    assert get("boost", r=0.25).policy_spec() == ("boosted", {"r": 0.25})
+    policy = get("boost", r=0.25).policy([0.5, None])
+    assert policy.to_dict() == {"name": "boosted", "thresholds": [0.5, float("inf")], "temperatures": None, "r": 0.25}
+    assert get("distill").policy([0.7]).to_dict()["name"] == "confidence"
+
+
 def test_gradient_equilibrium_rescales_trunk_gradients():
     torch.manual_seed(0)
     model = _mlp_model(num_exits=3)
@@ -176,15 +184,15 @@ def test_l2w_meta_step_and_backbone_step_without_model_copies(monkeypatch):
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ctx = StepContext(model=model, forward=model.forward_all, lr=0.1, step=0, epoch=0)
-    loss = strategy.training_loss(ctx, x, y)
+    out = strategy.training_step(ctx, x, y)
     optimizer.zero_grad()
-    loss.backward()
+    out.loss.backward()
     optimizer.step()
     assert not torch.equal(model.heads[0].weight, model_before["heads.0.weight"])
     weights = strategy.sample_weights(torch.rand(32, 3)).detach()
     torch.testing.assert_close(weights.mean(0), torch.ones(3))  # centred: each exit's mean weight is 1
     assert float(weights.min()) >= 0.0 and float(weights.std()) > 0
-    assert set(strategy.epoch_metrics()) == {"l2w_meta_loss", "l2w_weight_std"}
+    assert set(out.metrics) == {"l2w_meta_loss", "l2w_weight_std"}
 
 
 @pytest.mark.parametrize("name", ["joint", "distill", "boost", "imta", "l2w", "frozen"])

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from adaptnn.errors import ConfigError
+from adaptnn.errors import AdaptnnError, ConfigError, DivergedLossError
 from adaptnn.runtime import InputSpec, StagedModel
+from adaptnn.strategies import JointLoss, StepOutput
 from adaptnn.training import TrainConfig, Trainer, micro_batch_indices
 
 
@@ -74,6 +75,33 @@ def test_channels_last_bf16_and_option_errors(tmp_path):
         Trainer(_model(), _data(), _config(precision="fp16"), tmp_path)
     with pytest.raises(ConfigError, match="global batch"):
         Trainer(_model(), _data(), _config(batch_size=2, grad_accum_steps=4), tmp_path)
+
+
+def test_diverged_loss_is_its_own_error(tmp_path):
+    def nan_loss(exit_logits, targets):
+        return sum(lg.sum() for lg in exit_logits) * float("nan")
+
+    with pytest.raises(DivergedLossError, match="lower train.lr") as info:
+        Trainer(_model(), _data(), _config(epochs=1), tmp_path, loss_fn=nan_loss).fit()
+    assert isinstance(info.value, AdaptnnError)  # the CLI prints it as one line
+
+
+class _CountingLoss(JointLoss):
+    """Joint loss reporting the micro-batch size (a tensor) and the step (a float), the latter on odd steps."""
+
+    def training_step(self, ctx, x, y):
+        metrics = {"batch": torch.tensor(float(len(y)))}
+        if ctx.step % 2:
+            metrics["odd_step"] = float(ctx.step)
+        return StepOutput(super().training_step(ctx, x, y).loss, metrics)
+
+
+def test_trainer_averages_the_strategies_step_metrics(tmp_path):
+    cfg = _config(epochs=2, grad_accum_steps=2)  # 4 steps of 2 micro-batches (16 samples) per epoch
+    history = Trainer(_model(), _data(), cfg, tmp_path, loss_fn=_CountingLoss()).fit()
+    assert [(h["batch"], h["odd_step"]) for h in history] == [(16.0, 2.0), (16.0, 6.0)]  # mean of 1, 3 and 5, 7
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["odd_step"] for line in lines] == [2.0, 6.0]
 
 
 def test_tensorboard_scalars_or_clear_error(tmp_path):

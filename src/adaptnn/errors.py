@@ -47,5 +47,8 @@ class DivergedLossError(AdaptnnError, ArithmeticError):
     """The training loss became NaN or infinite (learning rate too high, or non-finite inputs)."""
 
 
-class UnsupportedModelError(AdaptnnError, TypeError):
-    """A backbone's structure cannot be turned into a staged model (e.g. a custom forward an adapter cannot split)."""
+class UnsupportedModelError(ConfigError):
+    """A backbone's structure cannot be turned into a staged model (e.g. a custom forward an adapter cannot split).
+
+    A configuration error (the user asked for a model adaptnn cannot wrap), so ``except ConfigError`` catches it.
+    """

@@ -1,9 +1,11 @@
-"""Building blocks shared by the adapters: module shells, shape tracing, stage exits, assembly.
+"""Building blocks shared by the adapters: module shells, shape tracing, exit placement, assembly, the lossless check.
 
 An adapter turns a model that computes ``head(units[-1](...units[0](x)))`` into a
-:class:`~adaptnn.staged.StagedModel`: the *units* (stem, stages, blocks) are grouped into segments that end
-where an exit sits, intermediate exits get a head from :func:`adaptnn.heads.make_head`, and the last exit is
-the original model's own classifier, so the wrapped model's last exit returns the original logits exactly.
+:class:`~adaptnn.runtime.StagedModel`: the *units* (stem, stages, blocks) are grouped into segments that end
+where an exit sits, intermediate exits get a head from :func:`adaptnn.layers.heads.make_head`, and the last
+exit is the original model's own classifier, so the wrapped model's last exit returns the original logits
+exactly. Every adapter places its exits with :func:`resolve_exits` (the one meaning of ``exits=``) and proves
+the cut lossless with :func:`check_last_exit`.
 
 The wrapped model shares its modules (and so its weights) with the original; nothing is copied.
 """
@@ -17,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ..layers.heads import make_head
 from ..runtime.staged import InputSpec, StagedModel
 
@@ -29,6 +31,8 @@ __all__ = [
     "stage_ends",
     "resolve_exits",
     "assemble",
+    "check_last_exit",
+    "default_head",
 ]
 
 
@@ -106,28 +110,66 @@ def stage_ends(shapes: Sequence[tuple[int, ...]], input_hw: int, min_reduction: 
     return ends
 
 
-def resolve_exits(exits: object, candidates: Sequence[int], num_units: int, what: str) -> list[int]:
-    """Unit indices after which exits sit, from ``"stages"`` (all candidates) or a list of candidate positions.
+def resolve_exits(
+    exits: str | int | Sequence[int], positions: Sequence[int], what: str, *, stages: Sequence[int] | None = None
+) -> list[int]:
+    """Where the exits sit: the one meaning of the ``exits=`` argument of every adapter (timm, torchvision, HF).
+
+    An adapter lists the *positions* where an exit can sit, in order: the stage ends of a CNN (the last unit
+    at each resolution with a reduction of 4 or more), the blocks of a vision transformer, the layers of a
+    text encoder. The last position is the end of the backbone: its exit is the original model's own
+    classifier, always present. ``exits`` chooses the exits before it:
+
+    * ``"stages"`` (the default of every adapter): one exit per stage of the backbone. CNNs: every stage end;
+      vision transformers: after each quarter of the blocks (4 exits); text encoders: after every layer.
+    * ``"all"``: every position (same as ``"stages"`` for CNNs and text encoders).
+    * an int ``N``: every N-th position (positions ``N-1, 2N-1, ...``). Only for stacks of equal blocks or
+      layers (vision transformers, text encoders); a CNN's stages differ, so it is refused there.
+    * a list of position indices, 0-based. The last position may be listed (its exit is there anyway);
+      negative indices count back from the exits *before* it (``-1`` is the position just before the
+      original classifier), as the last one needs no choosing.
 
     Args:
-        exits: ``"stages"`` or a list of 0-based positions into ``candidates`` (negative counts from the end).
-        candidates: unit indices that may carry an exit (stage ends), increasing.
-        num_units: number of units; the last unit always carries the final exit.
-        what: word for the candidates in error messages (``"stage"``, ``"block"``).
+        exits: the user's choice, as above.
+        positions: unit index of each position, increasing; the last is the unit the original classifier reads.
+        what: what a position is: ``"stage"`` (CNN; an int ``exits`` is refused), ``"block"`` or ``"layer"``.
+        stages: indices into ``positions`` that ``"stages"`` selects (default: all of them).
+
+    Returns:
+        The unit indices after which exits sit, increasing, ending with ``positions[-1]``.
     """
-    if exits == "stages" or exits == "all":
-        chosen = list(candidates)
-    elif isinstance(exits, Sequence) and not isinstance(exits, str) and all(isinstance(e, int) for e in exits):
-        n = len(candidates)
-        bad = [e for e in exits if not -n <= e < n]
+    count = len(positions)
+    if exits == "all":
+        chosen = set(range(count))
+    elif exits == "stages":
+        chosen = set(range(count) if stages is None else stages)
+    elif isinstance(exits, int) and not isinstance(exits, bool):
+        if what == "stage":
+            raise ConfigError(
+                f"exits={exits}: an int (one exit every N blocks or layers) is for vision transformers and text "
+                "encoders; this model has stages: use 'stages' or a list of stage indices"
+            )
+        if exits < 1:
+            raise ConfigError(f"exits={exits}: an int means one exit every N {what}s, N >= 1")
+        chosen = set(range(exits - 1, count, exits))
+    elif isinstance(exits, Sequence) and not isinstance(exits, str) and all(_is_int(e) for e in exits):
+        bad = [e for e in exits if not -(count - 1) <= e < count]
         if bad:
-            raise ConfigError(f"exits {list(exits)}: {what} indices {bad} out of range; this model has {n} {what}s")
-        chosen = sorted({candidates[e] for e in exits})
+            back = f", or -1..-{count - 1} counting back from the one before the last" if count > 1 else ""
+            raise ConfigError(
+                f"exits {list(exits)}: {what} indices {bad} out of range; this model has {count} {what}s "
+                f"(0..{count - 1}{back})"
+            )
+        chosen = {e if e >= 0 else count - 1 + e for e in exits}
     else:
-        raise ConfigError(f"exits must be 'stages' or a list of {what} indices, got {exits!r}")
-    if not chosen or chosen[-1] != num_units - 1:
-        chosen.append(num_units - 1)
-    return chosen
+        raise ConfigError(
+            f"exits must be 'stages', 'all', an int (every N {what}s) or a list of {what} indices, got {exits!r}"
+        )
+    return [positions[i] for i in sorted(chosen | {count - 1})]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def assemble(
@@ -162,3 +204,45 @@ def default_head(family: str, head: str, head_kwargs: dict | None) -> Callable[[
     kind = family if head == "default" else head
     kwargs = dict(head_kwargs or {})
     return lambda in_features, num_classes: make_head(kind, in_features, num_classes, **kwargs)
+
+
+def check_last_exit(
+    original: nn.Module,
+    staged: StagedModel,
+    x: Tensor,
+    *,
+    reference: Callable[[Tensor], Tensor] | None = None,
+    hint: str = "",
+) -> None:
+    """The lossless check of every adapter: the staged model's last exit must equal the original model exactly.
+
+    Both run on ``x`` in eval mode without gradients (their train/eval modes are restored afterwards): the
+    original as ``reference(x)`` (default ``original(x)``), the staged model through every segment and only
+    its last head. Raises :class:`~adaptnn.errors.UnsupportedModelError` when the logits differ at all: the
+    cut changed what the model computes, so the architecture cannot be wrapped this way.
+
+    Args:
+        original: the model that was cut.
+        staged: the staged model built from its modules.
+        x: a small input batch on the model's device (the staged model's input spec is not checked).
+        reference: how to call the original and get its logits (e.g. keyword inputs, ``.logits``).
+        hint: what probably went wrong, appended to the message.
+    """
+    last = staged.num_exits - 1
+    was_training = (original.training, staged.training)
+    original.eval()
+    staged.eval()
+    try:
+        with torch.no_grad():
+            ref = original(x) if reference is None else reference(x)
+            got = staged.walk(x, head=lambda k, head, state: head(state) if k == last else None)[-1]
+    finally:
+        original.train(was_training[0])
+        staged.train(was_training[1])
+    if ref.shape == got.shape and torch.equal(ref, got):
+        return
+    diff = f"max diff {(ref - got).abs().max().item():.3g}" if ref.shape == got.shape else f"shape {list(got.shape)}"
+    raise UnsupportedModelError(
+        f"cutting {type(original).__name__} into segments changes its last exit's logits ({diff}, expected shape "
+        f"{list(ref.shape)}){': ' + hint if hint else ''}; this architecture is not supported"
+    )

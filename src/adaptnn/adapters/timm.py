@@ -1,23 +1,26 @@
 """Exits for timm models: CNNs at stage boundaries, ViT/DeiT every few blocks.
 
-``from_timm("resnet50", exits="stages")`` builds a :class:`~adaptnn.staged.StagedModel` whose last exit is the
+``from_timm("resnet50", exits="stages")`` builds a :class:`~adaptnn.runtime.StagedModel` whose last exit is the
 timm model's own ``forward_head`` (so its logits equal the original model's, bit for bit) and whose earlier
-exits are new heads from :func:`adaptnn.heads.make_head`.
+exits are new heads from :func:`adaptnn.layers.heads.make_head`.
 
 How a model is cut:
 
 * **CNNs** (ResNet, ConvNeXt, EfficientNet, MobileNetV3, RegNet, ... anything whose ``forward_features``
   applies its top-level children one after the other): the children are flattened into units down to the
-  modules named in timm's ``feature_info``; ``exits="stages"`` puts an exit after every ``feature_info``
-  entry with a reduction of 4 or more (the stem gets none) but the last, whose exit is the original
-  classifier. The chain is checked against
-  ``forward_features`` on a small random input when the model is wrapped; a model that does more than
-  chaining its children is refused rather than wrapped wrongly.
+  modules named in timm's ``feature_info``; the exit positions are the ``feature_info`` entries with a
+  reduction of 4 or more (the stem gets none), the last one being the original classifier.
 * **Vision transformers** (timm's ``VisionTransformer`` and subclasses such as DeiT and distilled DeiT): the
   embedding (patches, class/register tokens, positions) is the first unit, then one unit per block, then the
-  final norm. ``exits="stages"`` gives 4 evenly spaced exits; an int N gives one every N blocks; a list gives
-  block indices. Intermediate heads read the class token (or mean-pool the patch tokens when the model pools
+  final norm; the exit positions are the blocks (the last block's exit is the original classifier, after the
+  final norm). Intermediate heads read the class token (or mean-pool the patch tokens when the model pools
   by average or has no class token).
+
+``exits=`` chooses among those positions as for every adapter (:func:`adaptnn.adapters._common.resolve_exits`):
+``"stages"`` (default) is every stage end of a CNN and 4 evenly spaced exits of a ViT. The last exit is checked
+against the original model on a random input when the model is wrapped
+(:func:`~adaptnn.adapters._common.check_last_exit`): a model whose forward does more than chaining its
+children is refused with :class:`~adaptnn.errors.UnsupportedModelError` rather than wrapped wrongly.
 
 timm is an optional dependency: ``pip install 'adaptnn[timm]'``. Nothing is downloaded unless
 ``pretrained=True`` is passed (timm then fetches weights the usual way).
@@ -31,10 +34,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ..models._registry import create_model, register_model
 from ..runtime.staged import InputSpec, StagedModel
-from ._common import ShellCall, assemble, default_head, require, resolve_exits, shell
+from ._common import ShellCall, assemble, check_last_exit, default_head, require, resolve_exits, shell
 
 __all__ = ["from_timm", "wrap_timm", "timm_staged"]
 
@@ -58,14 +61,16 @@ def timm_staged(
 
     Args:
         arch: timm model name, e.g. ``"resnet50"``, ``"convnext_tiny"``, ``"deit_small_patch16_224"``.
-        exits: ``"stages"``, a list of stage (CNN) or block (ViT) indices, or (ViT) an int N for every N blocks.
+        exits: where the exits sit, as for every adapter (see :func:`adaptnn.adapters._common.resolve_exits`):
+            ``"stages"``, ``"all"``, an int N (ViT: every N blocks) or a list of stage (CNN) / block (ViT) indices.
         num_classes: classes of every exit (the timm classifier is built with this many).
         pretrained: load timm's pretrained weights (downloads them; off by default).
         input_size: one sample's shape ``(3, H, W)``; default: the model's pretrained config.
         head: head kind for the intermediate exits (``"default"``: pool+linear for CNNs, token head for ViTs).
-        head_kwargs: options of that head (see :func:`adaptnn.heads.make_head`).
+        head_kwargs: options of that head (see :func:`adaptnn.layers.heads.make_head`).
         timm_kwargs: extra keyword arguments of ``timm.create_model`` (e.g. ``{"img_size": 64}``).
-        verify: check the cut against the original ``forward_features`` on a random input.
+        verify: check the last exit against the original model on a random input (see
+            :func:`~adaptnn.adapters._common.check_last_exit`).
     """
     timm = require("timm", "timm")
     try:
@@ -118,7 +123,9 @@ def wrap_timm(
 ) -> StagedModel:
     """Cut an instantiated timm model into a staged model (shares its modules). See :func:`timm_staged`."""
     if not hasattr(model, "forward_head") or not hasattr(model, "forward_features"):
-        raise ConfigError(f"{type(model).__name__} is not a timm classification model (no forward_features/head)")
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a timm classification model (no forward_features/forward_head)"
+        )
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     if num_classes < 1:
         raise ConfigError("the timm model has no classifier (num_classes=0); create it with num_classes > 0")
@@ -135,20 +142,25 @@ def wrap_timm(
     model.eval()
     try:
         if vit:
-            units, candidates, head_for, exits = _vit_units(model, exits, head, head_kwargs, num_classes)
-            trunk, what = set(_VIT_TRUNK), "block"
+            units, head_for, trunk = _vit_units(model, head, head_kwargs, num_classes)
+            depth = len(model.blocks)
+            positions = list(range(1, depth)) + [len(units) - 1]  # blocks (unit 0 is the embedding); the final norm
+            exit_units = resolve_exits(exits, positions, "block", stages=_quarters(depth))
         else:
-            if isinstance(exits, int) and not isinstance(exits, bool):
-                raise ConfigError("an int exits (one exit every N blocks) is for vision transformers; use 'stages'")
             units, candidates, head_for, trunk = _cnn_units(model, head, head_kwargs, num_classes, input_size)
-            what = "stage"
-        exit_units = resolve_exits(exits, candidates, len(units), what)
+            exit_units = resolve_exits(exits, [*candidates, len(units) - 1], "stage")
         final_head = ShellCall(shell(model, set(model._modules) - trunk, keep_direct_tensors=False), "forward_head")
         staged = assemble(
             units, exit_units, final_head, head_for, input_spec=InputSpec(input_size), num_classes=num_classes
         )
         if verify:
-            _verify(model, staged, input_size)
+            x = torch.randn((1, *input_size), generator=torch.Generator().manual_seed(0))
+            check_last_exit(
+                model,
+                staged,
+                x.to(next(model.parameters()).device),
+                hint="its forward does more than chain its children, which the timm adapter needs",
+            )
     finally:
         model.train(was_training)
     staged.train(was_training)
@@ -159,7 +171,7 @@ def _cnn_units(model: nn.Module, head: str, head_kwargs: dict | None, num_classe
     """Units of a CNN whose forward_features chains its children, stage-end unit indices, head builder, trunk."""
     feature_info = getattr(model, "feature_info", None)
     if not feature_info:
-        raise ConfigError(f"{type(model).__name__} has no feature_info: cannot place stage exits")
+        raise UnsupportedModelError(f"{type(model).__name__} has no feature_info: cannot place stage exits")
     feature_names = [f["module"] for f in feature_info]
     # which top-level children forward_features calls, in call order, and their output shapes (meta copy)
     meta = copy.deepcopy(model).to("meta")
@@ -179,7 +191,9 @@ def _cnn_units(model: nn.Module, head: str, head_kwargs: dict | None, num_classe
     top = set(model._modules)
     order = [n for n in order if n in top]
     if len(order) != len(set(order)):
-        raise ConfigError(f"{type(model).__name__}.forward_features calls a child twice ({order}): cannot cut it")
+        raise UnsupportedModelError(
+            f"{type(model).__name__}.forward_features calls a child twice ({order}): cannot cut it"
+        )
 
     names: list[str] = []
     units: list[nn.Module] = []
@@ -198,11 +212,13 @@ def _cnn_units(model: nn.Module, head: str, head_kwargs: dict | None, num_classe
     stage_chs: dict[int, int] = {}
     for f in feature_info:
         if f["module"] not in names:
-            raise ConfigError(f"feature module {f['module']!r} of {type(model).__name__} is not a unit of its chain")
+            raise UnsupportedModelError(
+                f"feature module {f['module']!r} of {type(model).__name__} is not a unit of its chain"
+            )
         if f.get("reduction", 1) >= 4:
             shape = shapes.get(f["module"], ())
             if len(shape) != 3 or shape[0] != int(f["num_chs"]):
-                raise ConfigError(
+                raise UnsupportedModelError(
                     f"{type(model).__name__}: feature {f['module']!r} has shape {list(shape)}, not [channels, h, w] "
                     f"with {f['num_chs']} channels; only NCHW CNNs are supported"
                 )
@@ -225,26 +241,10 @@ class _ViTEmbed(nn.Module):
         return v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
 
 
-def _vit_units(model: nn.Module, exits: object, head: str, head_kwargs: dict | None, num_classes: int):
-    """Units of a timm ViT (embedding, blocks, final norm), candidate exit units, head builder, exit positions."""
+def _vit_units(model: nn.Module, head: str, head_kwargs: dict | None, num_classes: int):
+    """Units of a timm ViT (embedding, blocks, final norm), head builder, trunk module names."""
     embed = _ViTEmbed(shell(model, {"patch_embed", "pos_drop", "patch_drop", "norm_pre"}))
-    blocks = list(model.blocks)
-    depth = len(blocks)
-    units = [embed, *blocks, model.norm]
-    if isinstance(exits, int) and not isinstance(exits, bool):
-        if exits < 1:
-            raise ConfigError(f"exits={exits}: an int means one exit every N blocks, N >= 1")
-        block_ids = list(range(exits - 1, depth - 1, exits))
-    elif exits == "stages":
-        block_ids = sorted({max(0, round(depth * k / 4) - 1) for k in (1, 2, 3)})
-    elif isinstance(exits, Sequence) and not isinstance(exits, str) and all(isinstance(e, int) for e in exits):
-        bad = [e for e in exits if not -depth <= e < depth]
-        if bad:
-            raise ConfigError(f"exits {list(exits)}: block indices {bad} out of range; this model has {depth} blocks")
-        block_ids = sorted({e % depth for e in exits} - {depth - 1})  # the last block carries the final exit
-    else:
-        raise ConfigError(f"exits must be 'stages', an int (every N blocks) or a list of block indices, got {exits!r}")
-    candidates = [b + 1 for b in range(depth - 1)]  # unit index of block b (the embedding is unit 0)
+    units = [embed, *model.blocks, model.norm]
     dim = int(model.embed_dim)
     has_cls = getattr(model, "cls_token", None) is not None
     pool = "cls" if has_cls and getattr(model, "global_pool", "token") in ("token", "map") else "mean"
@@ -253,24 +253,9 @@ def _vit_units(model: nn.Module, exits: object, head: str, head_kwargs: dict | N
         options = {"pool": pool, "num_prefix_tokens": int(getattr(model, "num_prefix_tokens", 1))}
     options.update(head_kwargs or {})
     make = default_head("vit", head, options)
-    return units, candidates, lambda i: make(dim, num_classes), block_ids
+    return units, lambda i: make(dim, num_classes), set(_VIT_TRUNK)
 
 
-def _verify(model: nn.Module, staged: StagedModel, input_size: tuple) -> None:
-    """The staged model's last exit must equal the original model on a random input (eval mode)."""
-    size = input_size
-    gen = torch.Generator().manual_seed(0)
-    device = next(model.parameters()).device
-    x = torch.randn((1, *size), generator=gen).to(device)
-    with torch.no_grad():
-        ref = model(x)
-        state = x
-        for segment in staged.segments:
-            state = segment(state)
-        got = staged.heads[-1](state)
-    if not torch.equal(ref, got):
-        raise ConfigError(
-            f"cutting {type(model).__name__} into stages changes its output (max diff "
-            f"{(ref - got).abs().max().item():.3g}): its forward does more than chain its children; "
-            "this architecture is not supported by the timm adapter"
-        )
+def _quarters(depth: int) -> list[int]:
+    """Blocks ending each quarter of a ViT of ``depth`` blocks: its ``"stages"`` (4 exits, the last the classifier)."""
+    return sorted({max(0, round(depth * k / 4) - 1) for k in (1, 2, 3, 4)})

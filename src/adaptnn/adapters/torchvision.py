@@ -8,8 +8,11 @@ Supported families and how they are cut (units are run in order, then the origin
   average pooling, flatten and ``classifier``.
 * ``ConvNeXt``: the entries of ``features``; the classifier is ``avgpool`` then ``classifier``.
 
-``exits="stages"`` puts an exit after the last unit at each spatial resolution with a reduction of 4 or more
-(found by propagating shapes on the meta device), except the last, which is the original classifier.
+The exit positions are the stage ends: the last unit at each spatial resolution with a reduction of 4 or more
+(found by propagating shapes on the meta device); the last one's exit is the original classifier. ``exits=``
+chooses among them as for every adapter (:func:`adaptnn.adapters._common.resolve_exits`; default ``"stages"``:
+every stage end), and the last exit is checked against the original model when the model is wrapped
+(:func:`~adaptnn.adapters._common.check_last_exit`).
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ..models._registry import create_model, register_model
 from ..runtime.staged import InputSpec, StagedModel
-from ._common import assemble, default_head, resolve_exits, stage_ends, trace_shapes
+from ._common import assemble, check_last_exit, default_head, resolve_exits, stage_ends, trace_shapes
 
 __all__ = ["from_torchvision", "wrap_torchvision", "torchvision_staged"]
 
@@ -32,7 +35,7 @@ __all__ = ["from_torchvision", "wrap_torchvision", "torchvision_staged"]
 def torchvision_staged(
     *,
     arch: str = "resnet18",
-    exits: str | list[int] = "stages",
+    exits: str | int | list[int] = "stages",
     num_classes: int = 1000,
     weights: str | None = None,
     input_size: Sequence[int] = (3, 224, 224),
@@ -45,14 +48,16 @@ def torchvision_staged(
 
     Args:
         arch: torchvision model builder name, e.g. ``"resnet50"``, ``"mobilenet_v3_large"``.
-        exits: ``"stages"`` or a list of stage indices (0-based, negative from the end).
+        exits: where the exits sit, as for every adapter (see :func:`adaptnn.adapters._common.resolve_exits`):
+            ``"stages"`` (every stage end) or a list of stage indices.
         num_classes: classes of every exit.
         weights: torchvision weights name (e.g. ``"IMAGENET1K_V1"``; downloads them); default none.
         input_size: one sample's shape ``(3, H, W)``.
         head: head kind of the intermediate exits (``"default"``: pool + linear).
-        head_kwargs: options of that head (see :func:`adaptnn.heads.make_head`).
+        head_kwargs: options of that head (see :func:`adaptnn.layers.heads.make_head`).
         tv_kwargs: extra keyword arguments of the torchvision builder.
-        verify: check the cut against the original model on a random input.
+        verify: check the last exit against the original model on a random input (see
+            :func:`~adaptnn.adapters._common.check_last_exit`).
     """
     models = importlib.import_module("torchvision.models")
     if arch not in models.list_models(module=models):
@@ -64,12 +69,13 @@ def torchvision_staged(
 
 
 def from_torchvision(
-    model: str | nn.Module, exits: str | list[int] = "stages", num_classes: int | None = None, **kwargs: object
+    model: str | nn.Module, exits: str | int | list[int] = "stages", num_classes: int | None = None, **kwargs: object
 ) -> StagedModel:
     """Wrap a torchvision classifier (a builder name, or an instance you built/trained) with exits.
 
     A name goes through :func:`adaptnn.create_model` (``torchvision_staged``) so checkpoints can rebuild it; an
-    instance is wrapped in place (its modules and weights are shared, not copied).
+    instance is wrapped in place (its modules and weights are shared, not copied). ``exits``: see
+    :func:`torchvision_staged`.
     """
     if isinstance(model, str):
         return create_model(
@@ -87,7 +93,7 @@ def _family(model: nn.Module) -> str:
     for name in ("ResNet", "MobileNetV2", "MobileNetV3", "EfficientNet", "ConvNeXt"):
         if isinstance(model, getattr(tv, name)):
             return name
-    raise ConfigError(
+    raise UnsupportedModelError(
         f"the torchvision adapter supports ResNet, MobileNetV2/V3, EfficientNet and ConvNeXt, got "
         f"{type(model).__name__}"
     )
@@ -112,13 +118,16 @@ def _num_classes(head: nn.Module) -> int:
 def wrap_torchvision(
     model: nn.Module,
     *,
-    exits: str | list[int] = "stages",
+    exits: str | int | list[int] = "stages",
     input_size: Sequence[int] = (3, 224, 224),
     head: str = "default",
     head_kwargs: dict | None = None,
     verify: bool = True,
 ) -> StagedModel:
-    """Cut an instantiated torchvision classifier into a staged model (shares its modules)."""
+    """Cut an instantiated torchvision classifier into a staged model (shares its modules).
+
+    See :func:`torchvision_staged`.
+    """
     family = _family(model)
     input_size = tuple(int(s) for s in input_size)
     if len(input_size) != 3:
@@ -126,8 +135,8 @@ def wrap_torchvision(
     units, final_head = _units_and_head(model, family)
     num_classes = _num_classes(final_head)
     shapes = trace_shapes(units, input_size)
-    candidates = stage_ends(shapes, input_size[-1])[:-1]  # the last stage's exit is the original classifier
-    exit_units = resolve_exits(exits, candidates, len(units), "stage")
+    positions = stage_ends(shapes, input_size[-1])  # the last one's exit is the original classifier
+    exit_units = resolve_exits(exits, positions, "stage")
     make = default_head("cnn", head, head_kwargs)
     staged = assemble(
         units,
@@ -139,26 +148,7 @@ def wrap_torchvision(
     )
     staged.train(model.training)
     if verify:
-        _verify(model, staged, input_size)
-    return staged
-
-
-def _verify(model: nn.Module, staged: StagedModel, input_size: tuple) -> None:
-    was_training = model.training
-    model.eval()
-    staged.eval()
-    try:
-        size = (input_size[0], *(min(s, 64) for s in input_size[1:]))
+        size = (input_size[0], *(min(s, 64) for s in input_size[1:]))  # small: the check only needs some input
         x = torch.randn((1, *size), generator=torch.Generator().manual_seed(0))
-        x = x.to(next(model.parameters()).device)
-        with torch.no_grad():
-            ref = model(x)
-            state = x
-            for segment in staged.segments:
-                state = segment(state)
-            got = staged.heads[-1](state)
-    finally:
-        model.train(was_training)
-        staged.train(was_training)
-    if not torch.equal(ref, got):
-        raise ConfigError(f"cutting {type(model).__name__} changed its output: this variant is not supported")
+        check_last_exit(model, staged, x.to(next(model.parameters()).device))
+    return staged

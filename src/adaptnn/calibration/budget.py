@@ -24,7 +24,16 @@ from torch import Tensor
 
 from ..errors import BudgetError, ConfigError
 from ..policies import ThresholdPolicy
-from .scores import DENSE_P_VALUES, ExitScores, check_costs, exit_scores, exits_for_candidates, p_path, split_figures
+from .budgeted import (
+    DENSE_P_VALUES,
+    ExitScores,
+    check_costs,
+    exit_figures,
+    exits_for_candidates,
+    p_path,
+    split_figures,
+)
+from .scores import exit_scores
 
 __all__ = ["CalibrationResult", "calibrate_to_budget", "calibrate_to_latency"]
 
@@ -64,11 +73,9 @@ class CalibrationResult:
         }
 
 
-def _cost_std_error(es: ExitScores, thresholds: Sequence[float], costs: np.ndarray) -> float:
-    from .budgeted import assign_exits
-
-    per_sample = costs[assign_exits(es.scores, list(thresholds))]
-    return float(per_sample.std(ddof=1) / math.sqrt(len(per_sample))) if len(per_sample) > 1 else 0.0
+def _std_error(per_sample: np.ndarray) -> np.ndarray:
+    """Standard error of the mean over the last axis (``ddof=1``)."""
+    return per_sample.std(axis=-1, ddof=1) / math.sqrt(per_sample.shape[-1])
 
 
 def _budget_fit(
@@ -87,11 +94,9 @@ def _budget_fit(
         raise ConfigError(f"margin (in standard errors) must be finite and >= 0; got {margin!r}")
     candidates = p_path(val.scores, p_values)
     exits = exits_for_candidates(val.scores, candidates)  # [M, N]
-    per_sample = costs[exits]
-    cost = per_sample.mean(axis=1)
+    accuracy, cost, _ = exit_figures(val, exits, costs)
     if margin and val.size > 1:
-        cost = cost + margin * per_sample.std(axis=1, ddof=1) / math.sqrt(val.size)
-    accuracy = (np.take_along_axis(val.predictions, exits, axis=0) == val.labels).mean(axis=1)
+        cost = cost + margin * _std_error(costs[exits])
     feasible = np.flatnonzero(cost <= budget * (1 + 1e-12))
     if feasible.size == 0:
         i = int(np.argmin(cost))
@@ -105,7 +110,7 @@ def _budget_fit(
     best = max(feasible.tolist(), key=lambda j: (accuracy[j], -cost[j], -j))
     best_thr = candidates[best]
     figures = split_figures(val, best_thr, costs)
-    figures["avg_cost_std_error"] = _cost_std_error(val, best_thr, costs)
+    figures["avg_cost_std_error"] = float(_std_error(costs[exits[best]])) if val.size > 1 else 0.0
     return best_thr, figures, len(candidates)
 
 

@@ -34,6 +34,18 @@ Floating-point note: ``N_val * pi_k`` is computed in binary floating point and c
 integer it equals mathematically (e.g. ``K=2, p=0.2, N=18`` gives ``14.999999999999998`` instead of 15).
 The quota is therefore ``floor(N_val * pi_k + 1e-13 * max(1, N_val * pi_k))``: the slack is about a
 hundred times the rounding error of the product and far below any genuine fractional part.
+
+This module is the one engine of the protocol; every calibrator of :mod:`adaptnn.calibration` builds on it.
+The confidence may be any per-exit score (a policy's score, see :class:`ExitScores`); the rule is the same.
+
+* pieces: :func:`exit_distribution`, :func:`quota`, :func:`fit_thresholds`, and the exit rule
+  :func:`exits_for_candidates` (``M`` threshold vectors at once) with its checked one-vector form
+  :func:`assign_exits`;
+* figures of an exit assignment (accuracy, average cost, exit fractions): :func:`exit_figures`, and
+  :func:`split_figures` for one threshold vector;
+* candidates: :func:`p_path`, the distinct thresholds of a ``p`` grid plus the two extremes;
+* sweeps: :func:`sweep_splits` (the core), :func:`budgeted_sweep` (class probabilities in),
+  :func:`choose_operating_point`; label-free: :func:`thresholds_for_cost`.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,17 +62,34 @@ from adaptnn.errors import BudgetError, ConfigError
 
 __all__ = [
     "DEFAULT_P_VALUES",
+    "DENSE_P_VALUES",
+    "EXIT_ALL",
+    "ExitScores",
     "assign_exits",
     "budgeted_sweep",
+    "check_costs",
     "check_p_values",
     "choose_operating_point",
     "exit_distribution",
+    "exit_figures",
+    "exits_for_candidates",
     "fit_thresholds",
+    "p_path",
     "quota",
+    "split_figures",
+    "sweep_splits",
+    "thresholds_for_cost",
 ]
 
 #: Default sweep of the exit-distribution parameter ``p``: 0.05, 0.10, ..., 1.95.
 DEFAULT_P_VALUES: tuple[float, ...] = tuple(q / 20 for q in range(1, 40))
+
+#: Dense geometric grid of the exit-distribution parameter ``p`` used to build candidate threshold paths.
+DENSE_P_VALUES: tuple[float, ...] = tuple(float(p) for p in np.geomspace(0.01, 100.0, 161))
+
+#: A finite threshold below every score (float32's lowest value): "everyone exits here". Finite so that it
+#: survives strict JSON (``inf`` is written as ``null``, which reads back as "exit disabled").
+EXIT_ALL: float = float(np.finfo(np.float32).min)
 
 # Relative slack added to ``N * pi_k`` before flooring (see the module docstring).
 _QUOTA_REL_SLACK = 1e-13
@@ -89,6 +119,10 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
         raise ConfigError(f"{name} must be array-like; could not convert {type(x).__name__}: {exc}") from exc
 
 
+def _is_real(arr: np.ndarray) -> bool:
+    return arr.dtype != np.bool_ and (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer))
+
+
 def _check_probs(x: Any, name: str) -> np.ndarray:
     arr = _to_numpy(x, name)
     if arr.ndim != 3:
@@ -98,7 +132,7 @@ def _check_probs(x: Any, name: str) -> np.ndarray:
         raise ConfigError(
             f"{name} must have K >= 1 exits, N >= 1 samples and C >= 1 classes; got shape {tuple(arr.shape)}"
         )
-    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    if not _is_real(arr):
         raise ConfigError(f"{name} must hold real numbers; got dtype {arr.dtype}")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
@@ -125,22 +159,44 @@ def _check_labels(x: Any, name: str, probs_name: str, probs_shape: tuple[int, ..
     return arr.astype(np.int64, copy=False)
 
 
-def _check_costs(x: Any, n_exits: int) -> np.ndarray:
-    arr = _to_numpy(x, "exit_costs")
-    if arr.ndim != 1 or arr.shape[0] != n_exits:
+def _check_scores(x: Any, name: str) -> np.ndarray:
+    """A real ``[K, N]`` score matrix without NaN, in its own dtype."""
+    arr = _to_numpy(x, name)
+    if arr.ndim != 2 or arr.shape[0] < 1:
+        raise ConfigError(f"{name} must have shape [K, N] with K >= 1; got shape {tuple(arr.shape)}")
+    if not _is_real(arr):
+        raise ConfigError(f"{name} must hold real numbers; got dtype {arr.dtype}")
+    if np.any(np.isnan(arr)):
+        raise ConfigError(f"{name} contains NaN; shape {tuple(arr.shape)}")
+    return arr
+
+
+def check_costs(costs: Any, num_exits: int, name: str = "exit_costs", *, cumulative: bool = True) -> np.ndarray:
+    """``K`` finite non-negative costs (sequence, numpy array or tensor) as float64.
+
+    With ``cumulative`` they must also be non-decreasing from the first exit to the last.
+    """
+    arr = _to_numpy(costs, name)
+    if arr.ndim != 1 or arr.shape[0] != num_exits:
         raise ConfigError(
-            f"exit_costs must be a 1-D sequence of length K = {n_exits} (one cumulative cost per exit); "
-            f"got shape {tuple(arr.shape)}"
+            f"{name} must have one cumulative value per exit: a 1-D sequence of length K = {num_exits}; "
+            f"got {arr.tolist()} (shape {tuple(arr.shape)})"
         )
-    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise ConfigError(f"exit_costs must hold real numbers; got dtype {arr.dtype}")
+    if not _is_real(arr):
+        raise ConfigError(f"{name} must hold real numbers; got dtype {arr.dtype}")
     arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ConfigError(f"exit_costs must be finite and non-negative; got {arr.tolist()}")
+        raise ConfigError(f"{name} must be finite and non-negative; got {arr.tolist()}")
+    if cumulative and np.any(np.diff(arr) < 0):
+        raise ConfigError(
+            f"{name} must be cumulative (non-decreasing from the first exit to the last); got {arr.tolist()}"
+        )
     return arr
 
 
 def check_p_values(p_values: Sequence[float] | None) -> list[float]:
+    """Exit-distribution parameters as Python floats, each finite and ``> 0``; ``None`` gives
+    :data:`DEFAULT_P_VALUES`."""
     if p_values is None:
         return list(DEFAULT_P_VALUES)
     arr = _to_numpy(p_values, "p_values")
@@ -201,6 +257,23 @@ def fit_thresholds(confidences: np.ndarray, pi: Sequence[float]) -> list[Any]:
     return thresholds
 
 
+def exits_for_candidates(scores: np.ndarray, candidates: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
+    """Exit of every sample under each of ``M`` threshold vectors at once: ``[M, N]`` int64.
+
+    The rule of :func:`assign_exits` (first ``k < K-1`` with ``scores[k] >= T_k``, else the last exit),
+    without input checks: ``scores`` is a real ``[K, N]`` array, ``candidates`` ``M`` vectors of ``K-1``.
+    """
+    scores = _to_numpy(scores, "scores")
+    n_exits, n = scores.shape
+    thr = np.asarray(candidates, dtype=np.float64).reshape(len(candidates), n_exits - 1)
+    if n_exits == 1:
+        return np.zeros((len(candidates), n), dtype=np.int64)
+    # Comparing in float64 is exact for float16/32/64 scores and thresholds taken from them.
+    passes = np.ones((len(candidates), n_exits, n), dtype=bool)
+    passes[:, :-1] = scores[None, :-1].astype(np.float64) >= thr[:, :, None]
+    return passes.argmax(axis=1).astype(np.int64)
+
+
 def assign_exits(confidences: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
     """Exit taken by each sample under fixed confidence thresholds.
 
@@ -221,14 +294,8 @@ def assign_exits(confidences: np.ndarray, thresholds: Sequence[float]) -> np.nda
         ConfigError: If ``confidences`` is not 2-D or holds NaN, or ``thresholds`` has the wrong length
             or holds NaN.
     """
-    conf = _to_numpy(confidences, "confidences")
-    if conf.ndim != 2 or conf.shape[0] < 1:
-        raise ConfigError(f"confidences must have shape [K, N] with K >= 1; got shape {tuple(conf.shape)}")
-    if conf.dtype == np.bool_ or not (np.issubdtype(conf.dtype, np.floating) or np.issubdtype(conf.dtype, np.integer)):
-        raise ConfigError(f"confidences must hold real numbers; got dtype {conf.dtype}")
-    if np.any(np.isnan(conf)):
-        raise ConfigError(f"confidences contains NaN; shape {tuple(conf.shape)}")
-    n_exits, n = conf.shape
+    conf = _check_scores(confidences, "confidences")
+    n_exits = conf.shape[0]
     thr = np.asarray([float(t) for t in thresholds], dtype=np.float64)
     if thr.shape != (n_exits - 1,):
         raise ConfigError(
@@ -237,24 +304,131 @@ def assign_exits(confidences: np.ndarray, thresholds: Sequence[float]) -> np.nda
         )
     if np.any(np.isnan(thr)):
         raise ConfigError(f"thresholds must not contain NaN; got {thr.tolist()}")
+    return exits_for_candidates(conf, thr[None, :])[0]
+
+
+def p_path(scores: np.ndarray, p_values: Sequence[float] = DENSE_P_VALUES) -> list[list[float]]:
+    """Distinct threshold vectors of the budgeted-batch protocol on ``scores`` ``[K, N]`` for each ``p``,
+    after the two extremes (everyone at the first exit; everyone at the last)."""
+    n_exits, n = scores.shape
     if n_exits == 1:
-        return np.zeros(n, dtype=np.int64)
-    # Comparing in float64 is exact for float16/32/64 confidences and thresholds taken from them.
-    passes = np.empty((n_exits, n), dtype=bool)
-    passes[:-1] = conf[:-1].astype(np.float64, copy=False) >= thr[:, None]
-    passes[-1] = True
-    return np.argmax(passes, axis=0).astype(np.int64)
+        return [[]]
+    out: list[list[float]] = [[EXIT_ALL] + [math.inf] * (n_exits - 2), [math.inf] * (n_exits - 1)]
+    seen = {tuple(t) for t in out}
+    for p in p_values:
+        pi = exit_distribution(p, n_exits)
+        if not any(quota(n, f) for f in pi[:-1]):
+            continue  # every early exit disabled: the last-exit extreme
+        thresholds = [float(t) for t in fit_thresholds(scores, pi)]
+        key = tuple(thresholds)
+        if key not in seen:
+            seen.add(key)
+            out.append(thresholds)
+    return out
 
 
-def _evaluate(
-    exits: np.ndarray, predictions: np.ndarray, labels: np.ndarray, costs: np.ndarray
-) -> tuple[float, float, list[float]]:
-    """Accuracy, average cost and exit fractions of one split for a given exit assignment."""
-    n_exits, n = predictions.shape
-    taken = predictions[exits, np.arange(n)]
-    accuracy = int(np.count_nonzero(taken == labels)) / n
-    fractions = np.bincount(exits, minlength=n_exits) / n
-    return accuracy, float(fractions @ costs), fractions.tolist()
+# --------------------------------------------------------------------------------------------------
+# figures of an exit assignment
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExitScores:
+    """One split: scores ``[K, N]`` (real, any float dtype), predicted classes ``[K, N]`` and labels ``[N]``."""
+
+    scores: np.ndarray
+    predictions: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def num_exits(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def size(self) -> int:
+        return int(self.scores.shape[1])
+
+    @property
+    def correct(self) -> np.ndarray:
+        """``[K, N]`` bool: is exit k's prediction right."""
+        return self.predictions == self.labels[None, :]
+
+    def subset(self, index: np.ndarray) -> ExitScores:
+        """The samples ``index`` of this split."""
+        return ExitScores(self.scores[:, index], self.predictions[:, index], self.labels[index])
+
+
+def _exit_fractions(exits: np.ndarray, n_exits: int) -> np.ndarray:
+    """``[M, K]`` fraction of the samples of each assignment ``exits`` ``[M, N]`` that leave at each exit."""
+    m, n = exits.shape
+    flat = (exits + n_exits * np.arange(m)[:, None]).ravel()
+    return np.bincount(flat, minlength=m * n_exits).reshape(m, n_exits) / n
+
+
+def _average_costs(fractions: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    """``[M]`` average cost ``sum_k fractions[k] * costs[k]`` of each row of ``fractions`` ``[M, K]``."""
+    return np.asarray([row @ costs for row in fractions], dtype=np.float64)
+
+
+def exit_figures(split: ExitScores, exits: np.ndarray, costs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy ``[M]``, average cost ``[M]`` and exit fractions ``[M, K]`` of ``M`` exit assignments.
+
+    ``exits`` is ``[M, N]`` (e.g. from :func:`exits_for_candidates`; one ``[N]`` assignment counts as
+    ``M = 1``); ``costs`` are the ``K`` checked costs.
+    """
+    exits = np.atleast_2d(exits)
+    taken = np.take_along_axis(split.predictions, exits, axis=0)
+    accuracy = np.count_nonzero(taken == split.labels, axis=1) / split.size
+    fractions = _exit_fractions(exits, split.num_exits)
+    return accuracy, _average_costs(fractions, costs), fractions
+
+
+def split_figures(es: ExitScores, thresholds: Sequence[float], costs: np.ndarray) -> dict[str, Any]:
+    """Accuracy, average cost, exit fractions and the accuracy change vs the last exit for ``thresholds``."""
+    exits = assign_exits(es.scores, list(thresholds))
+    accuracy, avg_cost, fractions = exit_figures(es, exits, costs)
+    last_accuracy = float((es.predictions[-1] == es.labels).mean())
+    return {
+        "accuracy": float(accuracy[0]),
+        "avg_cost": float(avg_cost[0]),
+        "exit_fractions": fractions[0].tolist(),
+        "last_exit_accuracy": last_accuracy,
+        "accuracy_change_vs_last_exit": float(accuracy[0] - last_accuracy),
+        "n": es.size,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# sweeps and operating points
+# --------------------------------------------------------------------------------------------------
+
+
+def sweep_splits(
+    val: ExitScores, test: ExitScores, costs: np.ndarray, p_values: Sequence[float] | None = None
+) -> list[dict[str, Any]]:
+    """The budgeted-batch sweep on prepared splits: one dict per ``p`` with the keys of :func:`budgeted_sweep`.
+
+    Thresholds are fitted on ``val.scores`` (kept in their dtype, so finite thresholds are exactly scores of
+    validation samples) and applied unchanged to ``test``; ``costs`` are ``K`` checked costs.
+    """
+    results: list[dict[str, Any]] = []
+    for p in check_p_values(p_values):
+        thresholds = [float(t) for t in fit_thresholds(val.scores, exit_distribution(p, val.num_exits))]
+        val_acc, val_cost, val_frac = exit_figures(val, exits_for_candidates(val.scores, [thresholds]), costs)
+        test_acc, test_cost, test_frac = exit_figures(test, exits_for_candidates(test.scores, [thresholds]), costs)
+        results.append(
+            {
+                "p": p,
+                "thresholds": thresholds,
+                "val_accuracy": float(val_acc[0]),
+                "test_accuracy": float(test_acc[0]),
+                "avg_cost": float(test_cost[0]),
+                "exit_fractions": test_frac[0].tolist(),
+                "val_avg_cost": float(val_cost[0]),
+                "val_exit_fractions": val_frac[0].tolist(),
+            }
+        )
+    return results
 
 
 def budgeted_sweep(
@@ -312,32 +486,49 @@ def budgeted_sweep(
         )
     vl = _check_labels(val_labels, "val_labels", "val_probs", tuple(vp.shape))
     tl = _check_labels(test_labels, "test_labels", "test_probs", tuple(tp.shape))
-    costs = _check_costs(exit_costs, vp.shape[0])
+    costs = check_costs(exit_costs, vp.shape[0], cumulative=False)
     ps = check_p_values(p_values)
+    val = ExitScores(vp.max(axis=2), vp.argmax(axis=2), vl)
+    test = ExitScores(tp.max(axis=2), tp.argmax(axis=2), tl)
+    return sweep_splits(val, test, costs, ps)
 
-    n_exits = vp.shape[0]
-    val_conf, val_pred = vp.max(axis=2), vp.argmax(axis=2)
-    test_conf, test_pred = tp.max(axis=2), tp.argmax(axis=2)
 
-    results: list[dict[str, Any]] = []
-    for p in ps:
-        pi = exit_distribution(p, n_exits)
-        thresholds = [float(t) for t in fit_thresholds(val_conf, pi)]
-        val_acc, val_cost, val_frac = _evaluate(assign_exits(val_conf, thresholds), val_pred, vl, costs)
-        test_acc, test_cost, test_frac = _evaluate(assign_exits(test_conf, thresholds), test_pred, tl, costs)
-        results.append(
-            {
-                "p": p,
-                "thresholds": thresholds,
-                "val_accuracy": val_acc,
-                "test_accuracy": test_acc,
-                "avg_cost": test_cost,
-                "exit_fractions": test_frac,
-                "val_avg_cost": val_cost,
-                "val_exit_fractions": val_frac,
-            }
-        )
-    return results
+def thresholds_for_cost(
+    scores: Any,
+    exit_costs: Sequence[float] | Any,
+    target_cost: float,
+    p_values: Sequence[float] = DENSE_P_VALUES,
+) -> tuple[list[float], float]:
+    """Label-free calibration: the :func:`p_path` candidate whose average cost on ``scores`` is closest to a target.
+
+    Args:
+        scores: ``[K, N]`` per-exit scores (e.g. the largest softmax probability); numpy array or tensor.
+        exit_costs: ``K`` non-negative costs, one per exit (e.g. cumulative MACs or ms).
+        target_cost: the average cost per sample to aim at.
+        p_values: the grid of exit-distribution parameters the candidates come from.
+
+    Returns:
+        ``(thresholds, avg_cost)``: the ``K-1`` thresholds and their average cost on these samples. Ties go
+        to the cheaper candidate, then to the earlier one on the path.
+
+    Raises:
+        ConfigError: If ``scores`` is not a real ``[K, N]`` array with ``N >= 1`` and no NaN, or a cost,
+            ``target_cost`` or ``p`` is invalid.
+    """
+    conf = _check_scores(scores, "scores")
+    if conf.shape[1] < 1:
+        raise ConfigError(f"scores must hold at least one sample; got shape {tuple(conf.shape)}")
+    if not np.issubdtype(conf.dtype, np.floating):
+        conf = conf.astype(np.float64)
+    costs = check_costs(exit_costs, conf.shape[0], cumulative=False)
+    target = float(target_cost)
+    if not math.isfinite(target):
+        raise ConfigError(f"target_cost must be a finite number; got {target_cost!r}")
+    candidates = p_path(conf, check_p_values(p_values))
+    fractions = _exit_fractions(exits_for_candidates(conf, candidates), conf.shape[0])
+    avg_cost = _average_costs(fractions, costs)
+    best = min(range(len(candidates)), key=lambda i: (abs(avg_cost[i] - target), avg_cost[i], i))
+    return candidates[best], float(avg_cost[best])
 
 
 def choose_operating_point(

@@ -43,10 +43,26 @@ from torch import Tensor
 from ..errors import BudgetError, ConfigError
 from ..policies import ThresholdPolicy
 from .budget import CalibrationResult
-from .budgeted import assign_exits
-from .scores import DENSE_P_VALUES, ExitScores, check_costs, exit_scores, exits_for_candidates, p_path, split_figures
+from .budgeted import (
+    DENSE_P_VALUES,
+    ExitScores,
+    assign_exits,
+    check_costs,
+    exit_figures,
+    exits_for_candidates,
+    p_path,
+    split_figures,
+)
+from .scores import exit_scores
 
-__all__ = ["calibrate_accuracy_guarantee", "binomial_p_value", "binomial_upper_bound", "exit_losses", "LOSSES"]
+__all__ = [
+    "calibrate_accuracy_guarantee",
+    "binomial_p_value",
+    "binomial_upper_bound",
+    "exit_losses",
+    "losses_from_exits",
+    "LOSSES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +91,8 @@ def _binomial_cdf(losses: np.ndarray, n: int, epsilon: float) -> np.ndarray:
     return np.asarray(binom.cdf(losses, n, epsilon), dtype=np.float64)
 
 
-def _losses_from_exits(es: ExitScores, exits: np.ndarray, loss: str) -> np.ndarray:
+def losses_from_exits(es: ExitScores, exits: np.ndarray, loss: str) -> np.ndarray:
+    """Per-sample loss (bool, shape of ``exits``: ``[N]`` or ``[M, N]``) of exit assignments of ``es``."""
     taken = np.take_along_axis(es.predictions, exits.reshape(-1, es.size), axis=0).reshape(exits.shape)
     last = es.predictions[-1]
     if loss == "drop":
@@ -87,7 +104,7 @@ def _losses_from_exits(es: ExitScores, exits: np.ndarray, loss: str) -> np.ndarr
 
 def exit_losses(es: ExitScores, thresholds: Sequence[float], loss: str = "drop") -> np.ndarray:
     """Per-sample loss ``[N]`` (bool) of ``thresholds`` (see the module docstring for the definitions)."""
-    return _losses_from_exits(es, assign_exits(es.scores, list(thresholds)), loss)
+    return losses_from_exits(es, assign_exits(es.scores, list(thresholds)), loss)
 
 
 def calibrate_accuracy_guarantee(
@@ -150,12 +167,12 @@ def calibrate_accuracy_guarantee(
     full_model = [math.inf] * (k_exits - 1)
 
     candidates = [t for t in p_path(path_part.scores, p_values) if any(math.isfinite(v) for v in t)]
-    path_cost = costs[exits_for_candidates(path_part.scores, candidates)].mean(axis=1)
+    _, path_cost, _ = exit_figures(path_part, exits_for_candidates(path_part.scores, candidates), costs)
     ordered = [candidates[i] for i in np.argsort(-path_cost, kind="stable")]
 
     # losses of every candidate on the testing part, then fixed-sequence testing in the path order
     exits = exits_for_candidates(test_part.scores, ordered)
-    losses = _losses_from_exits(test_part, exits, loss).sum(axis=1)
+    losses = losses_from_exits(test_part, exits, loss).sum(axis=1)
     p_values_all = _binomial_cdf(losses, n, epsilon)
     failing = np.flatnonzero(p_values_all > delta)
     n_certified = int(failing[0]) if failing.size else len(ordered)
@@ -196,9 +213,7 @@ def calibrate_accuracy_guarantee(
             "Use a larger epsilon or delta, or a larger validation split."
         )
     # any certified candidate is valid simultaneously: take the cheapest on the whole validation split
-    val_exits = exits_for_candidates(val.scores, [thr for thr, _, _ in certified])
-    val_cost = costs[val_exits].mean(axis=1)
-    val_acc = (np.take_along_axis(val.predictions, val_exits, axis=0) == val.labels).mean(axis=1)
+    val_acc, val_cost, _ = exit_figures(val, exits_for_candidates(val.scores, [thr for thr, _, _ in certified]), costs)
     best = min(range(len(certified)), key=lambda i: (val_cost[i], -val_acc[i]))
     thresholds, k, p_value = certified[best]
     best_fig = split_figures(val, thresholds, costs)

@@ -1,9 +1,9 @@
 """The budgeted-batch sweep for any threshold policy, and the reference code's "flat curve" quirk.
 
-:func:`policy_sweep` is :func:`adaptnn.calibrate.budgeted_sweep` with the policy's score in place of
-the max-softmax confidence (identical results for :class:`~adaptnn.policies.ConfidencePolicy` without
-temperatures): for each ``p`` the thresholds are fitted greedily on the validation scores and applied
-unchanged to the test split.
+:func:`policy_sweep` is :func:`~adaptnn.calibration.budgeted.budgeted_sweep` with the policy's score in
+place of the max-softmax confidence (identical results for :class:`~adaptnn.policies.ConfidencePolicy`
+without temperatures): both run the engine's :func:`~adaptnn.calibration.budgeted.sweep_splits`, which fits
+the thresholds greedily on the validation scores for each ``p`` and applies them unchanged to the test split.
 
 ``legacy=True`` reproduces a quirk of published budgeted-batch curves so that they can be compared:
 the reported test curve is post-processed into its upper envelope over cost (:func:`flat_curve`: a point
@@ -22,8 +22,8 @@ from typing import Any
 from torch import Tensor
 
 from ..policies import ThresholdPolicy
-from .budgeted import DEFAULT_P_VALUES, check_p_values, exit_distribution, fit_thresholds
-from .scores import check_costs, exit_scores, split_figures
+from .budgeted import check_costs, sweep_splits
+from .scores import exit_scores
 
 __all__ = ["policy_sweep", "flat_curve"]
 
@@ -46,26 +46,7 @@ def policy_sweep(
     """
     val = exit_scores(policy, val_logits, val_labels)
     test = exit_scores(policy, test_logits, test_labels)
-    costs = check_costs(exit_costs, val.num_exits)
-    ps = check_p_values(p_values if p_values is not None else DEFAULT_P_VALUES)
-    out: list[dict[str, Any]] = []
-    for p in ps:
-        pi = exit_distribution(p, val.num_exits)
-        thresholds = [float(t) for t in fit_thresholds(val.scores, pi)]
-        v = split_figures(val, thresholds, costs)
-        t = split_figures(test, thresholds, costs)
-        out.append(
-            {
-                "p": p,
-                "thresholds": thresholds,
-                "val_accuracy": v["accuracy"],
-                "test_accuracy": t["accuracy"],
-                "avg_cost": t["avg_cost"],
-                "exit_fractions": t["exit_fractions"],
-                "val_avg_cost": v["avg_cost"],
-                "val_exit_fractions": v["exit_fractions"],
-            }
-        )
+    out = sweep_splits(val, test, check_costs(exit_costs, val.num_exits), p_values)
     return flat_curve(out) if legacy else out
 
 

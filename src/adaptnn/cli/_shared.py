@@ -6,7 +6,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from ..data import DataConfig
 from ..runs.config import CalibrationConfig, EvalConfig, ModelConfig, RunConfig
-from ..training.trainer import TrainConfig
+from ..training import TrainConfig
 
 __all__ = ["add_run_config", "run_config_from_args", "summarise_report"]
 

@@ -44,7 +44,7 @@ def run(args: Namespace) -> None:
     from ..io import write_json
     from ..measure.speed import bench_at_budget
     from ..runs.targets import resolve_target
-    from ..training.trainer import resolve_device
+    from ..training import resolve_device
 
     target = resolve_target(
         args.target, num_samples=args.num_samples, input_size=args.input_size, model_kwargs=args.kwargs

@@ -49,7 +49,7 @@ def build(parser: ArgumentParser) -> None:
 
 
 def run(args: Namespace) -> None:
-    from ..runs.workflows import calibrate_run
+    from ..runs import calibrate_run
 
     calibration = calibrate_run(
         args.run_dir,
@@ -70,7 +70,7 @@ def run(args: Namespace) -> None:
         f"operating point ({calibration['policy']}, {method}): thresholds "
         f"{[round(t, 4) if t is not None else None for t in point['thresholds']]}, validation accuracy "
         f"{100 * point['val_accuracy']:.2f}% (last exit {100 * calibration['last_exit_val_accuracy']:.2f}%), "
-        f"validation avg MACs {point['val_avg_cost'] / 1e6:.3f}M"
+        f"validation avg MACs {point['val_avg_macs'] / 1e6:.3f}M"
     )
     if method == "accuracy_guarantee":
         cal = calibration["calibrator"]

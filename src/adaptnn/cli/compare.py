@@ -28,7 +28,7 @@ def _label(run: Path, used: set[str]) -> str:
 
 
 def run(args: Namespace) -> None:
-    from ..evaluation import curve_table, plot_curves
+    from ..evaluation import curve_table, macs_curve, plot_curves
     from ..io import write_json
 
     curves: dict[str, tuple[list[float], list[float]]] = {}
@@ -42,13 +42,12 @@ def run(args: Namespace) -> None:
         name = _label(Path(run_dir), used)
         used.add(name)
         last = report["anytime"][-1]
-        budgeted = report["budgeted"]
-        curves[name] = ([b["avg_cost"] for b in budgeted], [b["test_accuracy"] for b in budgeted])
+        curves[name] = macs_curve(report["budgeted"])
         last_exit[name] = (last["macs"], last["accuracy"])
         if args.policies:
             for label, entry in (report.get("policies") or {}).items():
                 key = f"{name}:{label}"
-                curves[key] = ([b["avg_cost"] for b in entry["curve"]], [b["test_accuracy"] for b in entry["curve"]])
+                curves[key] = macs_curve(entry["curve"])
                 last_exit[key] = (last["macs"], last["accuracy"])
     table = curve_table(curves, last_exit)
     out = Path(args.out)

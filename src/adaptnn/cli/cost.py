@@ -41,6 +41,7 @@ def run(args: Namespace) -> None:
     from ..errors import ConfigError
     from ..models import create_model, resolve_model_name
     from ..runtime.cost import cost_breakdown
+    from ..runtime.execution import stage_segments
 
     factory, naming = resolve_model_name(args.model)
     model = create_model(factory, **naming, **(args.kwargs or {}))
@@ -55,32 +56,32 @@ def run(args: Namespace) -> None:
         else:
             input_size = list(spec.shape)
     breakdown = cost_breakdown(model, input_size, dtype=dtype)
-    backbone = sum(breakdown.segment_macs)
-    heads_total = sum(breakdown.head_macs)
-    added = sum(breakdown.head_macs[:-1])
+    share = breakdown.heads_share()
     if args.json:
         out = {
             "model": args.model,
             "factory": factory,
             "kwargs": {**naming, **(args.kwargs or {})},
             **breakdown.to_dict(),
-            "backbone_macs": backbone,
-            "heads_share": heads_total / backbone,
-            "added_heads_share": added / backbone,
+            "backbone_macs": share["backbone_macs"],
+            "heads_share": share["share"],
+            "added_heads_share": share["added_share"],
         }
         print(json.dumps(out, indent=2))
         return
-    print(f"{args.model}, one sample of shape {list(breakdown.input_size)} (MACs: conv + matmul; see adaptnn.cost)")
+    print(
+        f"{args.model}, one sample of shape {list(breakdown.input_size)} "
+        "(MACs: conv + matmul; see adaptnn.runtime.cost)"
+    )
     print(f"{'exit':>4} {'segment MACs':>14} {'head MACs':>11} {'cumulative MACs':>16} {'share':>7} {'params':>11}")
     total = breakdown.exit_macs[-1]
-    for k, seg_idx in enumerate(model.exit_after):
-        first = model.exit_after[k - 1] + 1 if k else 0
-        seg = sum(breakdown.segment_macs[first : seg_idx + 1])
+    for k, segments in enumerate(stage_segments(model.exit_after)):
+        seg = sum(breakdown.segment_macs[j] for j in segments)
         print(
             f"{k:>4} {seg:>14,.0f} {breakdown.head_macs[k]:>11,.0f} {breakdown.exit_macs[k]:>16,.0f} "
             f"{100 * breakdown.exit_macs[k] / total:>6.1f}% {breakdown.exit_params[k]:>11,}"
         )
     print(
-        f"heads: {heads_total:,.0f} MACs = {100 * heads_total / backbone:.2f}% of the backbone's {backbone:,.0f} "
-        f"(exits before the last: {100 * added / backbone:.2f}%)"
+        f"heads: {share['heads_total']:,.0f} MACs = {100 * share['share']:.2f}% of the backbone's "
+        f"{share['backbone_macs']:,.0f} (exits before the last: {100 * share['added_share']:.2f}%)"
     )

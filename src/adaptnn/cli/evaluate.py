@@ -24,7 +24,7 @@ def build(parser: ArgumentParser) -> None:
 
 
 def run(args: Namespace) -> None:
-    from ..runs.workflows import evaluate_run
+    from ..runs import evaluate_run
 
     report = evaluate_run(args.run_dir, policies=args.policies)
     print(summarise_report(report))

@@ -34,7 +34,7 @@ def run(args: Namespace) -> None:
     from ..measure.speed import thresholds_for_macs_fraction
     from ..policies import ConfidencePolicy
     from ..runs.targets import resolve_target
-    from ..training.trainer import resolve_device
+    from ..training import resolve_device
 
     target = resolve_target(
         args.target, num_samples=args.num_samples, input_size=args.input_size, model_kwargs=args.kwargs

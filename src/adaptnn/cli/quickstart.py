@@ -24,7 +24,7 @@ def build(parser: ArgumentParser) -> None:
 
 
 def run(args: Namespace) -> None:
-    from ..runs.workflows import evaluate_run, quickstart_config, train_run
+    from ..runs import evaluate_run, quickstart_config, train_run
 
     config = quickstart_config()
     if args.epochs is not None:

@@ -19,7 +19,7 @@ def build(parser: ArgumentParser) -> None:
 
 
 def run(args: Namespace) -> None:
-    from ..runs.workflows import evaluate_run, train_run
+    from ..runs import evaluate_run, train_run
 
     train_run(run_config_from_args(args), args.run_dir, resume=args.resume, overwrite=args.overwrite)
     (Path(args.run_dir) / "calibration.json").unlink(missing_ok=True)  # thresholds of older weights

@@ -1,4 +1,7 @@
-"""Accuracy-vs-MACs curves compared: area over the common cost range, MACs needed to match the last exit."""
+"""Accuracy-vs-MACs curves compared: area over the common cost range, MACs needed to match the last exit.
+
+:func:`macs_curve` reads a curve off budgeted points as ``report.json`` stores them.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["common_range", "curve_auc", "cost_at_accuracy", "curve_table"]
+__all__ = ["common_range", "curve_auc", "cost_at_accuracy", "curve_table", "point_macs", "macs_curve"]
+
+
+def point_macs(point: dict[str, Any]) -> float:
+    """Average test MACs of one budgeted point: ``avg_macs`` (``avg_cost`` in reports of older adaptnn)."""
+    return float(point["avg_macs"] if "avg_macs" in point else point["avg_cost"])
+
+
+def macs_curve(points: Sequence[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """``(average MACs, test accuracy)`` of budgeted points (``report.json``'s ``budgeted`` or a policy curve)."""
+    return [point_macs(p) for p in points], [float(p["test_accuracy"]) for p in points]
 
 
 def _sorted_curve(costs: Sequence[float], accuracies: Sequence[float]) -> tuple[list[float], list[float]]:

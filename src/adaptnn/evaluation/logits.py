@@ -32,7 +32,10 @@ def collect_logits(
     progress: bool = False,
     desc: str = "logits",
 ) -> tuple[Tensor, Tensor]:
-    """Logits of every exit on ``dataset``: ``([K, N, C] float32 on CPU, labels [N] long)``."""
+    """Logits of every exit on ``dataset``: ``([K, N, C] float32 on CPU, labels [N] long)``.
+
+    ``model`` is put in eval mode and moved to ``device`` (and left so).
+    """
     model.eval().to(device)
     chunks: list[Tensor] = []
     labels: list[Tensor] = []

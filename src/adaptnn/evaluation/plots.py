@@ -13,12 +13,16 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from ..io.atomic import atomic_write_bytes
+from .curves import point_macs
 
 __all__ = ["plot_report", "plot_curves"]
 
 
 def plot_report(report: dict[str, Any], path: str | Path) -> None:
-    """Plot accuracy vs average MACs (anytime exits, budgeted curve, realised point) and the exit histogram."""
+    """Plot accuracy vs average MACs (anytime exits, budgeted curve, realised point) and the exit histogram.
+
+    ``report`` is a ``report.json`` (budgeted points carry ``avg_macs``; ``avg_cost`` in older reports).
+    """
     fig = Figure(figsize=(11, 4.2))
     ax_curve, ax_hist = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
     anytime = report["anytime"]
@@ -38,19 +42,19 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
             fontsize=8,
             color="tab:gray",
         )
-    budgeted = sorted(report.get("budgeted", []), key=lambda d: d["avg_cost"])
+    budgeted = sorted(report.get("budgeted", []), key=point_macs)
     if budgeted:
         ax_curve.plot(
-            [b["avg_cost"] / 1e6 for b in budgeted],
+            [point_macs(b) / 1e6 for b in budgeted],
             [100 * b["test_accuracy"] for b in budgeted],
             "-",
             color="tab:blue",
             label="budgeted batch (test)",
         )
     for label, entry in (report.get("policies") or {}).items():
-        curve = sorted(entry["curve"], key=lambda d: d["avg_cost"])
+        curve = sorted(entry["curve"], key=point_macs)
         ax_curve.plot(
-            [b["avg_cost"] / 1e6 for b in curve],
+            [point_macs(b) / 1e6 for b in curve],
             [100 * b["test_accuracy"] for b in curve],
             "-" if "+ts" not in label else ":",
             lw=0.9,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..measure.timing import Timer, interleaved_medians
 from ..policies import ExitPolicy
 from ..runtime.staged import StagedModel
 from .exits import exit_fractions
@@ -25,42 +25,43 @@ def realised_run(
     *,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    rounds: int = 3,
+    warmup_s: float = 0.5,
     warmup_batches: int = 2,
 ) -> dict[str, Any]:
     """Run ``policy`` for real (``run_dynamic``) on ``dataset`` and time it against the full model.
 
-    Both are timed over the same batches, alternating full/dynamic per batch (so drifts of the machine
-    affect both alike), after ``warmup_batches`` untimed batches of each. Data loading is excluded:
-    batches are loaded once beforehand.
+    Accuracy, MACs and exits come from one ``run_dynamic`` pass over the split (inputs checked). The times come
+    from the measurement engine (:func:`~adaptnn.measure.timing.interleaved_medians`): the full model and
+    ``run_dynamic`` on the same batches, interleaved call by call in rotating order, after a warm-up of at least
+    ``warmup_s`` seconds over the first ``warmup_batches`` batches; each batch's time is its median over
+    ``rounds`` calls, and a wall time is the sum of those medians. Data loading is excluded: batches are
+    loaded once beforehand.
 
     Returns:
         ``{accuracy, avg_macs, exit_fractions, wall_time_s, full_model_wall_time_s, speedup, batch_size,
-        device, exit_index}``.
+        device, rounds, warmup_s, exit_index}``.
     """
     model.eval().to(device)
     batches = [(x.to(device), torch.as_tensor(y).to(device)) for x, y in eval_loader(dataset, batch_size)]
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    for x, _ in batches[:warmup_batches]:
-        model(x)
-        model.run_dynamic(x, policy)
-    sync()
-    dynamic_time = full_time = 0.0
     correct = 0
     macs_sum = 0.0
     exits: list[Tensor] = []
     for x, y in batches:
-        t0 = time.perf_counter()
-        model(x)
-        sync()
-        t1 = time.perf_counter()
         out = model.run_dynamic(x, policy)
-        sync()
-        t2 = time.perf_counter()
-        full_time += t1 - t0
-        dynamic_time += t2 - t1
         correct += int((out.logits.argmax(-1) == y).sum())
         macs_sum += float(out.macs.sum())
         exits.append(out.exit_index.cpu())
+    variants = {"full": model, "dynamic": lambda x: model.run_dynamic(x, policy, check_finite=False)}
+    medians = interleaved_medians(
+        variants,
+        [x for x, _ in batches],
+        rounds=rounds,
+        warmup_s=warmup_s,
+        warmup_batches=warmup_batches,
+        timer=Timer(device),
+    )
+    full_time, dynamic_time = sum(medians["full"]) / 1e3, sum(medians["dynamic"]) / 1e3
     n = sum(len(y) for _, y in batches)
     exit_index = torch.cat(exits)
     return {
@@ -72,5 +73,7 @@ def realised_run(
         "speedup": full_time / dynamic_time if dynamic_time > 0 else float("nan"),
         "batch_size": batch_size,
         "device": str(device),
+        "rounds": rounds,
+        "warmup_s": warmup_s,
         "exit_index": exit_index,
     }

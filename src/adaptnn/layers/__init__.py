@@ -1,5 +1,6 @@
-"""Building blocks shared by models and adapters: exit heads and their per-family defaults."""
+"""Building blocks shared by models and adapters: exit heads, their per-family defaults, small blocks."""
 
+from .blocks import ConvBNReLU
 from .heads import (
     FAMILY_DEFAULT_HEADS,
     FAMILY_DEFAULT_OPTIONS,
@@ -13,6 +14,7 @@ from .heads import (
 )
 
 __all__ = [
+    "ConvBNReLU",
     "FAMILY_DEFAULT_HEADS",
     "FAMILY_DEFAULT_OPTIONS",
     "HEAD_KINDS",

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .blocks import ConvBNReLU
 
 __all__ = [
     "PoolLinearHead",
@@ -80,9 +81,7 @@ class ConvPoolHead(nn.Module):
     def __init__(self, in_features: int, num_classes: int, width: int | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         width = int(width or min(in_features, 256))
-        self.conv = nn.Sequential(
-            nn.Conv2d(in_features, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
-        )
+        self.conv = ConvBNReLU(in_features, width, kernel=1)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(width, num_classes)
@@ -95,7 +94,8 @@ class ConvPoolHead(nn.Module):
 class MSDNetConvHead(nn.Module):
     """MSDNet's exit classifier: two 3x3 stride-2 conv-BN-ReLU, average pooling, linear.
 
-    Reads the coarsest scale when given the list of per-scale feature maps (MSDNet's state).
+    Reads the coarsest scale when given the list of per-scale feature maps (MSDNet's state). The registered
+    MSDNet models build their exits with this class (``width`` = 128 on CIFAR, the coarsest channels on ImageNet).
 
     Args:
         in_features: channels of the (coarsest) feature map.
@@ -108,20 +108,16 @@ class MSDNetConvHead(nn.Module):
         super().__init__()
         self.scale = int(scale)
         self.features = nn.Sequential(
-            nn.Conv2d(in_features, width, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
+            ConvBNReLU(in_features, width, stride=2),
+            ConvBNReLU(width, width, stride=2),
+            nn.AdaptiveAvgPool2d(1),
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor:
         if not isinstance(x, Tensor):
             x = x[self.scale]
-        return self.fc(self.pool(self.features(x)).flatten(1))
+        return self.fc(self.features(x).flatten(1))
 
 
 class TokenHead(nn.Module):

@@ -5,8 +5,24 @@ measures what those MACs become in milliseconds on the user's device.
 """
 
 from .latency import LatencyModel, PiecewiseLinear, alive_per_segment, profile_latency, validate_latency_model
-from .speed import bench_at_budget, bench_policy, full_model_macs, percentiles, thresholds_for_macs_fraction
-from .timing import Timer, machine_info, median_ms, model_device_dtype, pinned_threads, to_model, warm_up
+from .speed import (
+    bench_at_budget,
+    bench_policy,
+    full_model_macs,
+    latency_percentiles,
+    percentiles,
+    thresholds_for_macs_fraction,
+)
+from .timing import (
+    Timer,
+    interleaved_medians,
+    machine_info,
+    median_ms,
+    model_device_dtype,
+    pinned_threads,
+    to_model,
+    warm_up,
+)
 
 __all__ = [
     "LatencyModel",
@@ -16,6 +32,8 @@ __all__ = [
     "bench_at_budget",
     "bench_policy",
     "full_model_macs",
+    "interleaved_medians",
+    "latency_percentiles",
     "machine_info",
     "median_ms",
     "model_device_dtype",

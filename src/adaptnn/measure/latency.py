@@ -36,14 +36,16 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
+from ..io import write_json
 from ..policies import ConfidencePolicy
 from ..runtime.execution import split_finished, stage_segments
 from ..runtime.staged import StagedModel
@@ -214,8 +216,6 @@ class LatencyModel:
             raise ConfigError(f"not a latency profile: {err}") from None
 
     def save(self, path: str | Path) -> None:
-        from ..io import write_json
-
         write_json(path, self.to_dict())
 
     @classmethod
@@ -270,28 +270,9 @@ def profile_latency(
             batches = [to_model(model, sample[(torch.arange(b) + r * b) % n_pool]) for r in range(repeats)]
             warm_up(lambda x=batches[0]: model.forward_all(x), warmup_s, timer)
             pieces: dict[tuple[str, int], list[tuple[float, float]]] = {}
-
-            def timed(key: tuple[str, int], fn: Any, pieces: dict = pieces) -> Any:
-                host_ms, gpu_ms, out = _time_piece(fn, timer)
-                pieces.setdefault(key, []).append((host_ms, gpu_ms))
-                return out
-
+            segment, head = _timed_pieces(model, timer, pieces, leave=b > 1)
             for x in batches:
-                state: State = x
-                for j, segment in enumerate(model.segments):
-                    state = timed(("seg", j), lambda s=segment, st=state: s(st))
-                    k = model._head_at[j]
-                    if k < 0:
-                        continue
-                    logits = timed(("head", k), lambda h=model.heads[k], st=state: h(st))
-                    if k < model.num_exits - 1:
-                        # nobody leaves (the decision alone), then about half leaves (decision + compaction)
-                        stay = ConfidencePolicy([math.inf] * (model.num_exits - 1))
-                        timed(("exit", k), lambda p=stay, lg=logits, st=state, k=k: _exit_step(p, k, lg, st))
-                        if b > 1:
-                            conf = logits.float().softmax(-1).amax(-1)
-                            half = ConfidencePolicy([float(conf.median())] * (model.num_exits - 1))
-                            timed(("leave", k), lambda p=half, lg=logits, st=state, k=k: _exit_step(p, k, lg, st))
+                model.walk(x, segment=segment, head=head)
             for key, values in pieces.items():
                 host_t.setdefault(key, []).append(max(0.0, statistics.median(v[0] for v in values) - timer_overhead))
                 gpu_t.setdefault(key, []).append(statistics.median(v[1] for v in values))
@@ -328,6 +309,40 @@ def profile_latency(
         compaction_ms=curves(host_t, "compact", num_exits),
         compaction_gpu_ms=curves(gpu_t, "compact", num_exits) if cuda else None,
     )
+
+
+def _timed_pieces(
+    model: StagedModel, timer: Timer, pieces: dict[tuple[str, int], list[tuple[float, float]]], *, leave: bool
+) -> tuple[Callable[[int, nn.Module, State], State], Callable[[int, nn.Module, State], torch.Tensor]]:
+    """``segment`` and ``head`` callbacks for :meth:`StagedModel.walk` that time every piece into ``pieces``.
+
+    The segment callback times the segment (key ``("seg", j)``). The head callback times the head
+    (``("head", k)``), then, except after the last head, the exit step when nobody leaves (``("exit", k)``:
+    the decision alone) and, with ``leave``, when about half the batch leaves (``("leave", k)``: decision and
+    compaction). The exit steps' results are dropped: the walk goes on with the whole batch.
+    """
+    last = model.num_exits - 1
+    stay = ConfidencePolicy([math.inf] * last) if last else None
+
+    def timed(key: tuple[str, int], fn: Callable[[], Any]) -> Any:
+        host_ms, gpu_ms, out = _time_piece(fn, timer)
+        pieces.setdefault(key, []).append((host_ms, gpu_ms))
+        return out
+
+    def segment(j: int, module: nn.Module, state: State) -> State:
+        return timed(("seg", j), lambda: module(state))
+
+    def head(k: int, module: nn.Module, state: State) -> torch.Tensor:
+        logits = timed(("head", k), lambda: module(state))
+        if stay is not None and k < last:
+            timed(("exit", k), lambda: _exit_step(stay, k, logits, state))
+            if leave:
+                conf = logits.float().softmax(-1).amax(-1)
+                half = ConfidencePolicy([float(conf.median())] * last)
+                timed(("leave", k), lambda: _exit_step(half, k, logits, state))
+        return logits
+
+    return segment, head
 
 
 def _time_piece(fn: Any, timer: Timer) -> tuple[float, float, Any]:

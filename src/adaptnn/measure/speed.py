@@ -3,7 +3,8 @@
 For one model, one exit policy and a set of inputs, at each batch size:
 
 * the full model (``forward``: every segment, last head only) and ``run_dynamic`` run on the *same*
-  batches, interleaved call by call (and the order flips every round), after a warm-up by time;
+  batches, interleaved call by call in rotating order, after a warm-up by time (the timing engine,
+  :func:`~adaptnn.measure.timing.interleaved_medians`);
 * each batch's time is the median over rounds; the totals over all batches give the
   **realised speedup** = full-model time / dynamic time;
 * the **ideal speedup** = full-model MACs / average MACs of the dynamic run (its heads included), from
@@ -37,16 +38,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..calibration.budgeted import budgeted_sweep
+from ..calibration import thresholds_for_cost
 from ..errors import ConfigError
 from ..policies import ConfidencePolicy, ExitPolicy
 from ..runtime.cost import cost_breakdown
 from ..runtime.cuda_graphs import GraphedModel, default_buckets
 from ..runtime.execution import EagerStages, oracle_loop
-from ..runtime.staged import StagedModel
-from .timing import Timer, machine_info, model_device_dtype, pinned_threads, to_model, warm_up
+from ..runtime.staged import DynamicOutput, StagedModel
+from .timing import Timer, interleaved_medians, machine_info, model_device_dtype, pinned_threads, to_model
 
-__all__ = ["full_model_macs", "thresholds_for_macs_fraction", "bench_policy", "bench_at_budget", "percentiles"]
+__all__ = [
+    "full_model_macs",
+    "thresholds_for_macs_fraction",
+    "bench_policy",
+    "bench_at_budget",
+    "percentiles",
+    "latency_percentiles",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +74,9 @@ def thresholds_for_macs_fraction(
 ) -> tuple[list[float], float]:
     """Confidence thresholds whose average MACs on ``calibration_inputs`` are closest to ``fraction`` of the full model.
 
-    Uses the budgeted-batch sweep over a fine grid of p; labels are not needed (accuracy is not the point:
-    this fixes an exit distribution for timing, e.g. on a model with random weights).
+    Label-free: the largest softmax probability of every exit on the inputs goes to
+    :func:`~adaptnn.calibration.thresholds_for_cost` with a target of ``fraction`` times the full model's MACs
+    (accuracy is not the point: this fixes an exit distribution for timing, e.g. on a model with random weights).
 
     Returns:
         ``(thresholds, predicted average MACs as a fraction of the full model)``.
@@ -78,16 +87,16 @@ def thresholds_for_macs_fraction(
     dtype = model_device_dtype(model)[1] if calibration_inputs.is_floating_point() else calibration_inputs.dtype
     costs = cost_breakdown(model, tuple(calibration_inputs.shape[1:]), dtype=dtype).exit_macs
     full = full_model_macs(model, tuple(calibration_inputs.shape[1:]), dtype=dtype)
-    logits = [
-        torch.stack(model.forward_all(to_model(model, calibration_inputs[i : i + batch_size]))).float().cpu()
+    scores = [
+        torch.stack(model.forward_all(to_model(model, calibration_inputs[i : i + batch_size])))
+        .float()
+        .softmax(-1)
+        .amax(-1)
+        .cpu()
         for i in range(0, calibration_inputs.shape[0], batch_size)
     ]
-    probs = torch.cat(logits, dim=1).softmax(-1)
-    labels = torch.zeros(probs.shape[1], dtype=torch.long)
-    p_values = [float(p) for p in np.geomspace(0.02, 50, 200)]
-    sweep = budgeted_sweep(probs, labels, probs, labels, costs, p_values)
-    best = min(sweep, key=lambda point: abs(point["val_avg_cost"] / full - fraction))
-    return [float(t) for t in best["thresholds"]], best["val_avg_cost"] / full
+    thresholds, avg_macs = thresholds_for_cost(torch.cat(scores, dim=1).numpy(), costs, fraction * full)
+    return [float(t) for t in thresholds], avg_macs / full
 
 
 def _oracle_plan(model: StagedModel, x: Tensor, exit_index: Tensor) -> tuple[Tensor, list[int]]:
@@ -132,7 +141,7 @@ def bench_policy(
         policy: the exit policy.
         batch_sizes: batch sizes to measure.
         rounds: timed passes over all batches (median per batch).
-        warmup_s: warm-up time per batch size, alternating both variants.
+        warmup_s: warm-up time per batch size, cycling all variants.
         max_samples: cap on the samples used per batch size.
         device: where to run.
         num_threads: CPU threads to pin (None: leave as is).
@@ -146,100 +155,19 @@ def bench_policy(
     """
     if cuda_graphs and torch.device(device).type != "cuda":
         raise ConfigError(f"CUDA graphs need a CUDA device, got device={device!s}")
-    model = model.eval().to(device)
-    if dtype is not None:
-        if not dtype.is_floating_point:
-            raise ConfigError(f"dtype must be a floating-point dtype, got {dtype}")
-        model = model.to(dtype)
-        if inputs.is_floating_point():
-            inputs = inputs.to(dtype)
-    if channels_last:
-        if inputs.dim() != 4:
-            raise ConfigError("channels_last needs 4-D image inputs")
-        model = model.to(memory_format=torch.channels_last)
-    timer = Timer(device)
-    sample_shape = tuple(inputs.shape[1:])
-    full_macs = full_model_macs(model, sample_shape, dtype=None if inputs.is_floating_point() else inputs.dtype)
+    model, inputs = _prepare(model, inputs, device=device, dtype=dtype, channels_last=channels_last)
+    full_macs = full_model_macs(
+        model, tuple(inputs.shape[1:]), dtype=None if inputs.is_floating_point() else inputs.dtype
+    )
     n_avail = inputs.shape[0] if max_samples is None else min(inputs.shape[0], max_samples)
+    timer = Timer(device)
     results = []
     with pinned_threads(num_threads):
-        runner: StagedModel | GraphedModel = model
-        executor: Any = EagerStages(model)
-        if cuda_graphs:
-            example = inputs[:8].to(device)
-            if channels_last:
-                example = example.contiguous(memory_format=torch.channels_last)
-            runner = GraphedModel(model, example, buckets=default_buckets(max(batch_sizes)))
-            executor = runner.executor()
+        runner, executor = _runner(model, inputs, device, channels_last, cuda_graphs, max(batch_sizes))
         for b in batch_sizes:
-            n = (n_avail // b) * b
-            if n == 0:
-                raise ConfigError(f"batch size {b} is larger than the {n_avail} available samples")
-            batches = [inputs[i : i + b].to(device) for i in range(0, n, b)]
-            if channels_last:
-                batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
-
-            def both(batches=batches) -> None:
-                for x in batches[:4]:
-                    runner(x)
-                    runner.run_dynamic(x, policy, check_finite=False)
-
-            warm_up(both, warmup_s, timer, min_calls=1)
-            outs = [runner.run_dynamic(x, policy, check_finite=False) for x in batches]
-            plans = [_oracle_plan(model, x, o.exit_index) for x, o in zip(batches, outs, strict=True)]
-            full_t: list[list[float]] = [[] for _ in batches]
-            dyn_t: list[list[float]] = [[] for _ in batches]
-            oracle_t: list[list[float]] = [[] for _ in batches]
-            for r in range(rounds):
-                for i, x in enumerate(batches):
-                    x_sorted, alive = plans[i]
-                    variants = [
-                        (full_t, lambda x=x: runner(x)),
-                        (dyn_t, lambda x=x: runner.run_dynamic(x, policy, check_finite=False)),
-                        (oracle_t, lambda x=x_sorted, a=alive: oracle_loop(executor, x, a)),
-                    ]
-                    shift = (r + i) % 3  # rotate who goes first: drifts and cache state hit all three alike
-                    for times, fn in variants[shift:] + variants[:shift]:
-                        times[i].append(timer(fn))
-            exit_index = torch.cat([o.exit_index.cpu() for o in outs])
-            avg_macs = float(torch.cat([o.macs.cpu() for o in outs]).mean())
-            full_med = [statistics.median(t) for t in full_t]
-            dyn_med = [statistics.median(t) for t in dyn_t]
-            realised = sum(full_med) / sum(dyn_med)
-            ideal = full_macs / avg_macs
-            oracle_total = sum(statistics.median(t) for t in oracle_t)
-            entry: dict[str, Any] = {
-                "batch_size": b,
-                "num_samples": n,
-                "full_ms_per_batch": sum(full_med) / len(batches),
-                "dynamic_ms_per_batch": sum(dyn_med) / len(batches),
-                "realised_speedup": realised,
-                "ideal_speedup": ideal,
-                "ratio": realised / ideal,
-                "oracle_ms_per_batch": oracle_total / len(batches),
-                "time_ideal_speedup": sum(full_med) / oracle_total,
-                "engine_efficiency": oracle_total / sum(dyn_med),
-                "avg_macs": avg_macs,
-                "exit_fractions": (torch.bincount(exit_index, minlength=model.num_exits).double() / n).tolist(),
-            }
-            if b == 1:
-                entry["latency_ms"] = {"full": percentiles(full_med), "dynamic": percentiles(dyn_med)}
-                by_exit: dict[int, list[float]] = {}
-                for k, t in zip(exit_index.tolist(), dyn_med, strict=True):
-                    by_exit.setdefault(k, []).append(t)
-                entry["latency_ms"]["dynamic_by_exit_median"] = {
-                    str(k): statistics.median(v) for k, v in sorted(by_exit.items())
-                }
-            log.info(
-                "batch %d: full %.3f ms, dynamic %.3f ms per batch; realised %.2fx, ideal %.2fx, ratio %.2f",
-                b,
-                entry["full_ms_per_batch"],
-                entry["dynamic_ms_per_batch"],
-                realised,
-                ideal,
-                realised / ideal,
-            )
-            results.append(entry)
+            batches = _batches(inputs, b, n_avail, device, channels_last)
+            outs, medians = _measure(model, runner, executor, policy, batches, rounds, warmup_s, timer)
+            results.append(_entry(b, model.num_exits, full_macs, outs, medians))
     return {
         "machine": machine_info(device),
         "full_model_macs": full_macs,
@@ -249,6 +177,129 @@ def bench_policy(
         "dtype": str(model_device_dtype(model)[1]).removeprefix("torch."),
         "cuda_graphs": cuda_graphs,
         "results": results,
+    }
+
+
+def _prepare(
+    model: StagedModel, inputs: Tensor, *, device: torch.device | str, dtype: torch.dtype | None, channels_last: bool
+) -> tuple[StagedModel, Tensor]:
+    """The model in eval mode on ``device`` (in ``dtype``, channels_last if asked) and the inputs to match."""
+    if dtype is not None and not dtype.is_floating_point:
+        raise ConfigError(f"dtype must be a floating-point dtype, got {dtype}")
+    if channels_last and inputs.dim() != 4:
+        raise ConfigError("channels_last needs 4-D image inputs")
+    model = model.eval().to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+        if inputs.is_floating_point():
+            inputs = inputs.to(dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, inputs
+
+
+def _runner(
+    model: StagedModel,
+    inputs: Tensor,
+    device: torch.device | str,
+    channels_last: bool,
+    cuda_graphs: bool,
+    max_batch: int,
+) -> tuple[StagedModel | GraphedModel, Any]:
+    """What the full and dynamic runs call (the model or its CUDA graphs) and the oracle's stage executor."""
+    if not cuda_graphs:
+        return model, EagerStages(model)
+    example = inputs[:8].to(device)
+    if channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
+    graphed = GraphedModel(model, example, buckets=default_buckets(max_batch))
+    return graphed, graphed.executor()
+
+
+def _batches(
+    inputs: Tensor, batch_size: int, n_avail: int, device: torch.device | str, channels_last: bool
+) -> list[Tensor]:
+    """The first ``floor(n_avail / batch_size)`` batches of ``inputs`` on ``device``."""
+    n = (n_avail // batch_size) * batch_size
+    if n == 0:
+        raise ConfigError(f"batch size {batch_size} is larger than the {n_avail} available samples")
+    batches = [inputs[i : i + batch_size].to(device) for i in range(0, n, batch_size)]
+    if channels_last:
+        batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
+    return batches
+
+
+def _measure(
+    model: StagedModel,
+    runner: StagedModel | GraphedModel,
+    executor: Any,
+    policy: ExitPolicy,
+    batches: list[Tensor],
+    rounds: int,
+    warmup_s: float,
+    timer: Timer,
+) -> tuple[list[DynamicOutput], dict[str, list[float]]]:
+    """One untimed dynamic pass (exits, MACs, the oracle's plans), then the three variants timed interleaved.
+
+    Returns the dynamic outputs per batch and the per-batch median ms of ``full``, ``dynamic`` and ``oracle``.
+    """
+    outs = [runner.run_dynamic(x, policy, check_finite=False) for x in batches]
+    plans = [(x, *_oracle_plan(model, x, o.exit_index)) for x, o in zip(batches, outs, strict=True)]
+    variants = {
+        "full": lambda plan: runner(plan[0]),
+        "dynamic": lambda plan: runner.run_dynamic(plan[0], policy, check_finite=False),
+        "oracle": lambda plan: oracle_loop(executor, plan[1], plan[2]),
+    }
+    return outs, interleaved_medians(variants, plans, rounds=rounds, warmup_s=warmup_s, timer=timer)
+
+
+def _entry(
+    batch_size: int, num_exits: int, full_macs: float, outs: list[DynamicOutput], medians: dict[str, list[float]]
+) -> dict[str, Any]:
+    """The result of one batch size: times per batch, realised/ideal speedups and their decomposition."""
+    exit_index = torch.cat([o.exit_index.cpu() for o in outs])
+    n = exit_index.numel()
+    avg_macs = float(torch.cat([o.macs.cpu() for o in outs]).mean())
+    full, dynamic, oracle = (sum(medians[k]) for k in ("full", "dynamic", "oracle"))
+    num_batches = len(outs)
+    realised, ideal = full / dynamic, full_macs / avg_macs
+    entry: dict[str, Any] = {
+        "batch_size": batch_size,
+        "num_samples": n,
+        "full_ms_per_batch": full / num_batches,
+        "dynamic_ms_per_batch": dynamic / num_batches,
+        "realised_speedup": realised,
+        "ideal_speedup": ideal,
+        "ratio": realised / ideal,
+        "oracle_ms_per_batch": oracle / num_batches,
+        "time_ideal_speedup": full / oracle,
+        "engine_efficiency": oracle / dynamic,
+        "avg_macs": avg_macs,
+        "exit_fractions": (torch.bincount(exit_index, minlength=num_exits).double() / n).tolist(),
+    }
+    if batch_size == 1:
+        entry["latency_ms"] = latency_percentiles(medians["full"], medians["dynamic"], exit_index.tolist())
+    log.info(
+        "batch %d: full %.3f ms, dynamic %.3f ms per batch; realised %.2fx, ideal %.2fx, ratio %.2f",
+        batch_size,
+        entry["full_ms_per_batch"],
+        entry["dynamic_ms_per_batch"],
+        realised,
+        ideal,
+        realised / ideal,
+    )
+    return entry
+
+
+def latency_percentiles(full_ms: Sequence[float], dynamic_ms: Sequence[float], exits: Sequence[int]) -> dict[str, Any]:
+    """Per-sample latency at batch 1: p50/p95/p99 of the full and dynamic models, dynamic median per exit taken."""
+    by_exit: dict[int, list[float]] = {}
+    for k, t in zip(exits, dynamic_ms, strict=True):
+        by_exit.setdefault(int(k), []).append(t)
+    return {
+        "full": percentiles(full_ms),
+        "dynamic": percentiles(dynamic_ms),
+        "dynamic_by_exit_median": {str(k): statistics.median(v) for k, v in sorted(by_exit.items())},
     }
 
 

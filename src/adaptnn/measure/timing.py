@@ -1,9 +1,12 @@
-"""Timing primitives shared by the latency profiler and the speed benchmark.
+"""Timing primitives shared by the latency profiler, the speed benchmark and the realised run of a report.
 
 Wall-clock figures on shared machines are noisy. What makes them usable: a fixed thread count, warming up
 by *time* (allocator pools, oneDNN primitive caches and CPU clocks settle after a while, not after a fixed
 number of calls), interleaving the variants being compared so drifts hit both alike, and medians instead
 of means. On CUDA every timed call is bracketed by ``torch.cuda.synchronize``.
+
+:func:`interleaved_medians` is the one engine that does all of this for comparisons (the speed benchmark, the
+realised speedup of a run report): named variants, the same batches, rotating order, a median per batch.
 """
 
 from __future__ import annotations
@@ -12,15 +15,25 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
 
-__all__ = ["Timer", "median_ms", "pinned_threads", "machine_info", "warm_up", "model_device_dtype", "to_model"]
+__all__ = [
+    "Timer",
+    "median_ms",
+    "interleaved_medians",
+    "pinned_threads",
+    "machine_info",
+    "warm_up",
+    "model_device_dtype",
+    "to_model",
+]
 
 T = TypeVar("T")
+B = TypeVar("B")
 
 
 class Timer:
@@ -73,6 +86,47 @@ def warm_up(fn: Callable[[], object], seconds: float, timer: Timer | None = None
         calls += 1
     timer.sync()
     return calls
+
+
+def interleaved_medians(
+    variants: Mapping[str, Callable[[B], object]],
+    batches: Sequence[B],
+    *,
+    rounds: int = 5,
+    warmup_s: float = 2.0,
+    warmup_batches: int = 4,
+    timer: Timer | None = None,
+) -> dict[str, list[float]]:
+    """The timing engine: every variant on every batch, interleaved call by call; median per batch (ms).
+
+    First a warm-up by time: all variants on the first ``warmup_batches`` batches, for at least ``warmup_s``
+    seconds (and at least once). Then ``rounds`` rounds over the batches; on each batch every variant is timed
+    once, and who goes first rotates with the round and the batch, so drifts and cache state hit all alike.
+
+    Args:
+        variants: name -> callable run on one batch (its result is discarded).
+        batches: whatever the variants take, one item per batch (a tensor, a tuple of prepared inputs, ...).
+        rounds: timed calls per variant and batch (at least 1).
+        warmup_s: warm-up seconds.
+        warmup_batches: batches cycled during the warm-up.
+        timer: the timer (its device decides CUDA synchronisation); default a CPU timer.
+
+    Returns:
+        name -> per-batch median milliseconds, in the order of ``batches``.
+    """
+    timer = timer or Timer()
+    names = list(variants)
+    if not names or not batches:
+        return {name: [] for name in names}
+    warm = batches[: max(1, warmup_batches)]
+    warm_up(lambda: [variants[name](item) for item in warm for name in names], warmup_s, timer, min_calls=1)
+    times: dict[str, list[list[float]]] = {name: [[] for _ in batches] for name in names}
+    for r in range(max(1, rounds)):
+        for i, item in enumerate(batches):
+            shift = (r + i) % len(names)
+            for name in names[shift:] + names[:shift]:
+                times[name][i].append(timer(lambda fn=variants[name], item=item: fn(item)))
+    return {name: [statistics.median(t) for t in per_batch] for name, per_batch in times.items()}
 
 
 @contextmanager

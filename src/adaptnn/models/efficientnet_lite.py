@@ -226,7 +226,7 @@ def efficientnet_lite0(
         num_classes: classes of every exit.
         exits: ``"stages"`` (after strides 4, 8, 16, and the classifier) or a list of block indices (0-15).
         input_size: one sample's shape.
-        head: head kind of the intermediate exits (see :func:`adaptnn.heads.make_head`).
+        head: head kind of the intermediate exits (see :func:`adaptnn.layers.heads.make_head`).
         head_kwargs: options of that head.
         dropout: dropout before the final classifier.
     """

@@ -1,4 +1,4 @@
-"""MSDNet: Multi-Scale Dense Networks (Huang et al., ICLR 2018) as a :class:`~adaptnn.staged.StagedModel`.
+"""MSDNet: Multi-Scale Dense Networks (Huang et al., ICLR 2018) as a :class:`~adaptnn.runtime.StagedModel`.
 
 MSDNet keeps a *list of feature maps, one per scale* (finest first) all through the network. Each layer
 adds ``growth_rate * gr_factor[s]`` new channels to scale ``s`` (dense connectivity: new features are
@@ -22,7 +22,7 @@ Hyper-parameters and layer shapes follow the paper and the authors' PyTorch refe
 the registered presets are the published networks: the 10-exit CIFAR model has exactly the reference's
 4,839,544 parameters (CIFAR-10), and the ImageNet step-7 model reproduces the reference counter's printed
 per-exit FLOPs and parameters to the printed precision when counted in that counter's convention
-(:func:`reference_counter_costs`); :mod:`adaptnn.cost`'s MACs are 0.2-1.2% lower because they leave out
+(:func:`reference_counter_costs`); :mod:`adaptnn.runtime.cost`'s MACs are 0.2-1.2% lower because they leave out
 ReLU, pooling and bias ops (``benchmarks/msdnet_cost.py`` tabulates both). ImageNet presets use
 ``base = step`` (first exit after ``step`` layers), as the released step-4/6/7 models do. Two documented
 choices: the ImageNet stem's 7x7 conv has a bias (as in the PyTorch reference; the Lua original has none),
@@ -41,7 +41,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..layers.blocks import ConvBNReLU
+from ..layers.heads import MSDNetConvHead
 from ..runtime.staged import InputSpec, StagedModel
+from ..runtime.state import State
 from ._registry import register_model
 
 __all__ = [
@@ -49,7 +52,6 @@ __all__ = [
     "msdnet_block_depths",
     "msdnet_scale_schedule",
     "reference_counter_costs",
-    "MSDNetClassifier",
     "MSDNetStem",
     "MSDNetLayer",
     "MSDNetTransition",
@@ -66,17 +68,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class _ConvBNReLU(nn.Sequential):
-    """Conv (no bias), batch norm, ReLU."""
-
-    def __init__(self, in_chans: int, out_chans: int, kernel: int = 3, stride: int = 1, bias: bool = False) -> None:
-        super().__init__(
-            nn.Conv2d(in_chans, out_chans, kernel, stride=stride, padding=kernel // 2, bias=bias),
-            nn.BatchNorm2d(out_chans),
-            nn.ReLU(inplace=True),
-        )
-
-
 class _DenseConv(nn.Sequential):
     """New features of one MSDNet layer from one input scale: [1x1 bottleneck] + 3x3 conv (stride 1 or 2).
 
@@ -88,8 +79,8 @@ class _DenseConv(nn.Sequential):
         inner = in_chans
         if bottleneck:
             inner = min(in_chans, bn_width * out_chans)
-            layers.append(_ConvBNReLU(in_chans, inner, kernel=1))
-        layers.append(_ConvBNReLU(inner, out_chans, kernel=3, stride=stride))
+            layers.append(ConvBNReLU(in_chans, inner, kernel=1))
+        layers.append(ConvBNReLU(inner, out_chans, kernel=3, stride=stride))
         super().__init__(*layers)
 
 
@@ -103,7 +94,7 @@ class MSDNetStem(nn.Module):
     def __init__(self, in_chans: int, channels: Sequence[int], stem: str) -> None:
         super().__init__()
         if stem == "cifar":
-            first: nn.Module = _ConvBNReLU(in_chans, channels[0], kernel=3)
+            first: nn.Module = ConvBNReLU(in_chans, channels[0], kernel=3)
         else:  # imagenet
             first = nn.Sequential(
                 nn.Conv2d(in_chans, channels[0], 7, stride=2, padding=3, bias=True),
@@ -111,7 +102,7 @@ class MSDNetStem(nn.Module):
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(3, stride=2, padding=1),
             )
-        convs = [first] + [_ConvBNReLU(channels[s - 1], channels[s], stride=2) for s in range(1, len(channels))]
+        convs = [first] + [ConvBNReLU(channels[s - 1], channels[s], stride=2) for s in range(1, len(channels))]
         self.scales = nn.ModuleList(convs)
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -183,7 +174,7 @@ class MSDNetTransition(nn.Module):
 
     def __init__(self, in_chans: Sequence[int], out_chans: Sequence[int]) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(_ConvBNReLU(i, o, kernel=1) for i, o in zip(in_chans, out_chans, strict=True))
+        self.convs = nn.ModuleList(ConvBNReLU(i, o, kernel=1) for i, o in zip(in_chans, out_chans, strict=True))
 
     def forward(self, x: list[Tensor]) -> list[Tensor]:
         return [conv(t) for conv, t in zip(self.convs, x, strict=True)]
@@ -200,28 +191,6 @@ class MSDNetBlock(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return x
-
-
-class MSDNetClassifier(nn.Module):
-    """MSDNet's exit: on the coarsest scale, two 3x3/2 conv-BN-ReLU, global average pooling, linear.
-
-    Args:
-        in_chans: channels of the coarsest scale at this exit.
-        hidden: channels of the two convs (reference: 128 on CIFAR, ``in_chans`` on ImageNet).
-        num_classes: output classes.
-    """
-
-    def __init__(self, in_chans: int, hidden: int, num_classes: int) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            _ConvBNReLU(in_chans, hidden, stride=2),
-            _ConvBNReLU(hidden, hidden, stride=2),
-            nn.AdaptiveAvgPool2d(1),
-        )
-        self.fc = nn.Linear(hidden, num_classes)
-
-    def forward(self, x: list[Tensor]) -> Tensor:
-        return self.fc(self.features(x[-1]).flatten(1))
 
 
 def msdnet_block_depths(n_blocks: int, base: int, step: int, step_mode: str) -> list[int]:
@@ -387,7 +356,7 @@ def msdnet(
         segments.append(MSDNetBlock(modules))
         coarse = width * gr[-1]
         hidden = head_channels if head_channels is not None else (128 if stem == "cifar" else coarse)
-        heads.append(MSDNetClassifier(coarse, hidden, num_classes))
+        heads.append(MSDNetConvHead(coarse, num_classes, width=hidden))
     logger.debug("MSDNet: %d blocks of %s layers, scale schedule %s", n_blocks, depths, schedule)
     model = StagedModel(
         segments,
@@ -403,7 +372,7 @@ def reference_counter_costs(model: StagedModel, input_size: Sequence[int]) -> tu
     """Per-exit cumulative (ops, params) in the convention of MSDNet's reference op counter.
 
     The published MSDNet figures come from the reference code's counter, which differs from
-    :mod:`adaptnn.cost` (convolution and matmul multiply-adds only): it also counts one op per ReLU input
+    :mod:`adaptnn.runtime.cost` (convolution and matmul multiply-adds only): it also counts one op per ReLU input
     element, ``kernel_area`` ops per pooled output element (global pooling: one per input element) and the
     linear layers' biases. This re-implements that convention with forward hooks on a meta-device copy
     (shapes only, any size is cheap) so our networks can be compared with the published numbers
@@ -436,19 +405,18 @@ def reference_counter_costs(model: StagedModel, input_size: Sequence[int]) -> tu
             total["ops"] += module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
         total["params"] += sum(p.numel() for p in module.parameters(recurse=False))
 
-    handles = [m.register_forward_hook(hook) for m in meta.modules() if next(m.children(), None) is None]
     ops: list[float] = []
     params: list[int] = []
+
+    def after_exit(k: int, state: State) -> State:  # every segment and head up to exit k has run
+        ops.append(total["ops"])
+        params.append(total["params"])
+        return state
+
+    handles = [m.register_forward_hook(hook) for m in meta.modules() if next(m.children(), None) is None]
     try:
-        state = torch.empty((1, *input_size), device="meta")
         with torch.no_grad():
-            for seg_idx, segment in enumerate(meta.segments):
-                state = segment(state)
-                k = meta._head_at[seg_idx]
-                if k >= 0:
-                    meta.heads[k](state)
-                    ops.append(total["ops"])
-                    params.append(total["params"])
+            meta.walk(torch.empty((1, *input_size), device="meta"), after_exit=after_exit)
     finally:
         for handle in handles:
             handle.remove()

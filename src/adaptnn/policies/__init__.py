@@ -1,7 +1,7 @@
 """Exit policies: the rules that decide, after each exit head, which samples are finished.
 
 See :mod:`adaptnn.policies.base` for the protocol. Shipped rules (all threshold rules, usable in
-``run_dynamic`` and :func:`simulate_exits`, calibratable with :mod:`adaptnn.calibrate`):
+``run_dynamic`` and :func:`simulate_exits`, calibratable with :mod:`adaptnn.calibration`):
 
 ==========================  ==============================================================
 ``confidence``              :class:`ConfidencePolicy`: max softmax probability

@@ -15,13 +15,13 @@ Protocol (:class:`ExitPolicy`). A policy is a small object with three methods:
 
 Because decisions depend only on a sample's own history, running the policy on the whole batch at
 every exit (:func:`simulate_exits`, on cached ``forward_all`` logits) makes exactly the decisions that
-:meth:`~adaptnn.staged.StagedModel.run_dynamic` makes with compaction. Calibration relies on this.
+:meth:`~adaptnn.runtime.StagedModel.run_dynamic` makes with compaction. Calibration relies on this.
 
 Threshold rules (:class:`ThresholdPolicy`). Every shipped rule computes, at exit ``k``, a per-sample
 *score* (higher = surer) and stops a sample when ``score >= T_k``. The score sequence of a sample does
 not depend on the thresholds (only on that sample's logits at exits ``0..k``), so
 :meth:`ThresholdPolicy.scores` computes the ``[K, N]`` score matrix once from cached logits and the
-calibrators (:mod:`adaptnn.calibrate`) choose thresholds on it for any rule alike.
+calibrators (:mod:`adaptnn.calibration`) choose thresholds on it for any rule alike.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ previous exit's max softmax, the length of the current run of unchanged predicti
 a one-hot of ``k``. :func:`fit_learned_policy` trains :class:`ExitCorrectnessNet` on the validation
 split (binary cross-entropy against "the prediction at exit k is correct"); the policy's score is the
 predicted probability of being correct, thresholded per exit like any other rule (calibrate the
-thresholds with :mod:`adaptnn.calibrate`; for the accuracy guarantee, fit the network and run the
+thresholds with :mod:`adaptnn.calibration`; for the accuracy guarantee, fit the network and run the
 risk-control test on disjoint parts of the validation split).
 """
 

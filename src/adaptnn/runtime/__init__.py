@@ -14,7 +14,7 @@ from .cuda_graphs import GraphedModel, default_buckets
 from .execution import EagerStages, StageExecutor, dynamic_loop, oracle_loop, split_finished, stage_segments
 from .policy import ExitPolicy
 from .staged import DynamicOutput, InputSpec, StagedModel
-from .state import State, copy_rows, index_state, map_state, slice_state, state_tensors
+from .state import State, cat_states, copy_rows, index_state, map_state, slice_state, state_tensors
 
 __all__ = [
     "CostBreakdown",
@@ -26,6 +26,7 @@ __all__ = [
     "StageExecutor",
     "StagedModel",
     "State",
+    "cat_states",
     "copy_rows",
     "cost_breakdown",
     "count_macs",

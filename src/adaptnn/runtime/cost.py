@@ -46,6 +46,26 @@ class CostBreakdown:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def heads_share(self) -> dict:
+        """MACs of the exit heads reported separately from the backbone's (per sample).
+
+        Returns:
+            ``{"head_macs": [per head], "heads_total": sum over all heads, "backbone_macs": sum over segments,
+            "share": heads_total / backbone_macs, "added_heads_total": sum over all heads but the last (the
+            ones early exit adds to a single-exit network), "added_share": added_heads_total / backbone_macs}``.
+        """
+        backbone = float(sum(self.segment_macs))
+        total = float(sum(self.head_macs))
+        added = float(sum(self.head_macs[:-1]))
+        return {
+            "head_macs": list(self.head_macs),
+            "heads_total": total,
+            "backbone_macs": backbone,
+            "share": total / backbone if backbone else float("nan"),
+            "added_heads_total": added,
+            "added_share": added / backbone if backbone else float("nan"),
+        }
+
 
 def _macs_of(fn, *args) -> tuple[float, object]:
     with FlopCounterMode(display=False) as counter:
@@ -113,22 +133,5 @@ def exit_macs(model: StagedModel, input_size: Sequence[int], *, dtype: torch.dty
 
 
 def heads_share(model: StagedModel, input_size: Sequence[int], *, dtype: torch.dtype = torch.float32) -> dict:
-    """MACs of the exit heads reported separately from the backbone's (per sample).
-
-    Returns:
-        ``{"head_macs": [per head], "heads_total": sum over all heads, "backbone_macs": sum over segments,
-        "share": heads_total / backbone_macs, "added_heads_total": sum over all heads but the last (the
-        ones early exit adds to a single-exit network), "added_share": added_heads_total / backbone_macs}``.
-    """
-    b = cost_breakdown(model, input_size, dtype=dtype)
-    backbone = float(sum(b.segment_macs))
-    total = float(sum(b.head_macs))
-    added = float(sum(b.head_macs[:-1]))
-    return {
-        "head_macs": list(b.head_macs),
-        "heads_total": total,
-        "backbone_macs": backbone,
-        "share": total / backbone if backbone else float("nan"),
-        "added_heads_total": added,
-        "added_share": added / backbone if backbone else float("nan"),
-    }
+    """:meth:`CostBreakdown.heads_share` of ``model`` for one sample of shape ``input_size``."""
+    return cost_breakdown(model, input_size, dtype=dtype).heads_share()

@@ -3,7 +3,7 @@
 On a GPU, early exit at small and medium batch sizes is *launch-bound*: an eager MSDNet or ResNet stage is
 dozens of kernels of a few microseconds each, issued one by one from Python, so skipping the compute of
 the samples that left saves almost no time. :class:`GraphedModel` captures each stage (the segments up to
-an exit head, then the head) as one CUDA graph per *bucket* of batch sizes (powers of two by default), and
+an exit head, then the head) as one CUDA graph per *bucket* of batch sizes (:func:`default_buckets`), and
 the full model as one graph per bucket for a fair baseline.
 
 A batch of ``n`` running samples replays the graph of the smallest bucket ``>= n``; its first ``n`` rows hold
@@ -18,7 +18,7 @@ captured on first use): the policy's rule, the writing of finished samples' pred
 and the count of samples still running all happen on the device, so an exit costs the host two graph
 launches and reading one integer. Samples are compacted only when they fit a smaller bucket; until then
 finished rows ride along (masked) in their bucket. A policy whose rule cannot be captured (it synchronises
-or changes shapes) falls back to the per-exit loop of :func:`adaptnn.execution.dynamic_loop`.
+or changes shapes) falls back to the per-exit loop of :func:`adaptnn.runtime.execution.dynamic_loop`.
 
 All graphs share one memory pool. That is safe because every buffer is read right after the graph (or the
 compaction copy) that produced it, before any other graph replays: a later replay may reuse an earlier
@@ -47,21 +47,10 @@ from .state import State, copy_rows, index_state, slice_state
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GraphedModel", "GraphedStages", "default_buckets", "power_of_two_buckets"]
+__all__ = ["GraphedModel", "GraphedStages", "default_buckets"]
 
 # (bucket, index of the last stage run (-1: none yet), running samples)
 Handle = tuple[int, int, int]
-
-
-def power_of_two_buckets(max_batch: int) -> list[int]:
-    """1, 2, 4, ... up to and including ``max_batch`` (added when it is not a power of two)."""
-    if max_batch < 1:
-        raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
-    buckets, b = [], 1
-    while b < max_batch:
-        buckets.append(b)
-        b *= 2
-    return [*buckets, max_batch]
 
 
 def default_buckets(max_batch: int) -> list[int]:
@@ -239,7 +228,7 @@ class GraphedModel:
         return [x[i : i + top] for i in range(0, x.shape[0], top)]
 
     def executor(self) -> GraphedStages:
-        """The stage executor for :func:`adaptnn.execution.dynamic_loop` / ``oracle_loop``."""
+        """The stage executor for :func:`adaptnn.runtime.execution.dynamic_loop` / ``oracle_loop``."""
         return GraphedStages(self)
 
     def __call__(self, x: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ A *stage* is what runs between two exit decisions: the segments up to an exit he
 asks a :class:`StageExecutor` to run a stage and to keep only the survivors. Two executors exist:
 
 * :class:`EagerStages` calls the modules (any device, any batch size);
-* :class:`adaptnn.cuda_graphs.GraphedStages` replays CUDA graphs captured at bucketed batch sizes.
+* :class:`adaptnn.runtime.cuda_graphs.GraphedStages` replays CUDA graphs captured at bucketed batch sizes.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class StageExecutor(Protocol):
 
 
 class EagerStages:
-    """Calls the segments and heads of a :class:`~adaptnn.staged.StagedModel` directly."""
+    """Calls the segments and heads of a :class:`~adaptnn.runtime.staged.StagedModel` directly."""
 
     def __init__(self, model: StagedModel) -> None:
         self.model = model

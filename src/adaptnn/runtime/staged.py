@@ -1,7 +1,7 @@
 """StagedModel: ordered segments with exit heads, run in full or with real per-sample early exit.
 
 A staged model is a list of *segments* (modules mapping a state to the next state; see
-:mod:`adaptnn.state`) and *exit heads* after chosen segments (modules mapping a state to logits). Two
+:mod:`adaptnn.runtime.state`) and *exit heads* after chosen segments (modules mapping a state to logits). Two
 ways to run it:
 
 * :meth:`StagedModel.forward_all` runs every segment and head and returns the logits of every exit

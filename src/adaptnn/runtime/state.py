@@ -1,6 +1,6 @@
 """Batch-indexable state: a tensor, or a tuple/list/dict of tensors (nested).
 
-Segments of a :class:`~adaptnn.staged.StagedModel` pass a *state* to each other: a feature map for a
+Segments of a :class:`~adaptnn.runtime.StagedModel` pass a *state* to each other: a feature map for a
 CNN, one map per scale for MSDNet, tokens plus an attention mask for an encoder. Early exit only needs
 one operation on it: keep some samples of the batch. These helpers do that for any nesting, so the
 engine works for every backbone without knowing its state layout.
@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
-__all__ = ["State", "copy_rows", "index_state", "map_state", "slice_state", "state_batch_size", "state_tensors"]
+__all__ = ["State", "cat_states", "copy_rows", "index_state", "map_state", "slice_state", "state_tensors"]
 
 State: TypeAlias = Any
 """A tensor, ``None``, or a (nested) tuple/list/dict of them; every tensor has the batch as dim 0."""
@@ -35,6 +35,21 @@ def map_state(state: State, fn: Callable[[Tensor], Tensor]) -> State:
     if isinstance(state, Mapping):
         return type(state)((k, map_state(v, fn)) for k, v in state.items())
     return state
+
+
+def cat_states(states: list[State]) -> State:
+    """Concatenate same-structured states along the batch (the inverse of splitting a batch into chunks)."""
+    first = states[0]
+    if isinstance(first, Tensor):
+        return torch.cat(states)
+    if isinstance(first, tuple):
+        items = [cat_states([s[i] for s in states]) for i in range(len(first))]
+        return type(first)(*items) if hasattr(first, "_fields") else tuple(items)
+    if isinstance(first, list):
+        return [cat_states([s[i] for s in states]) for i in range(len(first))]
+    if isinstance(first, Mapping):
+        return type(first)((k, cat_states([s[k] for s in states])) for k in first)
+    return first
 
 
 def index_state(state: State, index: Tensor) -> State:
@@ -75,11 +90,3 @@ def copy_rows(dst: State, src: State) -> None:
     """Copy every tensor of ``src`` into the leading rows of the same-structured ``dst`` (static buffers)."""
     for d, s in zip(state_tensors(dst), state_tensors(src), strict=True):
         d[: s.shape[0]].copy_(s)
-
-
-def state_batch_size(state: State) -> int:
-    """Batch size of ``state`` (dim 0 of its first tensor); raises if it holds no tensor."""
-    tensors = [t for t in state_tensors(state) if t.dim() > 0]
-    if not tensors:
-        raise ValueError("state holds no batched tensor")
-    return int(tensors[0].shape[0])

@@ -3,7 +3,7 @@
 ``get(name, **options)`` returns a :class:`Strategy`: calling it as ``(exit_logits: list[Tensor],
 targets: Tensor) -> Tensor`` gives the training loss; methods that need more (a meta step, gradient
 rescaling, a frozen backbone, an ensemble at inference) override the hooks described in
-:mod:`adaptnn.strategies.base`, which :class:`adaptnn.train.Trainer` calls.
+:mod:`adaptnn.strategies.base`, which :class:`adaptnn.training.Trainer` calls.
 
 ========== ====================================================================================
 name       method
@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 
 from ..errors import ConfigError
-from .base import StepContext, Strategy, per_exit_cross_entropy
+from .base import StepContext, StepOutput, Strategy, as_strategy, per_exit_cross_entropy
 from .boost import BoostLoss, boosted_logits
 from .distill import SelfDistillation
 from .frozen import FrozenBackbone, fit_heads_cached
@@ -33,6 +33,8 @@ from .l2w import L2WLoss
 __all__ = [
     "Strategy",
     "StepContext",
+    "StepOutput",
+    "as_strategy",
     "JointLoss",
     "SelfDistillation",
     "BoostLoss",

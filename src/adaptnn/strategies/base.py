@@ -6,10 +6,12 @@ that need more than a loss override hooks of :class:`Strategy`:
 * :meth:`Strategy.setup` once before the optimizer is built (e.g. freeze the backbone);
 * :meth:`Strategy.train_mode` after every ``model.train()`` (e.g. keep a frozen backbone in eval mode);
 * :meth:`Strategy.forward` is the training-time forward pass (e.g. gradient rescaling on the trunk);
-* :meth:`Strategy.training_loss` is one micro-batch's loss given a :class:`StepContext` (e.g. a meta step
-  before the backbone loss);
+* :meth:`Strategy.training_step` is one micro-batch given a :class:`StepContext` (e.g. a meta step before
+  the backbone loss); it returns a :class:`StepOutput`: the loss to back-propagate and this step's metrics,
+  which the Trainer averages over the epoch (the strategy keeps no running sums);
 * :meth:`Strategy.predictions` maps the exits' raw logits to what each exit predicts at test time (e.g. an
-  additive ensemble) and :meth:`Strategy.policy` gives the matching early-exit policy;
+  additive ensemble); :meth:`Strategy.policy_spec` names the matching early-exit policy family and
+  :meth:`Strategy.policy` builds it;
 * :meth:`Strategy.state_dict` / :meth:`Strategy.load_state_dict` carry the strategy's own trainable
   state (e.g. a weight network and its optimizer) through checkpoints.
 """
@@ -17,23 +19,23 @@ that need more than a loss override hooks of :class:`Strategy`:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from ..policies import ConfidencePolicy, ExitPolicy
+from ..policies import ThresholdPolicy, make_policy
 
 if TYPE_CHECKING:
     from ..runtime.staged import StagedModel
 
-__all__ = ["Strategy", "StepContext", "per_exit_cross_entropy"]
+__all__ = ["Strategy", "StepContext", "StepOutput", "as_strategy", "per_exit_cross_entropy"]
 
 
 @dataclass
 class StepContext:
-    """What :meth:`Strategy.training_loss` may use besides the batch.
+    """What :meth:`Strategy.training_step` may use besides the batch.
 
     Attributes:
         model: the plain :class:`StagedModel` (not wrapped by DDP or ``torch.compile``), e.g. for
@@ -52,6 +54,20 @@ class StepContext:
     step: int
     epoch: int
     world_size: int = 1
+
+
+@dataclass
+class StepOutput:
+    """What :meth:`Strategy.training_step` returns for one micro-batch.
+
+    Attributes:
+        loss: the scalar loss the Trainer back-propagates (mean over the micro-batch).
+        metrics: this step's extra metrics by their ``metrics.jsonl`` key (detached tensors or floats); the
+            Trainer averages each key over the micro-batches that report it (and over processes under DDP).
+    """
+
+    loss: Tensor
+    metrics: dict[str, Tensor | float] = field(default_factory=dict)
 
 
 def per_exit_cross_entropy(exit_logits: Sequence[Tensor], targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
@@ -85,21 +101,26 @@ class Strategy:
         """Training-time forward pass (default: ``model.forward_all``)."""
         return model.forward_all(x)
 
-    def training_loss(self, ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
-        """Loss of one micro-batch, to be back-propagated by the Trainer (default: ``self(forward(x), y)``)."""
-        return self(ctx.forward(x), y)
+    def training_step(self, ctx: StepContext, x: Tensor, y: Tensor) -> StepOutput:
+        """Loss (and metrics) of one micro-batch, back-propagated by the Trainer (default: ``self(forward(x), y)``)."""
+        return StepOutput(self(ctx.forward(x), y))
 
     def predictions(self, exit_logits: Sequence[Tensor]) -> list[Tensor]:
         """What each exit predicts at test time (default: its own logits)."""
         return list(exit_logits)
 
-    def policy(self, thresholds: Sequence[float | None]) -> ExitPolicy:
-        """Confidence-threshold early-exit policy consistent with :meth:`predictions`."""
-        return ConfidencePolicy(thresholds)
+    def policy_spec(self) -> tuple[str, dict[str, Any]]:
+        """``(family, params)`` of the early-exit policy consistent with :meth:`predictions`.
 
-    def epoch_metrics(self) -> dict[str, float]:
-        """Extra metrics for the epoch's ``metrics.jsonl`` line; resets the running sums (default: none)."""
-        return {}
+        ``family`` is one of ``adaptnn.policies.POLICY_NAMES`` and ``params`` its ``make_policy`` keywords, so
+        configs and run directories can name the policy without building it (default ``("confidence", {})``).
+        """
+        return "confidence", {}
+
+    def policy(self, thresholds: Sequence[float | None]) -> ThresholdPolicy:
+        """The policy of :meth:`policy_spec` with ``thresholds`` (``K-1`` of them; ``None`` disables an exit)."""
+        name, params = self.policy_spec()
+        return make_policy(name, len(thresholds) + 1, **params).with_thresholds(thresholds)
 
     def state_dict(self) -> dict[str, Any]:
         """Trainable state of the strategy itself (nested dict of tensors and JSON values)."""
@@ -115,3 +136,20 @@ class Strategy:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
+
+
+class _CallableStrategy(Strategy):
+    """A plain ``(exit_logits, targets) -> loss`` callable with the default hooks."""
+
+    name = "custom"
+
+    def __init__(self, fn: Callable[[list[Tensor], Tensor], Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, exit_logits: list[Tensor], targets: Tensor) -> Tensor:
+        return self.fn(exit_logits, targets)
+
+
+def as_strategy(loss: Strategy | Callable[[list[Tensor], Tensor], Tensor]) -> Strategy:
+    """``loss`` itself when it is a :class:`Strategy`, else the plain loss callable wrapped with the default hooks."""
+    return loss if isinstance(loss, Strategy) else _CallableStrategy(loss)

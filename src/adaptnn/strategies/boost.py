@@ -7,22 +7,22 @@ Exit ``s`` (0-based) outputs logits ``f_s``. The prediction at exit ``s`` is the
 and training minimises ``sum_s CE(f_s + stopgrad(E_{s-1}), y)``: each exit learns to correct the
 (frozen) ensemble of the exits before it, like a boosting stage, while the whole network is trained
 end to end in one pass. At inference an early-exit policy must use the same ensemble: see
-:meth:`BoostLoss.policy` (``adaptnn.policies.BoostedEnsemblePolicy``, which carries ``E`` per sample
-through :meth:`~adaptnn.staged.StagedModel.run_dynamic`). With ``gradient_rescaling`` the trunk uses the
-gradient rescaling of :mod:`adaptnn.strategies.gradient`, as BoostNet does on MSDNet backbones.
+:meth:`BoostLoss.policy_spec` (``("boosted", {"r": r})``, i.e. ``adaptnn.policies.BoostedEnsemblePolicy``,
+which carries ``E`` per sample through :meth:`~adaptnn.runtime.StagedModel.run_dynamic`). With
+``gradient_rescaling`` the trunk uses the gradient rescaling of :mod:`adaptnn.strategies.gradient`, as
+BoostNet does on MSDNet backbones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..policies import ExitPolicy
 from .base import Strategy
 from .gradient import forward_all_rescaled
 from .joint import exit_weights
@@ -92,10 +92,6 @@ class BoostLoss(Strategy):
     def predictions(self, exit_logits: Sequence[Tensor]) -> list[Tensor]:
         return boosted_logits(exit_logits, self.r)
 
-    def policy(self, thresholds: Sequence[float | None]) -> ExitPolicy:
-        """``BoostedEnsemblePolicy(thresholds, r)``: confidence of the additive ensemble at every exit."""
-        try:
-            from ..policies import BoostedEnsemblePolicy
-        except ImportError as err:  # written alongside; absent in older trees
-            raise ConfigError("this adaptnn has no adaptnn.policies.BoostedEnsemblePolicy") from err
-        return BoostedEnsemblePolicy(thresholds, r=self.r)
+    def policy_spec(self) -> tuple[str, dict[str, Any]]:
+        """``("boosted", {"r": r})``: the confidence of the same additive ensemble at every exit."""
+        return "boosted", {"r": self.r}

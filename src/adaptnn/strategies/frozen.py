@@ -2,10 +2,10 @@
 
 Two ways:
 
-* :class:`FrozenBackbone`, a strategy for the ordinary :class:`~adaptnn.train.Trainer`: the segments are
+* :class:`FrozenBackbone`, a strategy for the ordinary :class:`~adaptnn.training.Trainer`: the segments are
   frozen (``requires_grad=False``, kept in eval mode so normalisation statistics stay those of the
   pretrained backbone) and run without autograd; the heads are trained with the joint loss. Works with
-  data augmentation and with any backbone wrapped as a :class:`~adaptnn.staged.StagedModel` (timm,
+  data augmentation and with any backbone wrapped as a :class:`~adaptnn.runtime.StagedModel` (timm,
   torchvision, Hugging Face adapters).
 * :func:`fit_heads_cached`: runs the frozen segments **once** over the training set, caches every head's
   input on the CPU, and trains the heads for many epochs on the cache (no backbone compute after the
@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from ..runtime.state import State, index_state, map_state, state_tensors
+from ..runtime.state import State, cat_states, index_state, map_state, state_tensors
 from .base import Strategy
 from .joint import JointLoss
 
@@ -41,6 +41,12 @@ def freeze_backbone(model: StagedModel) -> None:
     for p in model.segments.parameters():
         p.requires_grad_(False)
     model.segments.eval()
+
+
+def _run_without_grad(index: int, segment: nn.Module, state: State) -> State:
+    """The ``segment`` callback of a frozen walk: the segment runs without autograd."""
+    with torch.no_grad():
+        return segment(state)
 
 
 class FrozenBackbone(Strategy):
@@ -67,16 +73,9 @@ class FrozenBackbone(Strategy):
         model.segments.eval()
 
     def forward(self, model: StagedModel, x: Tensor) -> list[Tensor]:
+        """Every exit's logits; the segments run under ``torch.no_grad()``, the heads with autograd."""
         model.check_input(x, check_finite=False)
-        outputs: list[Tensor] = []
-        state: State = x
-        for seg_idx, segment in enumerate(model.segments):
-            with torch.no_grad():
-                state = segment(state)
-            k = model._head_at[seg_idx]
-            if k >= 0:
-                outputs.append(model.heads[k](state))
-        return outputs
+        return model.walk(x, segment=_run_without_grad)
 
     def __call__(self, exit_logits: list[Tensor], targets: Tensor) -> Tensor:
         return self._loss(exit_logits, targets)
@@ -84,20 +83,6 @@ class FrozenBackbone(Strategy):
 
 def _state_nbytes(state: State) -> int:
     return sum(t.element_size() * t.numel() for t in state_tensors(state))
-
-
-def _cat_states(states: list[State]) -> State:
-    first = states[0]
-    if isinstance(first, Tensor):
-        return torch.cat(states)
-    if isinstance(first, tuple):
-        items = [_cat_states([s[i] for s in states]) for i in range(len(first))]
-        return type(first)(*items) if hasattr(first, "_fields") else tuple(items)
-    if isinstance(first, list):
-        return [_cat_states([s[i] for s in states]) for i in range(len(first))]
-    if isinstance(first, dict):
-        return type(first)((k, _cat_states([s[k] for s in states])) for k in first)
-    return first
 
 
 @torch.no_grad()
@@ -121,13 +106,13 @@ def cache_head_inputs(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     per_exit: list[list[State]] = [[] for _ in range(model.num_exits)]
     labels: list[Tensor] = []
+
+    def keep_head_input(k: int, head: nn.Module, state: State) -> None:
+        """The ``head`` callback: store head ``k``'s input (on the CPU) instead of running the head."""
+        per_exit[k].append(map_state(state, lambda t: t.detach().to("cpu", copy=True)))
+
     for i, (x, y) in enumerate(loader):
-        state: State = x.to(device)
-        for seg_idx, segment in enumerate(model.segments):
-            state = segment(state)
-            k = model._head_at[seg_idx]
-            if k >= 0:
-                per_exit[k].append(map_state(state, lambda t: t.detach().to("cpu", copy=True)))
+        model.walk(x.to(device), head=keep_head_input)
         labels.append(torch.as_tensor(y).long())
         if i == 0:
             estimate = sum(_state_nbytes(p[0]) for p in per_exit) * len(dataset) / max(1, len(y))
@@ -137,7 +122,7 @@ def cache_head_inputs(
                     f"than max_cache_bytes={max_cache_bytes / 2**30:.1f} GiB; raise the limit or train with the "
                     "'frozen' strategy through the Trainer instead (no cache)"
                 )
-    return [_cat_states(p) for p in per_exit], torch.cat(labels)
+    return [cat_states(p) for p in per_exit], torch.cat(labels)
 
 
 def fit_heads_cached(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from torch import Tensor, autograd
+from torch import Tensor, autograd, nn
 
 from ..runtime.state import State, map_state
 
@@ -44,20 +44,20 @@ def equilibrium_scales(num_exits: int) -> list[tuple[float, float]]:
 
 
 def forward_all_rescaled(model: StagedModel, x: Tensor) -> list[Tensor]:
-    """``model.forward_all(x)`` with gradient-equilibrium rescaling at every exit but the last."""
+    """``model.forward_all(x)`` with gradient-equilibrium rescaling at every exit but the last.
+
+    One :meth:`~adaptnn.runtime.StagedModel.walk`: the ``head`` callback scales the gradient reaching the state
+    through head ``k`` by ``1/(K-k)``, the ``after_exit`` callback scales the gradient through the rest of the
+    trunk by ``(K-k-1)/(K-k)``.
+    """
     model.check_input(x, check_finite=False)
     scales = equilibrium_scales(model.num_exits)
-    state: State = x
-    outputs: list[Tensor] = []
-    for seg_idx, segment in enumerate(model.segments):
-        state = segment(state)
-        k = model._head_at[seg_idx]
-        if k < 0:
-            continue
-        if k == model.num_exits - 1:
-            outputs.append(model.heads[k](state))
-        else:
-            head_scale, trunk_scale = scales[k]
-            outputs.append(model.heads[k](scale_grad(state, head_scale)))
-            state = scale_grad(state, trunk_scale)
-    return outputs
+    last = model.num_exits - 1
+
+    def head(k: int, module: nn.Module, state: State) -> Tensor:
+        return module(state if k == last else scale_grad(state, scales[k][0]))
+
+    def after_exit(k: int, state: State) -> State:
+        return state if k == last else scale_grad(state, scales[k][1])
+
+    return model.walk(x, head=head, after_exit=after_exit)

@@ -13,7 +13,8 @@ look-ahead of the backbone, ``theta' = theta - lr * grad_theta L_w(theta)`` (``c
 look-ahead runs ``torch.func.functional_call`` on the live module with substituted parameters - no model
 copy; the normalisation buffers are cloned so the look-ahead leaves the running statistics alone). On
 the meta part, samples are allocated to exits as in the budgeted-batch protocol with target ``p``
-(exit k takes the ``floor(n * pi_k)`` most confident remaining samples, ``pi_k ~ p^k``), and the meta loss
+(exit k takes the ``floor(n * pi_k)`` most confident remaining samples, ``pi_k ~ p^k``; the fractions and
+quotas are those of :mod:`adaptnn.calibration`), and the meta loss
 is the cross-entropy of each sample at its allocated exit under ``theta'``. Its gradient trains the
 weight network (Adam). Then the backbone takes its ordinary step on the weighted loss of the whole
 micro-batch with the updated weights (detached): every sample is still trained on, as with the other
@@ -30,6 +31,7 @@ each process runs the look-ahead on its own shard and the weight network's gradi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,13 +39,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..calibration import exit_distribution, quota
 from ..errors import ConfigError
-from .base import StepContext, Strategy, per_exit_cross_entropy
+from .base import StepContext, StepOutput, Strategy, per_exit_cross_entropy
 
 if TYPE_CHECKING:
     from ..runtime.staged import StagedModel
 
-__all__ = ["L2WLoss", "WeightNet", "allocate_exits", "exit_distribution"]
+__all__ = ["L2WLoss", "WeightNet", "allocate_exits"]
 
 
 class WeightNet(nn.Module):
@@ -68,17 +71,8 @@ class _AllExits(nn.Module):
         return self.model.forward_all(x)
 
 
-def exit_distribution(p: float, num_exits: int) -> list[float]:
-    """Budgeted-batch target fractions ``pi_k = p^k / sum_j p^j`` for ``k = 1..K``."""
-    weights = [p**k for k in range(1, num_exits + 1)]
-    total = sum(weights)
-    if not math.isfinite(total) or total <= 0:
-        raise ConfigError(f"l2w: target_p={p} gives a degenerate exit distribution for {num_exits} exits")
-    return [w / total for w in weights]
-
-
-def allocate_exits(confidence: Tensor, fractions: list[float]) -> Tensor:
-    """Allocate samples to exits as the budgeted-batch protocol does.
+def allocate_exits(confidence: Tensor, fractions: Sequence[float]) -> Tensor:
+    """Allocate samples to exits as the budgeted-batch protocol does (quotas of :func:`adaptnn.calibration.quota`).
 
     Args:
         confidence: ``[K, N]`` confidence of every sample at every exit.
@@ -91,14 +85,16 @@ def allocate_exits(confidence: Tensor, fractions: list[float]) -> Tensor:
     num_exits, n = confidence.shape
     exit_index = torch.full((n,), num_exits - 1, dtype=torch.long, device=confidence.device)
     free = torch.ones(n, dtype=torch.bool, device=confidence.device)
+    remaining = n
     for k in range(num_exits - 1):
-        quota = min(math.floor(n * fractions[k] + 1e-9), int(free.sum()))
-        if quota <= 0:
+        take = min(quota(n, fractions[k]), remaining)
+        if take <= 0:
             continue
         score = confidence[k].masked_fill(~free, -math.inf)
-        taken = score.topk(quota).indices
+        taken = score.topk(take).indices
         exit_index[taken] = k
         free[taken] = False
+        remaining -= take
     return exit_index
 
 
@@ -146,11 +142,14 @@ class L2WLoss(Strategy):
         self.label_smoothing = label_smoothing
         self.weight_net: WeightNet | None = None
         self.meta_optimizer: torch.optim.Optimizer | None = None
-        self._sums = {"meta_loss": 0.0, "weight_std": 0.0}
-        self._counts = {"meta_loss": 0, "weight_std": 0}
 
     # ---- set-up and state -------------------------------------------------------------------------
     def setup(self, model: StagedModel) -> None:
+        """Build the weight network (and its Adam) for ``model``'s number of exits, unless already built."""
+        try:
+            exit_distribution(self.target_p, model.num_exits)
+        except ConfigError as err:
+            raise ConfigError(f"l2w: target_p: {err}") from None
         if self.weight_net is None or self.weight_net.net[0].in_features != model.num_exits:
             device = next(model.parameters()).device
             self.weight_net = WeightNet(model.num_exits, self.hidden).to(device)
@@ -175,12 +174,6 @@ class L2WLoss(Strategy):
             raise ConfigError("l2w: call setup(model) before load_state_dict")
         self.weight_net.load_state_dict(state["weight_net"])
         self.meta_optimizer.load_state_dict(state["optimizer"])
-
-    def epoch_metrics(self) -> dict[str, float]:
-        out = {f"l2w_{k}": self._sums[k] / self._counts[k] for k in self._sums if self._counts[k]}
-        self._sums = dict.fromkeys(self._sums, 0.0)
-        self._counts = dict.fromkeys(self._counts, 0)
-        return out
 
     # ---- losses -----------------------------------------------------------------------------------
     def sample_weights(self, losses: Tensor) -> Tensor:
@@ -212,6 +205,10 @@ class L2WLoss(Strategy):
 
     def meta_step(self, model: StagedModel, lr: float, x: Tensor, y: Tensor, world_size: int = 1) -> float:
         """One meta update of the weight network from a micro-batch; returns the meta loss."""
+        return float(self._meta_update(model, lr, x, y, world_size))
+
+    def _meta_update(self, model: StagedModel, lr: float, x: Tensor, y: Tensor, world_size: int) -> Tensor:
+        """:meth:`meta_step`, returning the detached meta loss as a tensor (no device sync)."""
         if self.weight_net is None or self.meta_optimizer is None:
             self.setup(model)
         assert self.weight_net is not None and self.meta_optimizer is not None
@@ -239,18 +236,19 @@ class L2WLoss(Strategy):
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= world_size
         self.meta_optimizer.step()
-        value = float(meta.detach())
-        self._sums["meta_loss"] += value
-        self._counts["meta_loss"] += 1
-        return value
+        return meta.detach()
 
-    def training_loss(self, ctx: StepContext, x: Tensor, y: Tensor) -> Tensor:
+    def training_step(self, ctx: StepContext, x: Tensor, y: Tensor) -> StepOutput:
+        """A meta update every ``meta_interval`` steps, then the weighted loss of the whole micro-batch.
+
+        Metrics: ``l2w_meta_loss`` (steps with a meta update) and ``l2w_weight_std`` (spread of the weights).
+        """
+        metrics: dict[str, Tensor | float] = {}
         if ctx.step % self.meta_interval == 0:
-            self.meta_step(ctx.model, ctx.lr, x, y, ctx.world_size)
+            metrics["l2w_meta_loss"] = self._meta_update(ctx.model, ctx.lr, x, y, ctx.world_size)
         logits = ctx.forward(x)
         losses = per_exit_cross_entropy(logits, y, self.label_smoothing)
         with torch.no_grad():
             weights = self.sample_weights(losses)
-        self._sums["weight_std"] += float(weights.std())
-        self._counts["weight_std"] += 1
-        return (weights * losses).sum(dim=1).mean()
+        metrics["l2w_weight_std"] = weights.std()
+        return StepOutput((weights * losses).sum(dim=1).mean(), metrics)

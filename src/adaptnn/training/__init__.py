@@ -1,14 +1,23 @@
-"""Training infrastructure: the Trainer, its config, data-parallel batching, schedules, RNG state, devices."""
+"""Training infrastructure: the Trainer, its config, data-parallel batching, schedules, RNG state, devices.
 
-from .trainer import (
-    TrainConfig,
-    Trainer,
-    build_strategy,
-    cosine_warmup_factor,
-    micro_batch_indices,
-    resolve_device,
-    seed_everything,
-)
+============== ===========================================================================================
+module         what it holds
+============== ===========================================================================================
+config         :class:`TrainConfig` and :func:`build_strategy` (the strategy a config names)
+trainer        :class:`Trainer`: the one training loop, checkpoints and resume
+metrics        :class:`EpochMeter`: the epoch's loss and the strategy's step metrics, reduced over processes
+distributed    torchrun process layout and group, :func:`micro_batch_indices` and its batch sampler
+schedule       :func:`cosine_warmup_factor`, parameter groups (no decay on biases/norms), SGD or AdamW
+rng            capture and restore the Python, NumPy, torch and CUDA RNG states for checkpoints
+device         :func:`resolve_device` and :func:`seed_everything`
+============== ===========================================================================================
+"""
+
+from .config import TrainConfig, build_strategy
+from .device import resolve_device, seed_everything
+from .distributed import micro_batch_indices
+from .schedule import cosine_warmup_factor
+from .trainer import Trainer
 
 __all__ = [
     "TrainConfig",

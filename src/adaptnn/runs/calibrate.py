@@ -1,0 +1,184 @@
+"""Calibrating a run: fit an exit policy on the validation split and choose its operating point.
+
+The budgeted-batch sweep of the policy is always computed; the operating point comes from one calibrator of
+:data:`~adaptnn.runs.calibrators.CALIBRATORS`. ``calibration.json`` is written and read back here
+(:func:`read_calibration` also reads files of older adaptnn).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..calibration import policy_sweep
+from ..errors import ConfigError
+from ..evaluation import collect_logits
+from ..io import write_json
+from ..measure.latency import LatencyModel
+from ..policies import make_policy
+from ..runtime.cost import cost_breakdown
+from ..training import build_strategy
+from .calibrators import CALIBRATORS, CalibrationInputs, CalibrationOptions, select_calibrator
+from .config import RunConfig
+from .naming import named_by_unit
+from .rundir import LoadedRun, load_run
+
+__all__ = ["calibrate_run", "strategy_policy", "read_calibration"]
+
+log = logging.getLogger(__name__)
+
+
+def strategy_policy(config: RunConfig) -> tuple[str, dict[str, Any]]:
+    """The exit rule consistent with how the run was trained: ``(family name, make_policy parameters)``.
+
+    It is the training strategy's :meth:`~adaptnn.strategies.Strategy.policy_spec` (a ``boost`` run predicts
+    with its additive ensemble, ``boosted`` with the same ``r``; other strategies with each exit's own logits).
+    """
+    return build_strategy(config.train).policy_spec()
+
+
+def _exit_latencies(run_dir: Path, batch_size: int) -> list[float]:
+    """Per-sample cumulative latency to each exit at ``batch_size``, from the run's fitted latency model."""
+    profile = run_dir / "latency_profile.json"
+    if not profile.exists():
+        raise ConfigError(
+            "budget_ms needs per-exit latencies: run `adaptnn profile RUN_DIR` first (writes "
+            "latency_profile.json), or pass exit_latency_ms (K cumulative ms per sample on your device)"
+        )
+    return [t / batch_size for t in LatencyModel.load(profile).exit_latency_ms(batch_size)]
+
+
+def _validation_logits(run: LoadedRun, progress: bool, legacy: bool) -> tuple[Tensor, Tensor]:
+    """Validation logits; ``legacy`` reads the split with the *training* transforms (reference-code quirk)."""
+    splits, val_set = run.splits, run.splits.val
+    if not legacy:
+        return collect_logits(
+            run.model, val_set, batch_size=run.config.eval.batch_size, device=run.device, progress=progress, desc="val"
+        )
+    if not hasattr(val_set, "view") or not hasattr(splits.train, "transform"):
+        raise ConfigError("legacy calibration needs datasets with views (adaptnn.data datasets)")
+    val_set = val_set.view(val_set.indices, splits.train.transform)
+    with torch.random.fork_rng(devices=[]):  # repeatable augmentation draws; the caller's RNG is left as it was
+        torch.manual_seed(0)
+        return collect_logits(
+            run.model, val_set, batch_size=run.config.eval.batch_size, device=run.device, progress=progress, desc="val"
+        )
+
+
+def _fit_inputs(
+    run: LoadedRun, family_name: str, family_kwargs: dict[str, Any], *, temperature: bool, legacy: bool, progress: bool
+) -> CalibrationInputs:
+    """Logits of both splits, the policy family (temperatures fitted on validation) and its budgeted sweep."""
+    exit_macs = cost_breakdown(run.model, run.splits.input_size).exit_macs
+    val_logits, val_labels = _validation_logits(run, progress, legacy)
+    test_logits, test_labels = collect_logits(
+        run.model, run.splits.test, batch_size=run.config.eval.batch_size, device=run.device, progress=progress,
+        desc="test",
+    )  # fmt: skip
+    family = make_policy(
+        family_name, run.model.num_exits, val_logits=val_logits, val_labels=val_labels, temperature=temperature,
+        **family_kwargs,
+    )  # fmt: skip
+    sweep = policy_sweep(
+        family, val_logits, val_labels, test_logits, test_labels, exit_macs, run.config.calibration.p_values,
+        legacy=legacy,
+    )  # fmt: skip
+    last_val_acc = float((val_logits[-1].argmax(-1) == val_labels).double().mean())
+    return CalibrationInputs(family, val_logits, val_labels, list(exit_macs), sweep, last_val_acc)
+
+
+def calibrate_run(
+    run_dir: str | Path,
+    *,
+    tolerance: float | None = None,
+    progress: bool = True,
+    policy: str | None = None,
+    temperature: bool = False,
+    budget_macs: float | None = None,
+    budget_ms: float | None = None,
+    exit_latency_ms: Sequence[float] | None = None,
+    latency_batch_size: int = 1,
+    epsilon: float | None = None,
+    delta: float = 0.1,
+    legacy: bool = False,
+) -> dict[str, Any]:
+    """Fit an exit policy's thresholds on the validation split and pick the operating point.
+
+    The budgeted-batch sweep of ``policy`` is always computed (validation and test figures for every p).
+    The operating point comes from one calibrator: ``budget_macs`` (average MACs per sample),
+    ``budget_ms`` with measured ``exit_latency_ms`` (average latency per sample), ``epsilon``/``delta``
+    (accuracy drop vs the last exit at most ``epsilon`` with probability ``>= 1 - delta``, Learn then Test),
+    or by default the cheapest sweep point within ``tolerance`` of the last exit's validation accuracy.
+
+    Args:
+        policy: exit-rule family, one of :data:`adaptnn.policies.POLICY_NAMES`; default: the rule the run's
+            training strategy predicts with (:func:`strategy_policy`).
+        temperature: fit per-exit temperatures on the validation split first.
+        legacy: reproduce the reference code: validation read with training augmentation and the test
+            curve post-processed into its upper envelope (see :mod:`adaptnn.calibration.sweep`).
+
+    Writes ``calibration.json`` (exit MACs, the policy, the sweep, the calibrator's figures, the operating
+    point, all choices made on validation figures only) and returns its content.
+    """
+    run_dir = Path(run_dir)
+    method = select_calibrator({"budget_macs": budget_macs, "budget_ms": budget_ms, "epsilon": epsilon})
+    if method == "latency_budget" and exit_latency_ms is None:
+        exit_latency_ms = _exit_latencies(run_dir, latency_batch_size)
+    run = load_run(run_dir)
+    tolerance = run.config.calibration.tolerance if tolerance is None else tolerance
+    if not 0 <= tolerance < 1:
+        raise ConfigError(f"tolerance is a fraction of accuracy in [0, 1), got {tolerance}")
+    options = CalibrationOptions(
+        tolerance, budget_macs, budget_ms, exit_latency_ms, latency_batch_size, epsilon=epsilon, delta=delta
+    )
+    family_name, family_kwargs = (policy, {}) if policy is not None else strategy_policy(run.config)
+    inputs = _fit_inputs(run, family_name, family_kwargs, temperature=temperature, legacy=legacy, progress=progress)
+    point, calibrator = CALIBRATORS[method][1](inputs, options)
+    calibration = {
+        "exit_macs": inputs.exit_macs,
+        "policy": family_name,
+        "policy_spec": inputs.family.with_thresholds(point["thresholds"]).to_dict(),
+        "temperature": temperature,
+        "legacy": legacy,
+        "last_exit_val_accuracy": inputs.last_exit_val_accuracy,
+        "tolerance": tolerance,
+        "calibrator": calibrator,
+        "operating_point": point,
+        "budgeted": named_by_unit(inputs.sweep),
+    }
+    write_json(run_dir / "calibration.json", calibration)
+    log.info(
+        "operating point (%s, %s) thresholds=%s (val acc %.4f, val MACs %.0f)",
+        family_name,
+        method,
+        [round(t, 4) for t in point["thresholds"]],
+        point["val_accuracy"],
+        point["val_avg_macs"],
+    )
+    return calibration
+
+
+def read_calibration(path: str | Path) -> dict[str, Any]:
+    """``calibration.json`` as :func:`calibrate_run` writes it today, also for files of older adaptnn.
+
+    Older files are brought up to date: cost keys named by unit (``val_avg_cost`` -> ``val_avg_macs``, ...),
+    ``policy_spec`` (the confidence rule at the operating point's thresholds), ``calibrator`` (the sweep with
+    tolerance) and ``legacy`` (false) when missing.
+    """
+    data = json.loads(Path(path).read_text())
+    point = named_by_unit(data["operating_point"])
+    calibrator = data.get("calibrator") or {"method": "budgeted_sweep_tolerance"}
+    return {
+        **data,
+        "policy_spec": data.get("policy_spec") or {"name": "confidence", "thresholds": point["thresholds"]},
+        "legacy": bool(data.get("legacy", False)),
+        "calibrator": named_by_unit(calibrator, calibrator.get("unit", "MACs")),
+        "operating_point": point,
+        "budgeted": named_by_unit(data["budgeted"]),
+    }
