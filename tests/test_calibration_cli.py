@@ -6,6 +6,8 @@ import pytest
 
 from adaptnn.cli import main
 
+pytestmark = pytest.mark.integration  # whole run-directory workflows
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

@@ -16,6 +16,7 @@ def quick_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.integration
 def test_quickstart_writes_report(quick_run, capsys):
     report = json.loads((quick_run / "report.json").read_text())
     assert (quick_run / "report.png").stat().st_size > 10_000
@@ -39,6 +40,7 @@ def test_quickstart_writes_report(quick_run, capsys):
     assert len(split["val_indices"]) == 300
 
 
+@pytest.mark.integration
 def test_train_resume_is_a_no_op_when_done(quick_run, capsys):
     before = (quick_run / "model.safetensors").read_bytes()
     assert main(["quickstart", "--run_dir", str(quick_run)]) == 2  # different epochs -> config clash
@@ -46,6 +48,7 @@ def test_train_resume_is_a_no_op_when_done(quick_run, capsys):
     assert (quick_run / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.integration
 def test_calibrate_and_evaluate_commands(quick_run, capsys):
     assert main(["calibrate", str(quick_run), "--tolerance", "0.3"]) == 0
     calibration = json.loads((quick_run / "calibration.json").read_text())
@@ -92,6 +95,7 @@ def test_unknown_config_key(tmp_path, capsys):
     assert "train.epoch" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_corrupt_checkpoint_in_run(quick_run, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -1,10 +1,13 @@
 """A run trained with `boost` is calibrated and evaluated with its additive-ensemble rule by default."""
 
+import pytest
 import torch
 
 from adaptnn.runs import calibrate_run, evaluate_run, strategy_policy, train_run
 from adaptnn.runs.config import RunConfig
 from adaptnn.strategies import boosted_logits
+
+pytestmark = pytest.mark.integration  # whole run-directory workflows
 
 
 def test_boost_run_uses_the_boosted_policy(tmp_path):
@@ -41,8 +44,6 @@ def test_boost_run_uses_the_boosted_policy(tmp_path):
 
 
 def test_latency_budget_from_the_runs_profile(tmp_path):
-    import pytest
-
     from adaptnn import ConfigError
     from adaptnn.measure.latency import profile_latency
     from adaptnn.models import load_model

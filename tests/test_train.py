@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from adaptnn import create_model
@@ -23,6 +24,7 @@ def test_cosine_warmup_schedule():
     assert cosine_warmup_factor(100, 100, 10, min_ratio=0.1) == 0.1
 
 
+@pytest.mark.integration
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = TrainConfig(epochs=3, batch_size=128, lr=0.05, device="cpu", progress=False, seed=3)
     model_a, splits = _tiny_setup()
@@ -55,6 +57,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
+@pytest.mark.integration
 def test_training_improves_every_exit(tmp_path):
     _, splits = _tiny_setup()
     model = create_model("mecnn_digits")

@@ -140,6 +140,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("strategy", ["joint", "imta"])  # imta: a custom training forward under DDP
 def test_ddp_two_processes_equal_one_process(tmp_path, strategy):
