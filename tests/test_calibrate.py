@@ -91,14 +91,7 @@ def reference_sweep(val_probs, val_labels, test_probs, test_labels, costs, p_val
                     assigned[i] = True
             thresholds.append(t)
         # The greedy validation assignment must be what the thresholds give on validation.
-        greedy_exits = []
-        for i in range(n_val):
-            chosen = n_exits - 1
-            for k in range(n_exits - 1):
-                if v_conf[k][i] >= thresholds[k]:
-                    chosen = k
-                    break
-            greedy_exits.append(chosen)
+        greedy_exits = _ref_assign(v_conf, thresholds)
         v_acc, v_cost, v_frac = _ref_eval(greedy_exits, v_pred, val_labels, costs)
         t_acc, t_cost, t_frac = _ref_eval(_ref_assign(t_conf, thresholds), t_pred, test_labels, costs)
         out.append(
