@@ -183,6 +183,7 @@ def test_split_info_is_json(digits):
     assert info["dataset"] == "digits" and info["seed"] == 0
     assert info["sizes"] == {"train": 1293, "val": 144, "test": 360}
     assert info["val_indices"] == digits.val_indices
+    assert info["fingerprint"] == digits.fingerprint and info["fingerprint"]["kind"] == "arrays"
 
 
 def test_array_dataset_checks_and_indexing():

@@ -13,14 +13,17 @@ The wrapped model shares its modules (and so its weights) with the original; not
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
+import re
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..layers.heads import make_head
+from ..layers.heads import HEAD_KINDS, make_head
+from ..models._registry import CheckpointArg, options_of
 from ..runtime.staged import InputSpec, StagedModel
 
 __all__ = [
@@ -33,7 +36,21 @@ __all__ = [
     "assemble",
     "check_last_exit",
     "default_head",
+    "HEAD_OPTIONS",
+    "plain_name",
 ]
+
+_HEAD_KEYS = options_of(*HEAD_KINDS.values(), skip=("in_features", "num_classes"))
+#: what a checkpoint may put in an adapter's ``head_kwargs``: the typed options of the exit heads' constructors (a
+#: head's hidden ``width`` bounded: ``hf_staged`` is built for real, without the meta-device shape check)
+HEAD_OPTIONS = CheckpointArg(keys={**_HEAD_KEYS, "width": dataclasses.replace(_HEAD_KEYS["width"], bounds=(1, 4096))})
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
+
+
+def plain_name(value: object) -> bool:
+    """Whether ``value`` is a plain model name (letters, digits, ``_.-``): no ``hf-hub:``-style prefix, no path."""
+    return isinstance(value, str) and _PLAIN_NAME.fullmatch(value) is not None
 
 
 def require(module: str, extra: str) -> object:

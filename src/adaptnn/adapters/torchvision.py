@@ -24,14 +24,45 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..models._registry import create_model, register_model
+from ..models._registry import CheckpointArg, create_model, register_model
 from ..runtime.staged import InputSpec, StagedModel
-from ._common import assemble, check_last_exit, default_head, resolve_exits, stage_ends, trace_shapes
+from ._common import (
+    HEAD_OPTIONS,
+    assemble,
+    check_last_exit,
+    default_head,
+    plain_name,
+    resolve_exits,
+    stage_ends,
+    trace_shapes,
+)
 
 __all__ = ["from_torchvision", "wrap_torchvision", "torchvision_staged"]
 
 
-@register_model
+#: ``tv_kwargs`` a checkpoint may set: architecture numbers and switches of the supported builders' constructors;
+#: others (``weights_backbone``, ``progress``, callables) need ``trust_code``.
+_TV_OPTIONS: dict[str, CheckpointArg] = {
+    **{k: CheckpointArg(float) for k in ("dropout", "stochastic_depth_prob", "layer_scale")},
+    "width_mult": CheckpointArg(float, bounds=(0, 64)),
+    **{k: CheckpointArg(int, bounds=(0, 4096)) for k in ("groups", "width_per_group", "round_nearest")},
+    **{k: CheckpointArg(bool) for k in ("zero_init_residual", "reduced_tail", "dilated")},
+    "replace_stride_with_dilation": CheckpointArg(list[bool] | None),
+    "last_channel": CheckpointArg(int | None),
+}
+
+
+@register_model(
+    checkpoint_args={
+        "arch": CheckpointArg(trusted=lambda v: not plain_name(v), why="it is not a plain torchvision builder name"),
+        # the weights come from the checkpoint: never download torchvision's when rebuilding from one
+        "weights": CheckpointArg(on_load=None),
+        "input_size": CheckpointArg(bounds=(1, 4096)),
+        "head_kwargs": HEAD_OPTIONS,
+        "tv_kwargs": CheckpointArg(keys=_TV_OPTIONS),
+    },
+    build_on_meta=True,
+)
 def torchvision_staged(
     *,
     arch: str = "resnet18",

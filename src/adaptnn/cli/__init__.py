@@ -1,8 +1,9 @@
 """The ``adaptnn`` command line.
 
 One module per subcommand in this package; each defines ``HELP`` (one line), ``build(parser)`` (adds its
-options to a fresh jsonargparse parser) and ``run(args)``. ``COMMANDS`` lists them in help order; adding
-a command is adding a module and one entry here.
+options to a fresh jsonargparse parser) and ``run(args)``, and may define ``interrupted(args, argv)``: the
+line printed after Ctrl-C (what is left on disk and the command that continues). ``COMMANDS`` lists them in
+help order; adding a command is adding a module and one entry here.
 
 Built on jsonargparse: options are typed flags (``--train.epochs 5``), ``--config FILE.yaml`` reads YAML
 (unknown keys are errors), ``--print_config`` prints the resolved config. Errors caused by the user (bad
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +22,7 @@ from jsonargparse import ArgumentParser
 
 from ..errors import AdaptnnError
 from ..version import __version__
+from ._shared import SAFE_YAML_MODE
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -36,6 +39,7 @@ def build_parser() -> ArgumentParser:
     """The full parser with one subcommand per module in ``COMMANDS``."""
     parser = ArgumentParser(
         prog="adaptnn",
+        parser_mode=SAFE_YAML_MODE,  # every YAML jsonargparse reads goes through the bounded reader
         description="Dynamic (early-exit) neural networks: train, calibrate, evaluate, count cost.",
     )
     parser.add_argument("--version", action="version", version=f"adaptnn {__version__}")
@@ -51,7 +55,8 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; ``argv`` lets tests run the CLI in-process. Returns the exit status."""
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(levelname)s %(name)s: %(message)s",
@@ -62,7 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"adaptnn {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact (resume with the same command)", file=sys.stderr)
+        hint = getattr(_module(args.command), "interrupted", None)
+        message = hint(args[args.command], argv) if hint is not None else None
+        print(message or f"interrupted; run again with: adaptnn {shlex.join(argv)}", file=sys.stderr)
         return 130
     return 0
 

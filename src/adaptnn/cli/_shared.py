@@ -1,19 +1,87 @@
-"""Helpers shared by several subcommands: the run-config options and the result summary."""
+"""Helpers shared by several subcommands: the run-config options, safe YAML for jsonargparse, the result summary.
+
+jsonargparse parses YAML itself (``--config`` files, ``--train FILE`` group files, dict and list flags such as
+``--model.kwargs``). Two guards keep hostile YAML from it:
+
+* :class:`SafeConfigFile` (the ``--config`` action) reads the file, or the YAML string given instead of a path,
+  with :func:`adaptnn.io.yamlfile.read_yaml` first: an alias bomb, an oversized, empty or non-mapping file ends
+  the command with one line on stderr and exit status 2, before jsonargparse expands anything;
+* :data:`SAFE_YAML_MODE` is a jsonargparse parser mode whose loader checks every text with
+  :func:`~adaptnn.io.yamlfile.check_yaml_text` (size, no anchors/aliases, bounded depth and node count) and then
+  loads it exactly as jsonargparse's ``yaml`` mode does; the top-level parser uses it.
+"""
 
 from __future__ import annotations
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+import os
+from typing import Any
+
+import yaml
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace, get_loader, set_loader
 
 from ..data import DataConfig
-from ..runs.config import CalibrationConfig, EvalConfig, ModelConfig, RunConfig
+from ..errors import ConfigError
+from ..io.yamlfile import check_yaml_text, load_yaml_text, read_yaml, require_mapping
+from ..runs.config import CONFIG_EXPECTED, CalibrationConfig, EvalConfig, ModelConfig, RunConfig
 from ..training import TrainConfig
 
-__all__ = ["add_run_config", "run_config_from_args", "summarise_report"]
+__all__ = [
+    "SAFE_YAML_MODE",
+    "SafeConfigFile",
+    "add_run_config",
+    "check_config_value",
+    "run_config_from_args",
+    "summarise_report",
+]
+
+#: jsonargparse ``parser_mode`` whose YAML loader refuses anchors/aliases and bounds size, depth and node count
+SAFE_YAML_MODE = "adaptnn_safe_yaml"
+_jsonargparse_yaml = get_loader("yaml")
+
+
+def _safe_yaml_load(text: str) -> Any:
+    """jsonargparse's own YAML loading, after :func:`~adaptnn.io.yamlfile.check_yaml_text` accepted the text."""
+    check_yaml_text(text, "the YAML given")
+    return _jsonargparse_yaml(text)
+
+
+set_loader(SAFE_YAML_MODE, _safe_yaml_load, exceptions=(yaml.YAMLError, ConfigError))
+
+
+def check_config_value(value: str) -> None:
+    """Check what was given to ``--config`` (a path, or a YAML string as jsonargparse also accepts) safely.
+
+    Raises:
+        ConfigError: the file is missing, empty, too large, not YAML, uses anchors/aliases or is not a mapping.
+    """
+    value = str(value)
+    if os.path.exists(value):
+        require_mapping(read_yaml(value), value, CONFIG_EXPECTED)
+        return
+    data = load_yaml_text(value, "the --config value")
+    if data is None or isinstance(data, str):  # not a mapping written inline: a path that is not there
+        raise ConfigError(f"no config file at {value}")
+    require_mapping(data, "the --config value", CONFIG_EXPECTED)
+
+
+class SafeConfigFile(ActionConfigFile):
+    """``--config``: :func:`check_config_value` first, then jsonargparse's own config-file handling.
+
+    A refused config ends the command with ``adaptnn CMD: error: ...`` (one line) and exit status 2, like the
+    other errors jsonargparse reports while parsing.
+    """
+
+    def __call__(self, parser: ArgumentParser, cfg: Namespace, values: Any, option_string: str | None = None) -> None:
+        try:
+            check_config_value(values)
+        except ConfigError as err:
+            parser.exit(2, f"{parser.prog.replace(' [options]', '')}: error: {err}\n")
+        super().__call__(parser, cfg, values, option_string)
 
 
 def add_run_config(parser: ArgumentParser) -> None:
     """Add ``--config``, ``--run_dir`` and one option group per section of :class:`RunConfig`."""
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML run config (see configs/).")
+    parser.add_argument("--config", action=SafeConfigFile, help="YAML run config (see configs/).")
     parser.add_argument("--run_dir", type=str, default="runs/default", help="Output directory of the run.")
     parser.add_class_arguments(DataConfig, "data", help="Dataset and validation split.")
     parser.add_class_arguments(ModelConfig, "model", help="Registered model name and its arguments.")
@@ -23,8 +91,31 @@ def add_run_config(parser: ArgumentParser) -> None:
 
 
 def run_config_from_args(args: Namespace) -> RunConfig:
-    """The :class:`RunConfig` described by parsed options (strictly validated)."""
-    return RunConfig.from_dict({section: args[section].as_dict() for section in RunConfig.__dataclass_fields__})
+    """The :class:`RunConfig` described by parsed options, validated (:meth:`RunConfig.validate`)."""
+    sections = {section: args[section].as_dict() for section in RunConfig.__dataclass_fields__}
+    return RunConfig.from_dict(sections).validate()
+
+
+def add_run_access(parser: ArgumentParser) -> None:
+    """``--trust_code`` and ``--allow_data_change``: how a command reads a run directory (both off by default)."""
+    parser.add_argument(
+        "--trust_code",
+        action=ActionYesNo,
+        default=False,
+        help="Treat the run's checkpoint like code you trust: allow local model folders, pass-through options "
+        "and trust_remote_code from its header (off: a checkpoint is data and can only name declared arguments).",
+    )
+    parser.add_argument(
+        "--allow_data_change",
+        action=ActionYesNo,
+        default=False,
+        help="Proceed although the data or split differs from the run's splits.json (off: refuse).",
+    )
+
+
+def run_access(args: Namespace) -> dict[str, bool]:
+    """The keyword arguments of :func:`add_run_access` for ``load_run``-based workflows."""
+    return {"trust_code": bool(args.trust_code), "allow_data_change": bool(args.allow_data_change)}
 
 
 def summarise_report(report: dict) -> str:

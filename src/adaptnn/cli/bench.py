@@ -7,6 +7,8 @@ from pathlib import Path
 
 from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
+from ._shared import add_run_access, run_access
+
 HELP = "Realised vs ideal speedup of early exit (wall clock)."
 
 
@@ -35,6 +37,7 @@ def build(parser: ArgumentParser) -> None:
     parser.add_argument("--kwargs", type=dict | None, default=None, help="Model arguments for model names.")
     parser.add_argument("--output", type=str | None, default=None, help="Write the JSON here.")
     parser.add_argument("--json", action=ActionYesNo, default=False, help="Print JSON instead of a table.")
+    add_run_access(parser)
 
 
 def run(args: Namespace) -> None:
@@ -42,12 +45,19 @@ def run(args: Namespace) -> None:
 
     from ..errors import ConfigError
     from ..io import write_json
-    from ..measure.speed import bench_at_budget
+    from ..measure.speed import bench_at_budget, check_bench_options
     from ..runs.targets import resolve_target
     from ..training import resolve_device
 
+    check_bench_options(args.batch_sizes, rounds=args.rounds, warmup_s=args.warmup_s, num_threads=args.threads)
+    if not args.budgets or any(not 0 < b <= 1.5 for b in args.budgets):
+        raise ConfigError(f"--budgets must be MACs fractions in (0, 1.5], got {args.budgets}")
     target = resolve_target(
-        args.target, num_samples=args.num_samples, input_size=args.input_size, model_kwargs=args.kwargs
+        args.target,
+        num_samples=args.num_samples,
+        input_size=args.input_size,
+        model_kwargs=args.kwargs,
+        **run_access(args),
     )
     device = resolve_device(args.device)
     dtype = None

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
 
 from jsonargparse import ActionYesNo, ArgumentParser, Namespace
+
+from ._shared import add_run_access, run_access
 
 HELP = "Calibrate exit thresholds."
 
@@ -46,6 +50,7 @@ def build(parser: ArgumentParser) -> None:
         default=False,
         help="Reference-code protocol: validation read with training augmentation, flat (envelope) test curve.",
     )
+    add_run_access(parser)
 
 
 def run(args: Namespace) -> None:
@@ -63,6 +68,7 @@ def run(args: Namespace) -> None:
         epsilon=args.epsilon,
         delta=args.delta,
         legacy=args.legacy,
+        **run_access(args),
     )
     point = calibration["operating_point"]
     method = calibration["calibrator"]["method"]
@@ -79,3 +85,10 @@ def run(args: Namespace) -> None:
             f"({cal['certified']}/{cal['candidates']} candidates certified on {cal['n_test']} samples)"
         )
     print(f"wrote {Path(args.run_dir) / 'calibration.json'}")
+
+
+def interrupted(args: Namespace, argv: Sequence[str]) -> str:
+    """Ctrl-C: calibration.json is written in one step, so it is the previous one (or absent)."""
+    path = Path(args.run_dir) / "calibration.json"
+    state = "unchanged" if path.exists() else "not written"
+    return f"interrupted; {path} is {state}; run again with: adaptnn {shlex.join(argv)}"

@@ -16,8 +16,15 @@ Token models are counted for 128 tokens unless ``--input_size [T]`` says otherwi
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from jsonargparse import ActionYesNo, ArgumentParser, Namespace
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..runtime.cost import CostBreakdown
+    from ..runtime.staged import StagedModel
 
 HELP = "Count per-exit MACs (registered models, timm:NAME, torchvision:NAME, hf:PATH)."
 
@@ -39,12 +46,12 @@ def run(args: Namespace) -> None:
     import torch
 
     from ..errors import ConfigError
-    from ..models import create_model, resolve_model_name
-    from ..runtime.cost import cost_breakdown
+    from ..models import resolve_model_name
+    from ..runs.targets import build_named_model
     from ..runtime.execution import stage_segments
 
     factory, naming = resolve_model_name(args.model)
-    model = create_model(factory, **naming, **(args.kwargs or {}))
+    model = build_named_model(args.model, factory, {**naming, **(args.kwargs or {})})
     spec = model.input_spec
     dtype = torch.long if spec is not None and spec.dtype_kind == "int" else torch.float32
     input_size = args.input_size
@@ -55,7 +62,7 @@ def run(args: Namespace) -> None:
             raise ConfigError(f"model {args.model!r} has no fixed input size; pass --input_size")
         else:
             input_size = list(spec.shape)
-    breakdown = cost_breakdown(model, input_size, dtype=dtype)
+    breakdown = _breakdown(model, args.model, input_size, dtype)
     share = breakdown.heads_share()
     if args.json:
         out = {
@@ -85,3 +92,24 @@ def run(args: Namespace) -> None:
         f"heads: {share['heads_total']:,.0f} MACs = {100 * share['share']:.2f}% of the backbone's "
         f"{share['backbone_macs']:,.0f} (exits before the last: {100 * share['added_share']:.2f}%)"
     )
+
+
+def _breakdown(model: StagedModel, name: str, input_size: list[int], dtype: torch.dtype) -> CostBreakdown:
+    """``cost_breakdown`` for one sample of ``input_size``; an input the model cannot run on is an InputError."""
+    from ..errors import AdaptnnError, InputError
+    from ..runtime.cost import cost_breakdown
+
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in input_size):
+        raise InputError(f"--input_size must hold positive sizes, got {list(input_size)}")
+    try:
+        return cost_breakdown(model, input_size, dtype=dtype)
+    except AdaptnnError:
+        raise
+    except (RuntimeError, AssertionError, ValueError, IndexError) as err:  # e.g. a feature map shrunk to nothing
+        spec = model.input_spec
+        expects = f" (it expects {list(spec.shape)})" if spec is not None else ""
+        reason = " ".join(str(err).split())[:300].rstrip(".") or type(err).__name__
+        raise InputError(
+            f"model {name!r} cannot run on one sample of shape {list(input_size)}{expects}: {reason}; "
+            "pass a larger or matching --input_size"
+        ) from None

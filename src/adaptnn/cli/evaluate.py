@@ -6,7 +6,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser, Namespace
 
-from ._shared import summarise_report
+from ._shared import add_run_access, run_access, summarise_report
 
 HELP = "Evaluate a run."
 
@@ -21,12 +21,13 @@ def build(parser: ArgumentParser) -> None:
         default=list(POLICY_NAMES),
         help="Policy families whose budgeted curves are compared in the report ([] to skip).",
     )
+    add_run_access(parser)
 
 
 def run(args: Namespace) -> None:
     from ..runs import evaluate_run
 
-    report = evaluate_run(args.run_dir, policies=args.policies)
+    report = evaluate_run(args.run_dir, policies=args.policies, **run_access(args))
     print(summarise_report(report))
     for label, entry in (report.get("policies") or {}).items():
         saved = entry["macs_saved_at_last_exit_accuracy"]

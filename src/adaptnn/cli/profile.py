@@ -6,6 +6,8 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser, Namespace
 
+from ._shared import add_run_access, run_access
+
 HELP = "Profile latencies and fit/validate the latency model."
 
 
@@ -27,17 +29,29 @@ def build(parser: ArgumentParser) -> None:
     parser.add_argument(
         "--output", type=str | None, default=None, help="Profile path (default: RUN/latency_profile.json)."
     )
+    add_run_access(parser)
 
 
 def run(args: Namespace) -> None:
+    from ..errors import ConfigError
     from ..measure.latency import profile_latency, validate_latency_model
-    from ..measure.speed import thresholds_for_macs_fraction
+    from ..measure.speed import check_bench_options, thresholds_for_macs_fraction
     from ..policies import ConfidencePolicy
     from ..runs.targets import resolve_target
     from ..training import resolve_device
 
+    check_bench_options(args.batch_sizes, num_threads=args.threads)
+    check_bench_options(args.validate_batch_sizes, name="validate_batch_sizes")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
+    if not 0 < args.budget <= 1.5:
+        raise ConfigError(f"--budget must be a MACs fraction in (0, 1.5], got {args.budget}")
     target = resolve_target(
-        args.target, num_samples=args.num_samples, input_size=args.input_size, model_kwargs=args.kwargs
+        args.target,
+        num_samples=args.num_samples,
+        input_size=args.input_size,
+        model_kwargs=args.kwargs,
+        **run_access(args),
     )
     device = resolve_device(args.device)
     latency_model = profile_latency(

@@ -7,7 +7,11 @@ transforms.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,7 @@ from torch.utils.data import Dataset
 
 from adaptnn.errors import DataError
 
-__all__ = ["ArrayDataset", "ImageFolderDataset", "load_image"]
+__all__ = ["ArrayDataset", "ImageFolderDataset", "load_image", "open_image"]
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -88,20 +92,60 @@ class ArrayDataset(_ViewDataset):
         return ArrayDataset(self.images, self._labels, transform, indices)
 
 
+#: serialises the few microseconds of header parsing in which decompression-bomb warnings are errors:
+#: ``warnings.catch_warnings`` swaps process-wide state, so threads decoding images must not interleave there
+_OPEN_LOCK = threading.Lock()
+_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def _too_large(path: str | Path, pixels: int | None, size: tuple[int, int] | None, limit: int | None) -> DataError:
+    what = f"{size[0]}x{size[1]} ({size[0] * size[1]:,} pixels)" if size else f"{pixels:,} pixels" if pixels else "huge"
+    return DataError(
+        f"image {path} is too large: {what}, above the limit of {limit or 0:,} pixels (a decompression bomb?); "
+        "remove or shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine"
+    )
+
+
+@contextmanager
+def open_image(path: str | Path) -> Iterator[Image.Image]:
+    """``PIL.Image.open`` (header only) refusing images above ``PIL.Image.MAX_IMAGE_PIXELS`` pixels.
+
+    PIL's decompression-bomb *warning* is an error here (locally: the process-wide warning filters and PIL's
+    limit are left as they were), so no image larger than the limit is ever decoded.
+
+    Raises:
+        DataError: The file cannot be opened or is above the pixel limit (the message names the file and size).
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        found = _PIXELS.search(str(e))
+        raise _too_large(path, int(found.group(1)) if found else None, None, limit) from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from e
+    with img:
+        if limit is not None and img.width * img.height > limit:  # explicit, whatever PIL's own checks do
+            raise _too_large(path, None, img.size, limit)
+        yield img
+
+
 def load_image(path: str | Path, image_size: int | None = None) -> np.ndarray:
     """Decode one image file to an RGB uint8 array [H, W, 3], resized to a square if asked.
 
     Raises:
-        DataError: The file cannot be decoded.
+        DataError: The file cannot be decoded or is above the pixel limit (see :func:`open_image`).
     """
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if image_size is not None and img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            return np.array(img, dtype=np.uint8)  # a writable copy
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from e
+    with open_image(path) as img:
+        try:
+            rgb = img.convert("RGB")
+            if image_size is not None and rgb.size != (image_size, image_size):
+                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            return np.array(rgb, dtype=np.uint8)  # a writable copy
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"cannot read image {path}: {e}") from e
 
 
 class ImageFolderDataset(_ViewDataset):

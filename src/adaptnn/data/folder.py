@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from adaptnn.errors import DataError
 
-from .datasets import load_image
+from .datasets import load_image, open_image
 
 __all__ = ["IMAGE_EXTENSIONS", "FolderSplit", "load_or_build_cache", "scan_split"]
 
@@ -77,11 +76,8 @@ def scan_split(directory: Path) -> FolderSplit:
 
 def image_size_of(path: str | Path) -> tuple[int, int]:
     """Return (H, W) of an image from its header (no full decode)."""
-    try:
-        with Image.open(path) as img:
-            return img.size[1], img.size[0]
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from e
+    with open_image(path) as img:
+        return img.size[1], img.size[0]
 
 
 def _cache_key(root: Path, paths: list[str], stats: list[tuple[int, int]], image_size: int | None) -> str:

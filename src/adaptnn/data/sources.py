@@ -7,6 +7,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from adaptnn.errors import ConfigError, DataError
 
 from .config import DataConfig
 from .datasets import ArrayDataset, ImageFolderDataset
+from .fingerprint import array_fingerprint, file_fingerprint, folder_fingerprint
 from .folder import image_size_of, load_or_build_cache, scan_split
 from .idx import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, read_idx
 
@@ -46,7 +48,8 @@ FASHION_FILES = {
 class Source:
     """All samples of a dataset before splitting, with the facts the transforms need.
 
-    ``train``/``test`` have no transform; ``pad``/``flip`` describe the training augmentation.
+    ``train``/``test`` have no transform; ``pad``/``flip`` describe the training augmentation;
+    ``fingerprint`` identifies the samples (see :mod:`.fingerprint`).
     """
 
     train: ArrayDataset | ImageFolderDataset
@@ -57,6 +60,7 @@ class Source:
     std: tuple[float, ...]
     pad: int
     flip: bool
+    fingerprint: dict[str, Any] | None = None
 
 
 def _root(cfg: DataConfig) -> Path | None:
@@ -75,15 +79,17 @@ def load_digits_source(cfg: DataConfig) -> Source:
         np.arange(len(labels)), test_size=0.2, random_state=cfg.seed % 2**32, stratify=labels
     )
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    train_x, train_y, test_x, test_y = images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
     return Source(
-        train=ArrayDataset(images[train_idx], labels[train_idx]),
-        test=ArrayDataset(images[test_idx], labels[test_idx]),
+        train=ArrayDataset(train_x, train_y),
+        test=ArrayDataset(test_x, test_y),
         class_names=[str(d) for d in range(10)],
         input_size=(1, 8, 8),
         mean=DIGITS_MEAN,
         std=DIGITS_STD,
         pad=1,
         flip=False,
+        fingerprint=array_fingerprint("arrays", {"train": (train_x, train_y), "test": (test_x, test_y)}),
     )
 
 
@@ -139,6 +145,9 @@ def load_fashion_mnist_source(cfg: DataConfig) -> Source:
     if train_x.shape[1:] != test_x.shape[1:]:
         raise DataError(f"Fashion-MNIST train images are {train_x.shape[1:]} but test images {test_x.shape[1:]}")
     h, w = train_x.shape[1:]
+    arrays = {"train_images": train_x, "train_labels": train_y, "test_images": test_x, "test_labels": test_y}
+    # decoded arrays (dtype, shape, bytes) named after their files: a .gz and a plain copy agree
+    fingerprint = array_fingerprint("idx", {FASHION_FILES[k]: (a,) for k, a in arrays.items()})
     return Source(
         train=ArrayDataset(torch.from_numpy(train_x).unsqueeze(1), train_y),
         test=ArrayDataset(torch.from_numpy(test_x).unsqueeze(1), test_y),
@@ -148,6 +157,7 @@ def load_fashion_mnist_source(cfg: DataConfig) -> Source:
         std=FASHION_STD,
         pad=2,
         flip=True,
+        fingerprint=fingerprint,
     )
 
 
@@ -168,6 +178,13 @@ def _load_cifar_source(cfg: DataConfig, num_classes: int) -> Source:
             "download=True when online."
         ) from e
 
+    folder = base / cls.base_folder
+    names = [name for name, _md5 in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    try:
+        fingerprint = file_fingerprint("cifar_files", {name: folder / name for name in names})
+    except OSError as e:
+        raise DataError(f"cannot read CIFAR-{num_classes} file in {folder}: {e}") from e
+
     def to_dataset(ds: torchvision.datasets.CIFAR10) -> ArrayDataset:
         images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
         return ArrayDataset(images, np.asarray(ds.targets, dtype=np.int64))
@@ -182,6 +199,7 @@ def _load_cifar_source(cfg: DataConfig, num_classes: int) -> Source:
         std=std,
         pad=4,
         flip=True,
+        fingerprint=fingerprint,
     )
 
 
@@ -228,6 +246,7 @@ def load_image_folder_source(cfg: DataConfig) -> Source:
         std=IMAGENET_STD,
         pad=min(size) // 8,
         flip=True,
+        fingerprint=folder_fingerprint([train, test]),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -53,6 +54,7 @@ class DataSplits:
     Each item is ``(float32 image [C, H, W] normalised with mean/std, int label)``. ``val`` is carved
     from the training set (``val_indices`` index the original training set) and, like ``test``, uses
     evaluation transforms; ``train`` holds the remaining training samples with training transforms.
+    ``fingerprint`` identifies the loaded samples (:mod:`adaptnn.data.fingerprint`); None when unknown.
     """
 
     train: Dataset
@@ -67,10 +69,11 @@ class DataSplits:
     name: str = ""
     seed: int = 0
     val_size: float | int = field(default=0.1)
+    fingerprint: dict[str, Any] | None = None
 
-    def split_info(self) -> dict:
-        """Return a JSON-serialisable description of the split, to be saved with every run."""
-        return {
+    def split_info(self) -> dict[str, Any]:
+        """Return a JSON-serialisable description of the split (with the data's fingerprint), saved with every run."""
+        info: dict[str, Any] = {
             "dataset": self.name,
             "seed": self.seed,
             "val_size": self.val_size,
@@ -82,6 +85,9 @@ class DataSplits:
             "std": list(self.std),
             "val_indices": [int(i) for i in self.val_indices],
         }
+        if self.fingerprint is not None:
+            info["fingerprint"] = self.fingerprint
+        return info
 
 
 def build_datasets(cfg: DataConfig) -> DataSplits:
@@ -117,6 +123,7 @@ def build_datasets(cfg: DataConfig) -> DataSplits:
         name=cfg.name,
         seed=cfg.seed,
         val_size=cfg.val_size,
+        fingerprint=source.fingerprint,
     )
     logger.info(
         "dataset %s: %d train / %d val / %d test, input %s, %d classes",

@@ -9,6 +9,14 @@ of truth, so the pair can never disagree in a way that matters.
 
 Writes go to a temporary file in the same directory, are fsynced, then renamed over the target, so a
 crash mid-write leaves the previous checkpoint intact.
+
+A header is data, never a capability. Reading one parses JSON and nothing else: no pickle, no import, no file
+other than the checkpoint. :func:`load_checkpoint` refuses a malformed header in one line (a
+:class:`~adaptnn.errors.CheckpointError`): metadata that is not JSON, larger than :data:`MAX_META_CHARS`, nested
+deeper than :data:`MAX_META_DEPTH`, not an object, or a ``model_spec`` that is not ``{"name": str, "kwargs":
+{...}}``. What a ``model_spec`` may ask of a model factory (declared, typed arguments only; no paths, downloads,
+pass-through options or remote code without the user's ``trust_code``) is checked by
+:func:`adaptnn.models.load_model` before anything is built.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ __all__ = [
     "Checkpoint",
     "save_checkpoint",
     "load_checkpoint",
+    "check_weights",
     "load_weights",
     "pack_tensors",
     "unpack_tensors",
@@ -37,6 +46,10 @@ __all__ = [
 
 FORMAT = "adaptnn-checkpoint"
 VERSION = 1
+#: largest JSON metadata read (characters); optimizer and strategy state stay far below it
+MAX_META_CHARS = 32 * 1024 * 1024
+#: deepest nesting of the JSON metadata (lists and objects)
+MAX_META_DEPTH = 64
 
 
 @dataclass
@@ -69,16 +82,27 @@ def pack_tensors(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
 
 
 def unpack_tensors(obj: Any, tensors: dict[str, Tensor]) -> Any:
-    """Inverse of :func:`pack_tensors`."""
+    """Inverse of :func:`pack_tensors`.
+
+    Raises:
+        CheckpointError: a reference to a missing tensor or a malformed encoded dict/tuple.
+    """
     if isinstance(obj, dict):
         if set(obj) == {"__tensor__"}:
             key = obj["__tensor__"]
-            if key not in tensors:
-                raise CheckpointError(f"checkpoint is missing tensor {key!r}")
+            if not isinstance(key, str) or key not in tensors:
+                raise CheckpointError(f"checkpoint is missing tensor {str(key)[:80]!r}")
             return tensors[key]
         if set(obj) == {"__items__"}:
-            return {k: unpack_tensors(v, tensors) for k, v in obj["__items__"]}
+            items = obj["__items__"]
+            if not isinstance(items, list) or not all(
+                isinstance(p, list) and len(p) == 2 and isinstance(p[0], (str, int, float, bool)) for p in items
+            ):
+                raise CheckpointError("checkpoint metadata: '__items__' must be a list of [key, value] pairs")
+            return {k: unpack_tensors(v, tensors) for k, v in items}
         if set(obj) == {"__tuple__"}:
+            if not isinstance(obj["__tuple__"], list):
+                raise CheckpointError("checkpoint metadata: '__tuple__' must be a list")
             return tuple(unpack_tensors(v, tensors) for v in obj["__tuple__"])
         return {k: unpack_tensors(v, tensors) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -118,10 +142,11 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors and JSON only; nothing is executed).
 
     Raises:
-        CheckpointError: missing, truncated/corrupt, or not an adaptnn checkpoint.
+        CheckpointError: missing, truncated/corrupt, not an adaptnn checkpoint, or a malformed header (see the
+            module docstring), in one line.
     """
     path = Path(path)
     if path.is_dir():
@@ -139,12 +164,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"{path} is a safetensors file but not an adaptnn checkpoint (its metadata has no "
             f"format={FORMAT!r}); load foreign weights with adaptnn.io.load_weights"
         )
-    if int(header.get("version", 0)) > VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {header['version']}; this adaptnn reads {VERSION}")
-    try:
-        meta = json.loads(header["meta"])
-    except (KeyError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON: {err}") from None
+    version = str(header.get("version", "0"))
+    if not version.isdigit() or len(version) > 6:
+        raise CheckpointError(f"{path}: checkpoint format version {version[:40]!r} is not a number")
+    if int(version) > VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {version}; this adaptnn reads {VERSION}")
+    meta = parse_meta(header.get("meta"), source=str(path))
     model_state: dict[str, Tensor] = {}
     extra: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
@@ -156,9 +181,54 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(model_state=model_state, meta=meta, extra=extra)
 
 
-def load_weights(model: nn.Module, state: dict[str, Tensor], *, source: str = "checkpoint") -> None:
-    """``load_state_dict`` with an error that lists missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
+def parse_meta(text: object, *, source: str = "checkpoint") -> dict[str, Any]:
+    """The JSON metadata of a checkpoint header, checked: an object, bounded in size and depth, and a
+    well-formed ``model_spec`` (``{"name": str, "kwargs": {...}}``) if it has one.
+
+    Raises:
+        CheckpointError: one line saying what is wrong.
+    """
+    if not isinstance(text, str):
+        raise CheckpointError(f"{source}: the checkpoint header has no JSON metadata ('meta')")
+    if len(text) > MAX_META_CHARS:
+        raise CheckpointError(f"{source}: checkpoint metadata is {len(text)} characters; at most {MAX_META_CHARS}")
+    try:
+        meta = json.loads(text)
+    except RecursionError:
+        raise CheckpointError(f"{source}: checkpoint metadata is nested deeper than {MAX_META_DEPTH} levels") from None
+    except ValueError as err:  # JSONDecodeError, over-long integers
+        reason = " ".join(str(err).split())
+        raise CheckpointError(f"{source}: checkpoint metadata is not valid JSON: {reason}") from None
+    _check_nesting(meta, source)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{source}: checkpoint metadata must be a JSON object, got {type(meta).__name__}")
+    spec = meta.get("model_spec")
+    if spec is not None:
+        if not isinstance(spec, dict) or set(spec) - {"name", "kwargs"} or not isinstance(spec.get("name"), str):
+            raise CheckpointError(
+                f'{source}: model_spec must be an object {{"name": str, "kwargs": object}}, got {json.dumps(spec)[:80]}'
+            )
+        if not isinstance(spec.get("kwargs", {}), dict):
+            raise CheckpointError(
+                f"{source}: model_spec.kwargs must be an object, got {json.dumps(spec['kwargs'])[:80]}"
+            )
+    return meta
+
+
+def _check_nesting(meta: Any, source: str) -> None:
+    """Refuse JSON nested deeper than :data:`MAX_META_DEPTH` (iteratively: nothing later recurses too deep)."""
+    stack = [(meta, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_META_DEPTH:
+            raise CheckpointError(f"{source}: checkpoint metadata is nested deeper than {MAX_META_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def _mismatch(own: dict[str, Tensor], state: dict[str, Tensor]) -> list[str]:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(
@@ -166,13 +236,30 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], *, source: str = "c
         for k in set(own) & set(state)
         if own[k].shape != state[k].shape
     )
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {unexpected[:3]}")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es) e.g. {shapes[:3]}")
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} key(s) e.g. {missing[:3]}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} key(s) e.g. {unexpected[:3]}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es) e.g. {shapes[:3]}")
+    return parts
+
+
+def check_weights(model: nn.Module, state: dict[str, Tensor], *, source: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has exactly ``model``'s keys and shapes (loads nothing).
+
+    Works on a model built on the meta device, to check a checkpoint before allocating the real model.
+    """
+    parts = _mismatch(model.state_dict(), state)
+    if parts:
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], *, source: str = "checkpoint") -> None:
+    """``load_state_dict`` with an error that lists missing, unexpected and mis-shaped keys."""
+    check_weights(model, state, source=source)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # e.g. a dtype that cannot be copied into the parameter
+        raise CheckpointError(f"{source} does not load into the model: {' '.join(str(err).split())[:300]}") from None

@@ -54,6 +54,7 @@ __all__ = [
     "bench_at_budget",
     "percentiles",
     "latency_percentiles",
+    "check_bench_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,39 @@ def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> 
     return {f"p{int(q)}": float(np.percentile(arr, q)) for q in qs}
 
 
+def check_bench_options(
+    batch_sizes: Sequence[int],
+    *,
+    rounds: int = 1,
+    warmup_s: float = 0.0,
+    num_threads: int | None = None,
+    max_samples: int | None = None,
+    name: str = "batch_sizes",
+) -> None:
+    """Raise :class:`ConfigError` (naming the option and the value received) for options no benchmark can run.
+
+    ``batch_sizes``: a non-empty list of integers >= 1; ``rounds`` >= 1; ``warmup_s`` finite and >= 0;
+    ``num_threads`` and ``max_samples`` None or >= 1. ``name`` is the batch-size option's name in messages.
+    """
+
+    def positive(value: object) -> bool:
+        return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence) or len(batch_sizes) == 0:
+        raise ConfigError(f"{name} must be a non-empty list of batch sizes >= 1, got {batch_sizes!r}")
+    bad = [b for b in batch_sizes if not positive(b)]
+    if bad:
+        raise ConfigError(f"{name} must hold batch sizes >= 1, got {list(batch_sizes)}")
+    if not positive(rounds):
+        raise ConfigError(f"rounds must be an integer >= 1, got {rounds!r}")
+    if isinstance(warmup_s, bool) or not isinstance(warmup_s, (int, float)) or not 0 <= warmup_s < float("inf"):
+        raise ConfigError(f"warmup_s must be a finite number of seconds >= 0, got {warmup_s!r}")
+    if num_threads is not None and not positive(num_threads):
+        raise ConfigError(f"threads must be None or an integer >= 1, got {num_threads!r}")
+    if max_samples is not None and not positive(max_samples):
+        raise ConfigError(f"max_samples must be None or an integer >= 1, got {max_samples!r}")
+
+
 @torch.inference_mode()
 def bench_policy(
     model: StagedModel,
@@ -153,6 +187,7 @@ def bench_policy(
     Returns:
         ``{"machine": ..., "full_model_macs": ..., "results": [one dict per batch size]}``.
     """
+    check_bench_options(batch_sizes, rounds=rounds, warmup_s=warmup_s, num_threads=num_threads, max_samples=max_samples)
     if cuda_graphs and torch.device(device).type != "cuda":
         raise ConfigError(f"CUDA graphs need a CUDA device, got device={device!s}")
     model, inputs = _prepare(model, inputs, device=device, dtype=dtype, channels_last=channels_last)

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
-from ..layers.heads import make_head
+from ..layers.heads import HEAD_KINDS, make_head
 from ..runtime.staged import InputSpec, StagedModel
-from ._registry import register_model
+from ._registry import CheckpointArg, options_of, register_model
 
 __all__ = [
     "efficientnet_lite0",
@@ -207,7 +207,15 @@ def _stage_ends(groups: Sequence[tuple], min_reduction: int = 4) -> list[int]:
     return ends
 
 
-@register_model
+#: what a checkpoint may put in ``head_kwargs``: the typed options of the exit heads' constructors
+_HEAD_OPTIONS = CheckpointArg(keys=options_of(*HEAD_KINDS.values(), skip=("in_features", "num_classes")))
+
+
+@register_model(
+    # the weights come from the checkpoint: never read the packaged ImageNet file when rebuilding from one
+    checkpoint_args={"pretrained": CheckpointArg(on_load=False), "head_kwargs": _HEAD_OPTIONS},
+    build_on_meta=True,
+)
 def efficientnet_lite0(
     *,
     pretrained: bool = True,

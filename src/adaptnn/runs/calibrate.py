@@ -19,7 +19,7 @@ from torch import Tensor
 from ..calibration import policy_sweep
 from ..errors import ConfigError
 from ..evaluation import collect_logits
-from ..io import write_json
+from ..io import RunLock, write_json
 from ..measure.latency import LatencyModel
 from ..policies import make_policy
 from ..runtime.cost import cost_breakdown
@@ -27,7 +27,7 @@ from ..training import build_strategy
 from .calibrators import CALIBRATORS, CalibrationInputs, CalibrationOptions, select_calibrator
 from .config import RunConfig
 from .naming import named_by_unit
-from .rundir import LoadedRun, load_run
+from .rundir import LoadedRun, load_run, recover_run_dir, require_trained
 
 __all__ = ["calibrate_run", "strategy_policy", "read_calibration"]
 
@@ -107,6 +107,8 @@ def calibrate_run(
     epsilon: float | None = None,
     delta: float = 0.1,
     legacy: bool = False,
+    trust_code: bool = False,
+    allow_data_change: bool = False,
 ) -> dict[str, Any]:
     """Fit an exit policy's thresholds on the validation split and pick the operating point.
 
@@ -122,15 +124,50 @@ def calibrate_run(
         temperature: fit per-exit temperatures on the validation split first.
         legacy: reproduce the reference code: validation read with training augmentation and the test
             curve post-processed into its upper envelope (see :mod:`adaptnn.calibration.sweep`).
+        trust_code, allow_data_change: how the run is read (:func:`~adaptnn.runs.rundir.load_run`).
 
     Writes ``calibration.json`` (exit MACs, the policy, the sweep, the calibrator's figures, the operating
-    point, all choices made on validation figures only) and returns its content.
+    point, all choices made on validation figures only) atomically, holding the run directory's lock, and
+    returns its content.
+
+    Raises:
+        RunLockedError: another process is writing ``run_dir``.
     """
+    if tolerance is not None and any(v is not None for v in (budget_macs, budget_ms, epsilon)):
+        raise ConfigError(
+            "tolerance only applies to the default calibrator (the cheapest sweep point within tolerance); "
+            "budget_macs, budget_ms and epsilon choose the operating point themselves: drop --tolerance"
+        )
     run_dir = Path(run_dir)
+    require_trained(run_dir, weights=False)
+    with RunLock(run_dir):
+        recover_run_dir(run_dir)
+        require_trained(run_dir)
+        run = load_run(run_dir, trust_code=trust_code, allow_data_change=allow_data_change)
+        return _calibrate(
+            run_dir, run, tolerance, progress, policy, temperature, budget_macs, budget_ms, exit_latency_ms,
+            latency_batch_size, epsilon, delta, legacy,
+        )  # fmt: skip
+
+
+def _calibrate(
+    run_dir: Path,
+    run: LoadedRun,
+    tolerance: float | None,
+    progress: bool,
+    policy: str | None,
+    temperature: bool,
+    budget_macs: float | None,
+    budget_ms: float | None,
+    exit_latency_ms: Sequence[float] | None,
+    latency_batch_size: int,
+    epsilon: float | None,
+    delta: float,
+    legacy: bool,
+) -> dict[str, Any]:
     method = select_calibrator({"budget_macs": budget_macs, "budget_ms": budget_ms, "epsilon": epsilon})
     if method == "latency_budget" and exit_latency_ms is None:
         exit_latency_ms = _exit_latencies(run_dir, latency_batch_size)
-    run = load_run(run_dir)
     tolerance = run.config.calibration.tolerance if tolerance is None else tolerance
     if not 0 <= tolerance < 1:
         raise ConfigError(f"tolerance is a fraction of accuracy in [0, 1), got {tolerance}")
@@ -164,21 +201,48 @@ def calibrate_run(
     return calibration
 
 
+def _check_calibration(data: dict[str, Any], point: Any) -> None:
+    """Raise ``TypeError`` unless the parts every reader uses have their types."""
+    macs = data.get("exit_macs")
+    if not isinstance(macs, list) or not all(isinstance(m, (int, float)) for m in macs):
+        raise TypeError("'exit_macs' is not a list of numbers")
+    if not isinstance(point, dict) or not isinstance(point.get("thresholds"), list):
+        raise TypeError("'operating_point' has no list of thresholds")
+    if not isinstance(data.get("budgeted"), list):
+        raise TypeError("'budgeted' is not a list of sweep points")
+    if not isinstance(data.get("policy_spec", {}) or {}, dict):
+        raise TypeError("'policy_spec' is not an object")
+
+
 def read_calibration(path: str | Path) -> dict[str, Any]:
     """``calibration.json`` as :func:`calibrate_run` writes it today, also for files of older adaptnn.
 
     Older files are brought up to date: cost keys named by unit (``val_avg_cost`` -> ``val_avg_macs``, ...),
     ``policy_spec`` (the confidence rule at the operating point's thresholds), ``calibrator`` (the sweep with
     tolerance) and ``legacy`` (false) when missing.
+
+    Raises:
+        ConfigError: the file is missing, not JSON or not a calibration (one line naming the file and the fix).
     """
-    data = json.loads(Path(path).read_text())
-    point = named_by_unit(data["operating_point"])
-    calibrator = data.get("calibrator") or {"method": "budgeted_sweep_tolerance"}
-    return {
-        **data,
-        "policy_spec": data.get("policy_spec") or {"name": "confidence", "thresholds": point["thresholds"]},
-        "legacy": bool(data.get("legacy", False)),
-        "calibrator": named_by_unit(calibrator, calibrator.get("unit", "MACs")),
-        "operating_point": point,
-        "budgeted": named_by_unit(data["budgeted"]),
-    }
+    path = Path(path)
+    fix = f"run `adaptnn calibrate {path.parent}` to write it again"
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, found {type(data).__name__}")
+        point = named_by_unit(data["operating_point"])
+        calibrator = data.get("calibrator") or {"method": "budgeted_sweep_tolerance"}
+        _check_calibration(data, point)
+        return {
+            **data,
+            "policy_spec": data.get("policy_spec") or {"name": "confidence", "thresholds": point["thresholds"]},
+            "legacy": bool(data.get("legacy", False)),
+            "calibrator": named_by_unit(calibrator, calibrator.get("unit", "MACs")),
+            "operating_point": point,
+            "budgeted": named_by_unit(data["budgeted"]),
+        }
+    except FileNotFoundError:
+        raise ConfigError(f"no calibration at {path}; {fix}") from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        raise ConfigError(f"{path} is not a readable calibration file ({reason}); {fix}") from None

@@ -3,13 +3,17 @@
 ``RunConfig`` groups the data, model, training, calibration and evaluation settings. ``to_dict`` /
 ``from_dict`` round-trip it through plain YAML; unknown keys raise :class:`ConfigError` naming the key,
 its place in the tree and close matches, so a typo never silently falls back to a default.
-:func:`quickstart_config` is the embedded default run (digits, 4-exit CNN).
+:meth:`RunConfig.validate` checks every value of every section. :func:`load_config` reads YAML through
+:func:`adaptnn.io.yamlfile.read_yaml` (size-limited, no anchors/aliases, plain values only) and validates it,
+so a run directory's ``config.yaml`` is never trusted. :func:`quickstart_config` is the embedded default run
+(digits, 4-exit CNN).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,10 +21,14 @@ from typing import Any
 
 import yaml
 
+from ..calibration import check_p_values
 from ..data import DataConfig
-from ..errors import ConfigError
+from ..errors import AdaptnnError, ConfigError
 from ..io import atomic_write_text
+from ..io.yamlfile import load_yaml_text, read_yaml, require_mapping
+from ..models import list_models, model_accepts
 from ..training import TrainConfig
+from ..training.config import check_device, check_flag, check_int, check_number
 
 __all__ = [
     "ModelConfig",
@@ -31,7 +39,11 @@ __all__ = [
     "save_config",
     "quickstart_config",
     "dataclass_from_dict",
+    "CONFIG_EXPECTED",
 ]
+
+#: what a config file must hold, for error messages
+CONFIG_EXPECTED = "a mapping of config sections (data, model, train, calibration, eval)"
 
 
 @dataclass
@@ -43,6 +55,22 @@ class ModelConfig:
 
     name: str = "mecnn_digits"
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for an unregistered name or arguments its factory does not take."""
+        if not isinstance(self.name, str) or self.name not in list_models():
+            close = difflib.get_close_matches(str(self.name), list_models(), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else " (see `adaptnn models`)"
+            raise ConfigError(f"model.name must be a registered model, got {self.name!r}{hint}")
+        if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
+            raise ConfigError(f"model.kwargs must be a mapping of argument names, got {type(self.kwargs).__name__}")
+        unknown = sorted(k for k in self.kwargs if not model_accepts(self.name, k))
+        if unknown:
+            raise ConfigError(f"model {self.name!r} does not take argument(s) {unknown} (model.kwargs)")
+        try:
+            json.dumps(self.kwargs, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.kwargs must be plain JSON values (saved with checkpoints): {err}") from None
 
 
 @dataclass
@@ -58,6 +86,18 @@ class CalibrationConfig:
     tolerance: float = 0.01
     p_values: list[float] | None = None
 
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` unless ``tolerance`` is in [0, 1) and ``p_values`` are finite and > 0."""
+        check_number("calibration.tolerance", self.tolerance, 0, 1, high_open=True)
+        if self.p_values is not None:
+            if not isinstance(self.p_values, list) or not self.p_values:
+                raise ConfigError(
+                    f"calibration.p_values must be null or a non-empty list of numbers > 0, got {self.p_values!r}"
+                )
+            for i, p in enumerate(self.p_values):
+                check_number(f"calibration.p_values[{i}]", p, 0, low_open=True)
+            check_p_values(self.p_values)
+
 
 @dataclass
 class EvalConfig:
@@ -65,6 +105,11 @@ class EvalConfig:
 
     batch_size: int = 256
     device: str = "auto"
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` unless ``batch_size`` >= 1 and ``device`` is a device string."""
+        check_int("eval.batch_size", self.batch_size, 1)
+        check_device("eval.device", self.device)
 
 
 @dataclass
@@ -83,8 +128,33 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        """Strict inverse of :meth:`to_dict` (unknown keys raise :class:`ConfigError`)."""
+        """Strict inverse of :meth:`to_dict` (unknown keys raise :class:`ConfigError`); see also :meth:`validate`."""
         return dataclass_from_dict(cls, data)
+
+    def validate(self) -> RunConfig:
+        """Check every section (types and ranges) before anything is written or trained; returns ``self``.
+
+        Raises:
+            ConfigError: the first invalid value, named by its place (``train.momentum``), with what was received
+                and what is expected.
+        """
+        sections = {
+            "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "calibration": CalibrationConfig,
+            "eval": EvalConfig,
+        }  # fmt: skip
+        for name, expected in sections.items():
+            if not isinstance(getattr(self, name), expected):
+                got = type(getattr(self, name)).__name__
+                raise ConfigError(f"config section {name!r} must be a {expected.__name__}, got {got}")
+        check_flag("data.augment", self.data.augment)
+        check_flag("data.download", self.data.download)
+        if self.data.root is not None and not isinstance(self.data.root, str):
+            raise ConfigError(f"data.root must be a path or null, got {type(self.data.root).__name__}")
+        self.model.validate()
+        self.train.validate()
+        self.calibration.validate()
+        self.eval.validate()
+        return self
 
 
 def dataclass_from_dict(cls: type, data: Any, where: str = "") -> Any:
@@ -117,8 +187,10 @@ def dataclass_from_dict(cls: type, data: Any, where: str = "") -> Any:
             kwargs[name] = value
     try:
         return cls(**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"config section {where or '<root>'!r}: {err}") from None
+    except AdaptnnError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as err:  # e.g. a section's own checks choking on a type
+        raise ConfigError(f"config section {where or '<root>'!r}: {' '.join(str(err).split())}") from None
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
@@ -127,18 +199,24 @@ def save_config(config: RunConfig, path: str | Path) -> None:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read a YAML run config (strict)."""
+    """Read and validate a YAML run config: strict keys, every value checked (:meth:`RunConfig.validate`).
+
+    The file is untrusted (it may come from anyone's run directory): it is read with
+    :func:`~adaptnn.io.yamlfile.read_yaml` (1 MiB at most, no anchors or aliases, plain values only).
+
+    Raises:
+        ConfigError: missing, empty, not a mapping, refused by the reader, an unknown key or an invalid value.
+    """
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"no config file at {path}")
+    data = require_mapping(read_yaml(path), str(path), CONFIG_EXPECTED)
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    return RunConfig.from_dict(data or {})
+        return RunConfig.from_dict(data).validate()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def quickstart_config() -> RunConfig:
     """The embedded quickstart config (digits, 4-exit CNN) shipped inside the package."""
-    text = resources.files("adaptnn").joinpath("configs/quickstart.yaml").read_text()
-    return RunConfig.from_dict(yaml.safe_load(text))
+    source = "configs/quickstart.yaml"
+    text = resources.files("adaptnn").joinpath(source).read_text()
+    return RunConfig.from_dict(require_mapping(load_yaml_text(text, source), source, CONFIG_EXPECTED)).validate()

@@ -20,7 +20,7 @@ from ..evaluation import (
     realised_run,
     simulate_policy,
 )
-from ..io import write_json
+from ..io import RunLock, write_json
 from ..models import model_spec
 from ..policies import POLICY_NAMES, make_policy, policy_from_dict, simulate_exits
 from ..runtime.cost import cost_breakdown
@@ -28,7 +28,7 @@ from ..training import build_strategy
 from .calibrate import calibrate_run, read_calibration
 from .naming import named_by_unit
 from .report import build_report, operating_point_section
-from .rundir import load_run
+from .rundir import LoadedRun, load_run, recover_run_dir, require_trained
 
 __all__ = ["evaluate_run", "compare_policies"]
 
@@ -72,19 +72,40 @@ def compare_policies(
 
 
 def evaluate_run(
-    run_dir: str | Path, *, progress: bool = True, policies: Sequence[str] | None = POLICY_NAMES
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+    policies: Sequence[str] | None = POLICY_NAMES,
+    trust_code: bool = False,
+    allow_data_change: bool = False,
 ) -> dict[str, Any]:
     """Anytime, budgeted and realised evaluation; writes ``report.json`` and ``report.png`` and returns the report.
 
     Calibrates first when ``calibration.json`` is missing. With ``policies`` (default: every family) the
     report also compares their budgeted curves (``policies`` key; one extra pass over the validation split).
+    ``trust_code`` and ``allow_data_change`` say how the run is read (:func:`~adaptnn.runs.rundir.load_run`).
+    Holds the run directory's lock; ``report.json`` is removed first and written last, so it is never older
+    than ``report.png`` beside it.
+
+    Raises:
+        RunLockedError: another process is writing ``run_dir``.
+        ConfigError: ``calibration.json`` is unreadable or belongs to another model.
     """
     run_dir = Path(run_dir)
+    require_trained(run_dir, weights=False)
+    with RunLock(run_dir):
+        recover_run_dir(run_dir)
+        require_trained(run_dir)
+        access = {"trust_code": trust_code, "allow_data_change": allow_data_change}
+        calib_path = run_dir / "calibration.json"
+        if not calib_path.exists():
+            calibrate_run(run_dir, progress=progress, **access)
+        return _evaluate(run_dir, load_run(run_dir, **access), progress, policies)
+
+
+def _evaluate(run_dir: Path, run: LoadedRun, progress: bool, policies: Sequence[str] | None) -> dict[str, Any]:
     calib_path = run_dir / "calibration.json"
-    if not calib_path.exists():
-        calibrate_run(run_dir, progress=progress)
     calibration = read_calibration(calib_path)
-    run = load_run(run_dir)
     model, splits, bs = run.model, run.splits, run.config.eval.batch_size
     costs = cost_breakdown(model, splits.input_size).exit_macs
     if [round(c) for c in costs] != [round(c) for c in calibration["exit_macs"]]:
@@ -92,7 +113,13 @@ def evaluate_run(
     test_logits, test_labels = collect_logits(
         model, splits.test, batch_size=bs, device=run.device, progress=progress, desc="test"
     )
-    policy = policy_from_dict(calibration["policy_spec"])
+    try:
+        policy = policy_from_dict(calibration["policy_spec"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(
+            f"{calib_path} holds an unreadable exit policy ({' '.join(str(err).split())[:200]}); run "
+            f"`adaptnn calibrate {run_dir}` again"
+        ) from None
     simulated = simulate_policy(policy, test_logits, test_labels, costs)
     realised = realised_run(model, splits.test, policy, batch_size=bs, device=run.device)
     matches = bool(torch.equal(simulated.pop("exit_index"), realised.pop("exit_index")))
@@ -116,6 +143,7 @@ def evaluate_run(
         report["policies"] = compare_policies(
             val_logits, val_labels, test_logits, test_labels, costs, policies, p_values=run.config.calibration.p_values
         )
-    write_json(run_dir / "report.json", report)
+    (run_dir / "report.json").unlink(missing_ok=True)  # the plot below is never beside an older report
     plot_report(report, run_dir / "report.png")
+    write_json(run_dir / "report.json", report)
     return report

@@ -9,14 +9,64 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError, DataError
 from ..version import __version__
 
-__all__ = ["build_report", "dataset_section", "operating_point_section", "policy_section", "selection_rule"]
+__all__ = [
+    "build_report",
+    "dataset_section",
+    "operating_point_section",
+    "policy_section",
+    "read_report",
+    "selection_rule",
+]
+
+
+def _read_json_object(path: Path, what: str, fix: str, error: type[Exception]) -> dict[str, Any]:
+    """A JSON object from ``path``, or ``error`` in one line naming the file and ``fix``."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"no {what} at {path}; {fix}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise error(f"{path} is not a readable {what} ({' '.join(str(err).split())[:200]}); {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} is not a readable {what} (a JSON {type(data).__name__}, not an object); {fix}")
+    return data
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """A ``report.json``, checked for the parts readers use (``anytime``, ``budgeted``, ``operating_point``).
+
+    Raises:
+        ConfigError: missing, not JSON or not a report (one line naming the file and the fix).
+    """
+    path = Path(path)
+    fix = f"run `adaptnn evaluate {path.parent}` to write it again"
+    report = _read_json_object(path, "report", fix, ConfigError)
+    anytime = report.get("anytime")
+    problems = [
+        name
+        for name, ok in (
+            ("anytime", isinstance(anytime, list) and bool(anytime) and all(isinstance(a, dict) for a in anytime)),
+            ("budgeted", isinstance(report.get("budgeted"), list)),
+            ("operating_point", isinstance(report.get("operating_point"), dict)),
+        )
+        if not ok
+    ]
+    if problems:
+        raise ConfigError(f"{path} is not a readable report (bad or missing {', '.join(problems)}); {fix}")
+    return report
 
 
 def dataset_section(run_dir: Path) -> dict[str, Any]:
-    """``splits.json`` of the run without the validation indices."""
-    splits = json.loads((run_dir / "splits.json").read_text())
+    """``splits.json`` of the run without the validation indices.
+
+    Raises:
+        DataError: ``splits.json`` is missing or unreadable (one line).
+    """
+    fix = f"train the run again (adaptnn train --config {run_dir / 'config.yaml'} --run_dir {run_dir})"
+    splits = _read_json_object(run_dir / "splits.json", "split record", fix, DataError)
     return {k: v for k, v in splits.items() if k != "val_indices"}
 
 

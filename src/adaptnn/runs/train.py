@@ -1,19 +1,30 @@
-"""Training a run: build the configured model for its data, train it, save the final weights."""
+"""Training a run: build the configured model for its data, train it, save the final weights.
+
+:func:`train_run` is one transaction on the run directory: it holds the directory's lock (rank 0 under
+torchrun), recovers from killed writers first, and starts a run over (``overwrite``, or ``resume=False`` on
+a directory that holds a run) in a staging directory swapped in at the new run's first checkpoint, so the
+old run stays complete until then; training from scratch over anything else in the directory is staged the
+same way. Files computed from the weights (calibration, report) are deleted before new final weights are
+written.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 from ..data import DataSplits, build_datasets
-from ..errors import ConfigError
-from ..io import save_checkpoint, write_json
+from ..io import RunLock, write_json
 from ..models import create_model, model_accepts, model_spec
 from ..runtime.staged import StagedModel
 from ..training import Trainer, seed_everything
+from ..training.distributed import process_layout
+from ..training.trainer import commit_checkpoint
 from ..version import __version__
-from .config import RunConfig
-from .rundir import write_config_once
+from .config import RunConfig, save_config
+from .integrity import check_model_data, check_resume_splits
+from .rundir import StagedOverwrite, check_config, holds_run, invalidate_derived, recover_run_dir
 
 __all__ = ["train_run", "build_model_for_data"]
 
@@ -26,21 +37,7 @@ def build_model_for_data(config: RunConfig, splits: DataSplits) -> StagedModel:
     if model_accepts(config.model.name, "num_classes") and "num_classes" not in kwargs:
         kwargs["num_classes"] = splits.num_classes
     model = create_model(config.model.name, **kwargs)
-    if model.num_classes is not None and model.num_classes != splits.num_classes:
-        raise ConfigError(
-            f"model.kwargs.num_classes={model.num_classes} but dataset {splits.name!r} has {splits.num_classes} classes"
-        )
-    spec = model.input_spec
-    if spec is not None:
-        mismatch = len(spec.shape) != len(splits.input_size) or any(
-            want is not None and want != got for want, got in zip(spec.shape, splits.input_size, strict=False)
-        )
-        if mismatch:
-            raise ConfigError(
-                f"model {config.model.name!r} expects inputs shaped {list(spec.shape)} but dataset "
-                f"{splits.name!r} gives {list(splits.input_size)}; pick a matching model (adaptnn.list_models()) "
-                "or set model.kwargs (e.g. in_chans, input_size)"
-            )
+    check_model_data(model, splits, built_from_config=True, model_name=config.model.name)
     return model
 
 
@@ -52,38 +49,72 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, ov
     Args:
         config: the run's configuration.
         run_dir: output directory.
-        resume: continue from ``checkpoints/last.safetensors`` when present.
-        overwrite: replace an existing run with a different config (its checkpoints are discarded).
+        resume: continue from ``checkpoints/last.safetensors`` when present (the checkpoint must have been
+            written with this config); ``False`` starts over.
+        overwrite: replace an existing run, even one with a different config. The new run is built beside
+            the old one, which stays complete until the new run's first checkpoint replaces it in one step.
+
+    Raises:
+        RunLockedError: another process is writing ``run_dir``.
+        ConfigError: ``run_dir`` holds a run with a different config (and not ``overwrite``), or its
+            checkpoint was written with another config.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    splits = build_datasets(config.data)
-    seed_everything(config.train.seed)
-    model = build_model_for_data(config, splits)
-    write_config_once(config, run_dir, overwrite)
-    write_json(run_dir / "splits.json", splits.split_info())
-    log.info(
-        "training %s on %s: %d train / %d val / %d test samples, %d epochs",
-        config.model.name,
-        splits.name,
-        len(splits.train),
-        len(splits.val),
-        len(splits.test),
-        config.train.epochs,
-    )
-    data = config.to_dict()["data"]
-    trainer = Trainer(
-        model,
-        splits.train,
-        config.train,
-        run_dir,
-        val_set=splits.val,
-        meta={"data": data, "adaptnn_version": __version__},
-    )
-    trainer.fit(resume=resume and not overwrite)
-    final = run_dir / "model.safetensors"
-    if not trainer.is_main:  # under torchrun only rank 0 writes the final weights
-        return final
-    save_checkpoint(final, model.cpu(), {"model_spec": model_spec(model), "data": data, "adaptnn_version": __version__})
-    log.info("saved %s", final)
-    return final
+    config.validate()  # every section, before anything is written or trained
+    given, run_dir = Path(run_dir), Path(run_dir).absolute()  # absolute: the swap renames directories
+    is_main = process_layout(config.train.distributed)[1] == 0  # under torchrun only rank 0 writes
+    with RunLock(run_dir) if is_main else contextlib.nullcontext() as lock:
+        if is_main:
+            recover_run_dir(run_dir)
+        if not overwrite:
+            check_config(config, run_dir)
+        splits = build_datasets(config.data)
+        if resume and not overwrite and (run_dir / "checkpoints" / "last.safetensors").exists():
+            check_resume_splits(run_dir, splits)  # the data must not have changed under a resumed run
+        seed_everything(config.train.seed)
+        model = build_model_for_data(config, splits)
+        start_over = overwrite or not resume
+        # training from scratch never happens in place over another run: it is staged and swapped in
+        from_scratch = start_over or not (run_dir / "checkpoints" / "last.safetensors").exists()
+        staged = StagedOverwrite(run_dir, lock) if is_main and from_scratch and holds_run(run_dir) else None
+        target = staged.path if staged is not None else run_dir
+        if is_main:
+            save_config(config, target / "config.yaml")
+            write_json(target / "splits.json", splits.split_info())
+        log.info(
+            "training %s on %s: %d train / %d val / %d test samples, %d epochs",
+            config.model.name,
+            splits.name,
+            len(splits.train),
+            len(splits.val),
+            len(splits.test),
+            config.train.epochs,
+        )
+
+        def swap_in_new_run(trainer: Trainer) -> None:  # after the new run's first commit
+            if staged is not None and not staged.swapped:
+                staged.swap()
+                trainer.run_dir = run_dir
+
+        data = config.to_dict()["data"]
+        trainer = Trainer(
+            model,
+            splits.train,
+            config.train,
+            target,
+            val_set=splits.val,
+            meta={"data": data, "adaptnn_version": __version__},
+            after_epoch=swap_in_new_run,
+        )
+        try:
+            history = trainer.fit(resume=not start_over)
+            swap_in_new_run(trainer)
+        finally:
+            if staged is not None:
+                staged.close()  # before the swap: discards the new run, the old one is intact
+        final = run_dir / "model.safetensors"
+        if trainer.is_main and (history or not final.exists()):
+            invalidate_derived(run_dir)  # calibration and report of older weights
+            meta = {"model_spec": model_spec(model), "data": data, "adaptnn_version": __version__}
+            commit_checkpoint(final, model.cpu(), meta)
+            log.info("saved %s", final)
+    return given / "model.safetensors"

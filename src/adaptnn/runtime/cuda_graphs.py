@@ -42,7 +42,7 @@ from torch import Tensor
 from ..errors import ConfigError, InputError
 from .execution import dynamic_loop
 from .policy import ExitPolicy
-from .staged import DynamicOutput, StagedModel
+from .staged import DynamicOutput, StagedModel, check_policy
 from .state import State, copy_rows, index_state, slice_state
 
 log = logging.getLogger(__name__)
@@ -260,6 +260,7 @@ class GraphedModel:
         """
         self._check(x)
         self.model.check_input(x, check_finite=check_finite)
+        check_policy(policy)
         policy.check_num_exits(self.model.num_exits)
         costs = self.model.exit_costs(x)
         decisions = self._decisions_for(policy) if fused and x.shape[0] > 1 else None  # see above: 1 -> loop

@@ -28,7 +28,28 @@ from .execution import EagerStages, dynamic_loop, split_finished, stage_segments
 from .policy import ExitPolicy
 from .state import State
 
-__all__ = ["StagedModel", "DynamicOutput", "InputSpec", "split_finished"]
+__all__ = ["StagedModel", "DynamicOutput", "InputSpec", "check_policy", "split_finished"]
+
+_POLICY_METHODS = ("check_num_exits", "init_state", "decide")
+
+
+def check_policy(policy: object) -> None:
+    """Raise :class:`ConfigError` naming the type received unless ``policy`` has the ExitPolicy methods."""
+    missing = [name for name in _POLICY_METHODS if not hasattr(policy, name)]
+    if missing:
+        lacks = f" lacking {', '.join(missing)}" if len(missing) < len(_POLICY_METHODS) else ""
+        raise ConfigError(
+            f"policy must be an ExitPolicy (methods {', '.join(_POLICY_METHODS)}), got {type(policy).__name__}"
+            f"{lacks}; build one with e.g. adaptnn.ConfidencePolicy(thresholds) or "
+            "adaptnn.policies.make_policy(name, num_exits)"
+        )
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: no device argument
+        return bool(torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled())
 
 
 @dataclass(frozen=True)
@@ -106,6 +127,8 @@ class StagedModel(nn.Module):
         num_classes: number of classes the heads predict (informational; checked by loaders).
     """
 
+    _param_dtype: torch.dtype | None = None  # instances set it; the class default serves unpickled old models
+
     def __init__(
         self,
         segments: Sequence[nn.Module],
@@ -145,6 +168,8 @@ class StagedModel(nn.Module):
             self._head_at[seg] = k
         self._cost_cache: dict[tuple, Tensor] = {}
         self.stages: list[range] = stage_segments(self.exit_after)  # segments run before each exit decision
+        # dtype of the first floating-point parameter (None: there is none); kept current by _apply
+        self._param_dtype: torch.dtype | None = self._first_float_dtype()
 
     @property
     def num_exits(self) -> int:
@@ -152,11 +177,36 @@ class StagedModel(nn.Module):
         return len(self.heads)
 
     def check_input(self, x: Tensor, *, check_finite: bool = True) -> None:
-        """Validate a batch against ``input_spec`` (no-op without one, except the tensor check)."""
+        """Validate a batch against ``input_spec`` (without one, only the tensor check), and its floating dtype.
+
+        A floating-point batch must have the dtype of the model's parameters (e.g. not float64 into a float32
+        model), except under autocast; the check is one dtype comparison per call.
+        """
         if self.input_spec is not None:
             self.input_spec.check(x, check_finite=check_finite)
         elif not isinstance(x, Tensor):
             raise InputError(f"expected a torch.Tensor batch, got {type(x).__name__}")
+        if x.dtype != self._param_dtype and x.is_floating_point():
+            self._check_float_dtype(x)
+
+    def _first_float_dtype(self) -> torch.dtype | None:
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
+
+    def _check_float_dtype(self, x: Tensor) -> None:
+        """The slow path of the dtype check: re-read the parameters' dtype (they may have been replaced)."""
+        self._param_dtype = self._first_float_dtype()
+        if self._param_dtype is None or x.dtype == self._param_dtype or _autocast_enabled(x.device.type):
+            return
+        raise InputError(
+            f"input dtype {x.dtype} does not match the model's parameters ({self._param_dtype}); "
+            f"convert the batch with x.to({self._param_dtype}) or the model with model.to({x.dtype})"
+        )
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> StagedModel:
+        """``nn.Module._apply`` (``to``, ``half``, ``cuda`` ...), then the parameters' dtype is read again."""
+        out = super()._apply(fn, *args, **kwargs)
+        self._param_dtype = self._first_float_dtype()
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         """The full model: every segment, then only the last head. Returns ``[B, C]`` logits."""
@@ -230,6 +280,7 @@ class StagedModel(nn.Module):
         if self.training:
             raise ConfigError("run_dynamic needs the model in eval mode: call model.eval() first")
         self.check_input(x, check_finite=check_finite)
+        check_policy(policy)
         num_exits = self.num_exits
         policy.check_num_exits(num_exits)
         costs = self.exit_costs(x)

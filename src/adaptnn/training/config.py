@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError
+import torch
+
+from ..errors import AdaptnnError, ConfigError
 from ..strategies import Strategy, available, get
 
-__all__ = ["TrainConfig", "build_strategy"]
+__all__ = [
+    "TrainConfig",
+    "build_strategy",
+    "check_choice",
+    "check_device",
+    "check_flag",
+    "check_int",
+    "check_number",
+]
 
 
 @dataclass
@@ -66,25 +77,125 @@ class TrainConfig:
     tensorboard: bool = False
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for out-of-range values."""
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"train.epochs and train.batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"train.optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        if not self.lr > 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ConfigError("train.lr must be > 0 and train.weight_decay, train.warmup_epochs >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.strategy not in available():
-            raise ConfigError(f"train.strategy must be one of {available()}, got {self.strategy!r}")
-        if not isinstance(self.strategy_options, dict):
-            raise ConfigError(f"train.strategy_options must be a mapping, got {type(self.strategy_options).__name__}")
-        if self.grad_accum_steps < 1:
-            raise ConfigError(f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.distributed not in ("auto", "off"):
-            raise ConfigError(f"train.distributed must be 'auto' or 'off', got {self.distributed!r}")
+        """Raise :class:`ConfigError` naming the field, the value received and what is expected.
+
+        Checks every field's type and range, and builds the strategy once (its options are checked by its
+        constructor), so a bad config fails before anything is written or trained.
+        """
+        check_int("train.epochs", self.epochs, 1)
+        check_int("train.batch_size", self.batch_size, 1)
+        check_choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
+        check_number("train.lr", self.lr, 0, low_open=True)
+        check_number("train.momentum", self.momentum, 0, 1, high_open=True)
+        check_number("train.weight_decay", self.weight_decay, 0)
+        check_number("train.warmup_epochs", self.warmup_epochs, 0)
+        check_number("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        _exit_weights("train.exit_weights", self.exit_weights)
+        check_number("train.label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        check_int("train.seed", self.seed, 0, 2**64 - 1)
+        check_int("train.num_workers", self.num_workers, 0)
+        check_device("train.device", self.device)
+        check_flag("train.progress", self.progress)
+        check_choice("train.strategy", self.strategy, tuple(available()))
+        if not isinstance(self.strategy_options, dict) or not all(isinstance(k, str) for k in self.strategy_options):
+            raise ConfigError(
+                f"train.strategy_options must be a mapping of option names, got {_show(self.strategy_options)}"
+            )
+        check_int("train.grad_accum_steps", self.grad_accum_steps, 1)
+        if self.batch_size < self.grad_accum_steps:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is the global batch; it must be >= grad_accum_steps="
+                f"{self.grad_accum_steps} (each step is split into that many micro-batches)"
+            )
+        check_choice("train.precision", self.precision, ("fp32", "bf16"))
+        check_flag("train.channels_last", self.channels_last)
+        check_flag("train.compile", self.compile)
+        check_choice("train.distributed", self.distributed, ("auto", "off"))
+        check_flag("train.tensorboard", self.tensorboard)
+        if "weights" in self.strategy_options:
+            _exit_weights("train.strategy_options.weights", self.strategy_options["weights"])
+        try:
+            build_strategy(self)
+        except AdaptnnError:
+            raise
+        except (TypeError, ValueError, ArithmeticError) as err:  # a constructor choking on a wrongly typed option
+            raise ConfigError(f"train.strategy_options for {self.strategy!r}: {err}") from None
+
+
+def _show(value: object) -> str:
+    """``value``'s repr (shortened) and type, for messages."""
+    text = repr(value)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an integer (not a bool) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {_show(value)}")
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(f"{name} must be {bound}, got {value}")
+
+
+def check_number(
+    name: str,
+    value: object,
+    low: float,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a finite number (not a bool) within the bounds given."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {_show(value)}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        raise ConfigError(f"{name} is out of range: an integer of {len(str(value))} digits") from None
+    if not finite:
+        raise ConfigError(f"{name} must be finite, got {value}")
+    too_low = value <= low if low_open else value < low
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        bound = f"in {left}{low}, {high}{right}" if high is not None else f"{'>' if low_open else '>='} {low}"
+        raise ConfigError(f"{name} must be {bound}, got {value}")
+
+
+def check_flag(name: str, value: object) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {_show(value)}")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {_show(value)}")
+
+
+def check_device(name: str, value: object) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is ``"auto"`` or a device string torch parses (not its presence)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be 'auto', 'cpu' or 'cuda[:i]', got {_show(value)}")
+    if value != "auto":
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError, TypeError):
+            raise ConfigError(f"{name} must be 'auto', 'cpu' or 'cuda[:i]', got {value!r}") from None
+
+
+def _exit_weights(name: str, value: object) -> None:
+    if isinstance(value, str):
+        check_choice(name, value, ("uniform", "linear"))
+        return
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{name} must be 'uniform', 'linear' or a non-empty list of weights, got {_show(value)}")
+    for i, w in enumerate(value):
+        check_number(f"{name}[{i}]", w, 0)
+    if sum(value) <= 0:
+        raise ConfigError(f"{name} must have a positive sum, got {list(value)}")
 
 
 def build_strategy(config: TrainConfig) -> Strategy:

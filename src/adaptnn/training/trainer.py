@@ -3,10 +3,14 @@
 The Trainer owns one loop and stays the same for every strategy: the strategy is a callable
 ``(exit_logits, targets) -> loss`` with optional hooks (see :mod:`adaptnn.strategies`); its
 :meth:`~adaptnn.strategies.Strategy.training_step` returns each micro-batch's loss and metrics, which the
-Trainer averages over the epoch. After every epoch it writes ``checkpoints/last.safetensors`` atomically
-(weights, optimizer state, the strategy's own state, RNG states, epoch) and appends one line of metrics to
-``metrics.jsonl``; ``fit(resume=True)`` continues from that checkpoint and reaches the same weights as an
-uninterrupted run (the data order of epoch e is a function of ``seed`` and ``e``).
+Trainer averages over the epoch. After every epoch it commits ``checkpoints/last.safetensors`` atomically
+(weights, optimizer state, the strategy's own state, RNG states, epoch, the epoch's metrics) and *then* appends
+the epoch's line to ``metrics.jsonl``, so the log never claims an epoch whose checkpoint was not committed.
+``fit(resume=True)`` continues from that checkpoint and reaches the same weights as an uninterrupted run (the
+data order of epoch e is a function of ``seed`` and ``e``). Resuming first checks that the checkpoint was
+written for the same model, training config (``epochs`` may grow) and caller metadata (e.g. the run's data
+config), then brings ``metrics.jsonl`` back to exactly one line per committed epoch (a crash between the
+commit and the line, a torn last line, or the extra lines older adaptnn logged before its commit are repaired).
 
 Scaling up, all opt-in through :class:`~adaptnn.training.TrainConfig`:
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, ConfigError, DivergedLossError
+from ..io.atomic import atomic_write_text
 from ..io.checkpoint import load_checkpoint, load_weights, pack_tensors, save_checkpoint, unpack_tensors
 from ..models import model_spec
 from ..runtime.staged import StagedModel
@@ -51,9 +57,47 @@ from .metrics import EpochMeter
 from .rng import capture_rng_state, restore_rng_state
 from .schedule import build_optimizer, cosine_warmup_factor
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "commit_checkpoint"]
 
 log = logging.getLogger(__name__)
+
+#: train settings a resume may change: cosmetic ones, and ``epochs`` (training a checkpoint for longer); a run
+#: directory's config.yaml check still refuses any change
+RESUME_IGNORED = frozenset({"epochs", "progress", "num_workers", "tensorboard"})
+
+
+def _readable_copy(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, indent=2, sort_keys=True) + "\n"
+
+
+def commit_checkpoint(
+    path: str | Path,
+    model: nn.Module | dict[str, Tensor],
+    meta: dict[str, Any],
+    extra: dict[str, dict[str, Tensor]] | None = None,
+) -> Path:
+    """:func:`~adaptnn.io.save_checkpoint`, with the readable ``.json`` copy written *before* the weights too.
+
+    The ``.safetensors`` rename is the commit; the copy is written first so it never describes an older
+    checkpoint than the one on disk (killed between the two, it is one commit ahead until the next one).
+    """
+    path = Path(path)
+    atomic_write_text(path.with_suffix(".json"), _readable_copy(meta))
+    return save_checkpoint(path, model, meta, extra=extra)
+
+
+def _differences(old: Any, new: Any, prefix: str) -> list[str]:
+    """``"key: old -> new"`` for every differing leaf of two JSON values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key), new.get(key), f"{prefix}.{key}")
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
 
 
 class _TrainForward(nn.Module):
@@ -80,7 +124,10 @@ class Trainer:
             every epoch for monitoring.
         loss_fn: a :class:`~adaptnn.strategies.Strategy` or a plain ``(exit_logits, targets) -> loss``
             callable (kept as :attr:`strategy`); default: :func:`~adaptnn.training.build_strategy` of ``config``.
-        meta: extra JSON stored in every checkpoint (e.g. the run's data config).
+        meta: extra JSON stored in every checkpoint (e.g. the run's data config); resuming requires the
+            checkpoint's values of these keys to be the same (``adaptnn_version`` excepted).
+        after_epoch: called by rank 0 with the trainer after each epoch is committed (checkpoint, then
+            metrics line); it may move the run (set :attr:`run_dir`), e.g. to swap a staged run into place.
     """
 
     def __init__(
@@ -93,6 +140,7 @@ class Trainer:
         val_set: Dataset | None = None,
         loss_fn: Strategy | Callable[[list[Tensor], Tensor], Tensor] | None = None,
         meta: dict[str, Any] | None = None,
+        after_epoch: Callable[[Trainer], None] | None = None,
     ) -> None:
         config.validate()
         if len(train_set) == 0:
@@ -104,6 +152,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.strategy = build_strategy(config) if loss_fn is None else as_strategy(loss_fn)
         self.meta = dict(meta or {})
+        self.after_epoch = after_epoch
         self.world_size, self.rank, self.local_rank = process_layout(config.distributed)
         self.device = resolve_device(config.device)
         if self.world_size > 1 and self.device.type == "cuda":
@@ -113,8 +162,16 @@ class Trainer:
                 f"train.batch_size={config.batch_size} is the global batch; it must be >= processes x "
                 f"grad_accum_steps = {self.world_size} x {config.grad_accum_steps}"
             )
-        self.checkpoint_path = self.run_dir / "checkpoints" / "last.safetensors"
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """``run_dir/checkpoints/last.safetensors``."""
+        return self.run_dir / "checkpoints" / "last.safetensors"
+
+    @property
+    def metrics_path(self) -> Path:
+        """``run_dir/metrics.jsonl``."""
+        return self.run_dir / "metrics.jsonl"
 
     @property
     def is_main(self) -> bool:
@@ -158,7 +215,10 @@ class Trainer:
         return x
 
     # ---- checkpoints ------------------------------------------------------------------------------
-    def _save(self, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> None:
+    def _save(
+        self, optimizer: torch.optim.Optimizer, epoch: int, step: int, record: dict[str, Any] | None = None
+    ) -> None:
+        """Commit ``checkpoints/last`` after ``epoch`` (0-based), with the epoch's metrics ``record``."""
         optim_tensors: dict[str, Tensor] = {}
         optim_json = pack_tensors(optimizer.state_dict(), "optim", optim_tensors)
         optim_tensors = {k.removeprefix("optim."): v for k, v in optim_tensors.items()}
@@ -176,19 +236,64 @@ class Trainer:
             strategy_state=strategy_json,
             rng=rng_json,
         )
+        if record is not None:
+            meta["metrics"] = record
         extra = {"optim": optim_tensors, "rng": rng_tensors}
         if strategy_tensors:
             extra["strategy"] = strategy_tensors
-        save_checkpoint(self.checkpoint_path, self.model, meta, extra=extra)
+        commit_checkpoint(self.checkpoint_path, self.model, meta, extra=extra)
 
-    def _resume(self, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-        ckpt = load_checkpoint(self.checkpoint_path)
-        saved_spec = ckpt.meta.get("model_spec")
+    def _check_resumable(self, meta: dict[str, Any]) -> None:
+        """Refuse a checkpoint written for another model, training config or caller metadata."""
+        saved_spec = meta.get("model_spec")
         if saved_spec != model_spec(self.model):
             raise CheckpointError(
                 f"{self.checkpoint_path} was saved for model {saved_spec}, but this run builds "
                 f"{model_spec(self.model)}; use another run_dir or resume=False"
             )
+        diffs: list[str] = []
+        stored = meta.get("train_config")
+        if isinstance(stored, dict):
+            current = _as_json(asdict(self.config))
+            for key in sorted(set(stored) & set(current)):  # a key older checkpoints lack is no difference
+                if key not in RESUME_IGNORED:
+                    diffs += _differences(stored.get(key), current.get(key), f"train.{key}")
+        for key, value in self.meta.items():
+            if key != "adaptnn_version" and key in meta:
+                diffs += _differences(meta[key], _as_json(value), key)
+        if diffs:
+            raise ConfigError(
+                f"{self.checkpoint_path} was written by a run with another config ({'; '.join(diffs[:5])}"
+                + (f"; {len(diffs) - 5} more" if len(diffs) > 5 else "")
+                + "); resume with the checkpoint's config, or start over (--overwrite / resume=False) or use "
+                "another run_dir"
+            )
+
+    def _repair_metrics(self, epochs_done: int, record: dict[str, Any] | None) -> None:
+        """Make ``metrics.jsonl`` one line per committed epoch ``1..epochs_done`` (rank 0, on resume).
+
+        Drops torn lines and lines of epochs the checkpoint does not hold, keeps the last line of a repeated
+        epoch, and restores the newest epoch's line from the checkpoint when the crash came before it.
+        """
+        text = self.metrics_path.read_text(errors="replace") if self.metrics_path.exists() else ""
+        lines: dict[int, str] = {}
+        for raw in text.splitlines():
+            try:
+                epoch = int(json.loads(raw)["epoch"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if 1 <= epoch <= epochs_done:
+                lines[epoch] = raw
+        if record is not None and epochs_done not in lines:
+            lines[epochs_done] = json.dumps(record)
+        repaired = "".join(lines[e] + "\n" for e in sorted(lines))
+        if repaired != text:
+            log.warning("%s: repaired to one line per committed epoch (1..%d)", self.metrics_path, epochs_done)
+            atomic_write_text(self.metrics_path, repaired)
+
+    def _resume(self, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+        ckpt = load_checkpoint(self.checkpoint_path)
+        self._check_resumable(ckpt.meta)
         load_weights(self.model, ckpt.model_state, source=str(self.checkpoint_path))
         optim_tensors = {f"optim.{k}": v for k, v in ckpt.extra.get("optim", {}).items()}
         optimizer.load_state_dict(unpack_tensors(ckpt.meta["optimizer"], optim_tensors))
@@ -197,7 +302,13 @@ class Trainer:
             self.strategy.load_state_dict(unpack_tensors(ckpt.meta["strategy_state"], strategy_tensors))
             self.strategy.to(self.device)
         restore_rng_state(ckpt.meta["rng"], ckpt.extra.get("rng", {}))
-        log.info("resumed from %s after epoch %d", self.checkpoint_path, ckpt.meta["epoch"])
+        if self.is_main:
+            self._repair_metrics(int(ckpt.meta["epoch"]) + 1, ckpt.meta.get("metrics"))
+            readable = self.checkpoint_path.with_suffix(".json")
+            copy = _readable_copy(ckpt.meta)
+            if not readable.exists() or readable.read_text(errors="replace") != copy:
+                atomic_write_text(readable, copy)  # killed between the two writes of a commit: one ahead
+        log.info("resumed from %s after epoch %d", self.checkpoint_path, int(ckpt.meta["epoch"]) + 1)
         return int(ckpt.meta["epoch"]) + 1, int(ckpt.meta["step"])
 
     # ---- evaluation -------------------------------------------------------------------------------
@@ -224,6 +335,8 @@ class Trainer:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         if writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("epoch",):
@@ -282,8 +395,10 @@ class Trainer:
         start_epoch, step = 0, 0
         if resume and self.checkpoint_path.exists():
             start_epoch, step = self._resume(optimizer)
-        elif self.metrics_path.exists() and self.is_main:
-            self.metrics_path.unlink()  # a fresh run starts a fresh log
+        elif self.is_main:  # a fresh start: no older checkpoint or log may stay beside the new run's
+            self.checkpoint_path.unlink(missing_ok=True)
+            self.checkpoint_path.with_suffix(".json").unlink(missing_ok=True)
+            self.metrics_path.unlink(missing_ok=True)
         barrier(self.world_size)
         writer = self._tensorboard()
         history: list[dict[str, Any]] = []
@@ -348,8 +463,10 @@ class Trainer:
                 if self.val_set is not None and len(self.val_set) > 0:
                     record["val_exit_accuracy"] = self.evaluate_exits(self.val_set)
                 history.append(record)
-                self._log_record(record, writer)
-                self._save(optimizer, epoch, step)
+                self._save(optimizer, epoch, step, record)  # the commit
+                self._log_record(record, writer)  # after it: the log never runs ahead of the checkpoint
+                if self.after_epoch is not None:
+                    self.after_epoch(self)
                 summary = f"epoch {epoch + 1}/{cfg.epochs} loss {record['train_loss']:.4f}"
                 if "val_exit_accuracy" in record:
                     summary += " val acc per exit " + " ".join(f"{a:.3f}" for a in record["val_exit_accuracy"])
