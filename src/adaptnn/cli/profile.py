@@ -34,6 +34,7 @@ def build(parser: ArgumentParser) -> None:
 
 def run(args: Namespace) -> None:
     from ..errors import ConfigError
+    from ..io import RunLock
     from ..measure.latency import profile_latency, validate_latency_model
     from ..measure.speed import check_bench_options, thresholds_for_macs_fraction
     from ..policies import ConfidencePolicy
@@ -76,7 +77,11 @@ def run(args: Namespace) -> None:
     output = args.output or (
         str(Path(target.run_dir) / "latency_profile.json") if target.run_dir else f"{target.name}.latency.json"
     )
-    latency_model.save(output)
+    if target.run_dir is not None and Path(output).resolve().parent == Path(target.run_dir).resolve():
+        with RunLock(target.run_dir):  # the run directory has one writer at a time
+            latency_model.save(output)
+    else:
+        latency_model.save(output)
     print(
         f"latency model of {target.name} on {latency_model.info['device']}; cumulative ms to each exit at batch 1: "
         + ", ".join(f"{t:.3f}" for t in latency_model.exit_latency_ms(1))
