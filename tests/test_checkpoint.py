@@ -62,3 +62,20 @@ def test_mismatched_weights_named(tmp_path):
     state.pop(next(iter(state)))
     with pytest.raises(CheckpointError, match="missing 1 key"):
         load_weights(big, state)
+
+
+def test_atomic_writes_get_a_normal_file_mode(tmp_path):
+    """mkstemp makes 0600 files; an atomic write gives what open() would (umask) or keeps the replaced file's mode."""
+    import os
+
+    from adaptnn.io import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "new.json", "{}")
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644
+        os.chmod(tmp_path / "new.json", 0o640)
+        atomic_write_text(tmp_path / "new.json", "[]")
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)

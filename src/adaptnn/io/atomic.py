@@ -23,12 +23,28 @@ __all__ = ["atomic_write_bytes", "atomic_write_text", "exchange_dirs", "fsync_di
 _TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
+def _file_mode(path: Path) -> int:
+    """The mode of the file being replaced, else ``0o666`` less the process umask (as ``open()`` would create)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        pass
+    try:  # Linux exposes the umask without changing it (os.umask would, process-wide)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode(path))  # mkstemp makes 0600 files: give the result the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
