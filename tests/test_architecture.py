@@ -26,6 +26,7 @@ LAYERS: list[set[str]] = [
     {"adapters", "measure", "strategies"},  # timm/torchvision/HF; wall-clock measurement; training losses
     {"training"},  # Trainer, schedules, DDP batching
     {"evaluation"},  # cached logits, curves, realised runs, plots
+    {"export"},  # ONNX export (stages, graph, cond) and the onnxruntime stages runner
     {"runs"},  # run-directory workflows and their config
     {"cli"},  # the command line
 ]

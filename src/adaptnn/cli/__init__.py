@@ -27,7 +27,7 @@ from ._shared import SAFE_YAML_MODE
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 COMMANDS: tuple[str, ...] = (
-    "quickstart", "train", "calibrate", "evaluate", "compare", "cost", "models", "bench", "profile",
+    "quickstart", "train", "calibrate", "evaluate", "compare", "cost", "models", "bench", "profile", "export",
 )  # fmt: skip
 
 

@@ -1,0 +1,420 @@
+"""ONNX export, ``stages`` mode: one ONNX file per stage plus ``manifest.json``.
+
+Stage ``k`` maps the state after exit ``k-1`` (the input for ``k = 0``) to the next state, the logits of exit
+``k`` and the policy's score at that exit (``state -> state', logits, score``; the last stage returns only
+logits and score). The score is computed by the policy's own ``step``, so thresholds mean exactly what they
+mean in :meth:`~adaptnn.runtime.StagedModel.run_dynamic`. Only stateless threshold rules export (confidence,
+entropy, margin, with optional temperatures): their decision at exit ``k`` depends on exit ``k`` alone.
+
+Before anything is written the export is verified against ``run_dynamic`` with onnxruntime (see
+:func:`verify_export`); files go to a temporary directory moved into place only once verified.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..policies import ConfidencePolicy, EntropyPolicy, MarginPolicy, ThresholdPolicy
+from ..runtime.cost import exit_macs
+from ..runtime.staged import StagedModel
+from ..version import __version__
+from .manifest import FORMAT, FORMAT_VERSION, flatten_state, rebuild_state, state_tree, write_manifest
+
+__all__ = ["export_stages", "verify_export", "check_exportable_policy", "ExportMismatchError", "DEFAULT_OPSET"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+#: exits whose score lies this close to a threshold may round either way (fp32, another runtime)
+SCORE_BAND = 1e-5
+#: largest accepted difference between onnxruntime and PyTorch logits (fp32)
+LOGITS_ATOL = 1e-4
+_STATELESS = (ConfidencePolicy, EntropyPolicy, MarginPolicy)
+
+
+class ExportMismatchError(ConfigError):
+    """The exported files do not reproduce ``run_dynamic``; nothing was written."""
+
+
+def check_exportable_policy(policy: object) -> ThresholdPolicy:
+    """Return ``policy`` if it is a stateless threshold rule; otherwise a :class:`ConfigError` naming it."""
+    name = getattr(policy, "name", type(policy).__name__)
+    steps = {cls.step for cls in _STATELESS}
+    stateless = isinstance(policy, _STATELESS) and type(policy).step in steps
+    if not stateless or policy.init_state(1, torch.device("cpu")) is not None:
+        raise ConfigError(
+            "export supports stateless threshold rules: confidence, entropy, margin (with optional temperatures); "
+            f"got {type(policy).__name__} ({name!r}), whose decision depends on earlier exits"
+        )
+    return policy
+
+
+class _Stage(nn.Module):
+    """Stage ``k`` of a staged model as one module over flat tensors: ``(*state) -> (*state', logits, score)``."""
+
+    def __init__(
+        self, model: StagedModel, policy: ThresholdPolicy, k: int, tree_in: dict[str, Any], last: bool
+    ) -> None:
+        super().__init__()
+        self.segments = nn.ModuleList([model.segments[j] for j in model.stages[k]])
+        self.head = model.heads[k]
+        self.policy = policy
+        self.k = k
+        self.tree_in = tree_in
+        self.last = last
+
+    def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        state = rebuild_state(self.tree_in, list(tensors))
+        for segment in self.segments:
+            state = segment(state)
+        logits = self.head(state)
+        score, prediction, _ = self.policy.step(self.k, logits, None)
+        rest = [] if self.last else flatten_state(state)
+        return (*rest, prediction, score.float())
+
+
+def _onnx_dtype_name(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _export_one(
+    module: nn.Module,
+    inputs: tuple[Tensor, ...],
+    path: Path,
+    in_names: list[str],
+    out_names: list[str],
+    opset: int,
+    exporter: str,
+    seq_in: list[list[int]],
+    seq_out: list[list[int]],
+) -> str:
+    """Export ``module`` to ``path``; returns the exporter used (dynamo or torchscript).
+
+    Dim 0 of every input and output is the batch; ``seq_in[i]`` / ``seq_out[i]`` list the dims of state tensor
+    ``i`` that follow the input's one variable-size dim (e.g. the tokens), dynamic too.
+    """
+    errors: list[str] = []
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ConfigError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
+    try:
+        if exporter == "torchscript":
+            raise RuntimeError("not requested")
+        batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim.DYNAMIC
+        shapes = (tuple({0: batch, **dict.fromkeys(dims, seq)} for dims in seq_in),)  # one entry: *tensors
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                inputs,
+                dynamo=True,
+                input_names=in_names,
+                output_names=out_names,
+                dynamic_shapes=shapes,
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+                report=False,
+            )
+        program.save(str(path))
+        return "dynamo"
+    except Exception as err:  # noqa: BLE001 - any exporter failure falls back to the TorchScript exporter
+        errors.append(f"dynamo: {' '.join(str(err).split())[:300]}")
+        if exporter == "dynamo":
+            raise ConfigError(f"ONNX export of {path.stem} failed ({errors[-1]})") from None
+        if exporter == "auto":
+            logger.info("dynamo export of %s failed, trying the TorchScript exporter: %s", path.name, errors[-1])
+    try:
+        dims = [*seq_in, *seq_out, [], []]  # logits and score: batch only
+        axes = {
+            name: {0: "batch", **dict.fromkeys(d, "seq")} for name, d in zip([*in_names, *out_names], dims, strict=True)
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                inputs,
+                str(path),
+                dynamo=False,
+                input_names=in_names,
+                output_names=out_names,
+                dynamic_axes=axes,
+                opset_version=opset,
+            )
+        return "torchscript"
+    except Exception as err:  # noqa: BLE001
+        errors.append(f"torchscript: {' '.join(str(err).split())[:300]}")
+    raise ConfigError(f"ONNX export of {path.stem} failed with both exporters ({'; '.join(errors)})")
+
+
+def _variable_dim(model: StagedModel, example: Tensor) -> int | None:
+    """The batch dim of the input's one variable-size dim (``None`` in the input spec), if exactly one."""
+    spec = model.input_spec
+    free = [] if spec is None else [i + 1 for i, n in enumerate(spec.shape) if n is None]
+    return free[0] if len(free) == 1 and example.dim() == len(spec.shape) + 1 else None
+
+
+def _longer(model: StagedModel, example: Tensor) -> Tensor | None:
+    """The example one longer along its variable-size dim (last slice repeated), to find the state dims that follow."""
+    dim = _variable_dim(model, example)
+    if dim is None:
+        return None
+    return torch.cat([example, example.narrow(dim, example.shape[dim] - 1, 1)], dim=dim)
+
+
+def _varying(tensors: list[Tensor], probes: list[Tensor]) -> list[list[int]]:
+    """Per tensor, the non-batch dims whose size differs in the longer probe."""
+    return [[j for j in range(1, t.dim()) if t.shape[j] != p.shape[j]] for t, p in zip(tensors, probes, strict=True)]
+
+
+def _macs_by_length(model: StagedModel, example: Tensor, dynamic: list[int]) -> dict[str, Any] | None:
+    """With a variable-size input dim ``L``: per exit ``[c0, c1, c2]`` with ``MACs(L) = c0 + c1 L + c2 L^2``.
+
+    Fitted exactly on three lengths (MACs of convolutions, linear layers and attention are polynomials of degree
+    at most 2 in the sequence length); ``None`` without a variable dim.
+    """
+    if not dynamic:
+        return None
+    dim = dynamic[0]
+    base = example.shape[dim]
+    lengths = [base, base + 1, base + 2]
+    rows = []
+    for n in lengths:
+        shape = list(example.shape[1:])
+        shape[dim - 1] = n
+        rows.append(torch.tensor(exit_macs(model, tuple(shape), dtype=example.dtype), dtype=torch.float64))
+    vander = torch.tensor([[1.0, n, n * n] for n in lengths], dtype=torch.float64)
+    coeffs = torch.linalg.solve(vander, torch.stack(rows))  # [3, K]
+    return {"dim": dim, "coefficients": coeffs.T.tolist()}
+
+
+def _example_batch(model: StagedModel, example: Tensor) -> Tensor:
+    if not isinstance(example, Tensor) or example.dim() < 1 or example.shape[0] < 1:
+        raise ConfigError("export needs an example batch: a tensor [B, ...] with B >= 1")
+    model.check_input(example)
+    if example.shape[0] < 2:  # a batch of 1 would let the exporter specialise the batch dim
+        example = torch.cat([example, example])
+    return example.detach().cpu()
+
+
+def export_stages(
+    model: StagedModel,
+    policy: ThresholdPolicy,
+    example: Tensor,
+    out_dir: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "auto",
+    overwrite: bool = False,
+) -> Path:
+    """Export ``model`` stage by stage to ONNX in ``out_dir`` with ``manifest.json``; returns ``out_dir``.
+
+    Args:
+        model: the staged model; exported in eval mode on the CPU in float32 (a copy when it is not already).
+        policy: a stateless threshold rule (confidence, entropy, margin); its thresholds and temperatures go
+            into the manifest, its score into every stage.
+        example: an input batch ``[B, ...]`` (e.g. test samples); also the verification batch.
+        out_dir: directory to create; an existing non-empty one is refused unless ``overwrite``.
+        opset: ONNX opset.
+        exporter: ``"auto"`` (``torch.onnx.export(dynamo=True)``, the TorchScript exporter if that fails),
+            ``"dynamo"`` or ``"torchscript"``.
+        overwrite: replace a non-empty ``out_dir`` (only once the new export is verified).
+
+    Raises:
+        ConfigError: unsupported policy, model or state; :class:`ExportMismatchError` when onnxruntime does not
+            reproduce ``run_dynamic`` (nothing is written then).
+    """
+    import onnx
+
+    check_exportable_policy(policy)
+    policy.check_num_exits(model.num_exits)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ConfigError(f"{out_dir} exists and is not empty; choose another --out or remove it")
+    if model.training or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
+        model = copy.deepcopy(model).eval().cpu().float()  # the caller's model stays as it is
+    example = _example_batch(model, example)
+    num_exits = model.num_exits
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        stages: list[dict[str, Any]] = []
+        exporters: set[str] = set()
+        state: Any = example
+        longer = _longer(model, example)
+        probe: Any = example if longer is None else longer
+        with torch.no_grad():
+            for k in range(num_exits):
+                last = k == num_exits - 1
+                tree_in, tensors_in = state_tree(state)
+                stage = _Stage(model, policy, k, tree_in, last).eval()
+                nxt, probe_nxt = state, probe
+                for segment in stage.segments:
+                    nxt = segment(nxt)
+                    probe_nxt = nxt if longer is None else segment(probe_nxt)
+                tree_out, tensors_out = (None, []) if last else state_tree(nxt)
+                seq_in = _varying(tensors_in, flatten_state(probe))
+                seq_out = [] if last else _varying(tensors_out, flatten_state(probe_nxt))
+                in_names = ["input"] if k == 0 else [f"state_in_{i}" for i in range(len(tensors_in))]
+                out_names = [f"state_out_{i}" for i in range(len(tensors_out))] + ["logits", "score"]
+                file = f"stage_{k}.onnx"
+                exporters.add(
+                    _export_one(
+                        stage, tuple(tensors_in), tmp / file, in_names, out_names, opset, exporter, seq_in, seq_out
+                    )
+                )
+                onnx.checker.check_model(str(tmp / file))
+                stages.append(
+                    {
+                        "file": file,
+                        "exit": k,
+                        "segments": list(model.stages[k]),
+                        "inputs": in_names,
+                        "outputs": out_names,
+                        "num_state_in": len(tensors_in),
+                        "num_state_out": len(tensors_out),
+                        "state_in": tree_in,
+                        "state_out": tree_out,
+                        "state_in_dtypes": [_onnx_dtype_name(t) for t in tensors_in],
+                        "state_in_dynamic_dims": [[0, *d] for d in seq_in],
+                    }
+                )
+                state, probe = nxt, probe_nxt
+        manifest = _manifest(model, policy, example, stages, sorted(exporters), opset)
+        write_manifest(tmp, manifest)
+        verify_export(tmp, model, policy, example, longer)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _manifest(
+    model: StagedModel,
+    policy: ThresholdPolicy,
+    example: Tensor,
+    stages: list[dict[str, Any]],
+    exporters: list[str],
+    opset: int,
+) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+
+    num_exits = model.num_exits
+    thresholds = [policy.threshold_at(k) for k in range(num_exits - 1)]
+    spec = model.input_spec
+    dynamic = [] if _variable_dim(model, example) is None else [_variable_dim(model, example)]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mode": "stages",
+        "num_exits": num_exits,
+        "num_classes": model.num_classes,
+        "exit_macs": [float(m) for m in model.exit_costs(example)],
+        "exit_macs_by_length": _macs_by_length(model, example, dynamic),
+        "policy": policy.to_dict(),
+        "score_name": policy.score_name,
+        "thresholds": [t if math.isfinite(t) else None for t in thresholds],
+        "temperatures": policy.temperatures,
+        "input": {
+            "name": "input",
+            "dtype": "int64" if not example.is_floating_point() else "float32",
+            "shape": [None if i + 1 in dynamic else n for i, n in enumerate(example.shape[1:])],
+            "example_shape": list(example.shape[1:]),
+            "spec_shape": None if spec is None else list(spec.shape),
+            "dynamic_dims": [0, *dynamic],
+        },
+        "stages": stages,
+        "opset": opset,
+        "exporter": exporters,
+        "versions": {
+            "adaptnn": __version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
+    }
+
+
+def _reference(model: StagedModel, policy: ThresholdPolicy, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    out = model.run_dynamic(x, policy)
+    with torch.no_grad():
+        scores, _ = policy.scores(model.forward_all(x))
+    return out.logits.float(), out.exit_index, scores
+
+
+def verify_export(
+    export_dir: str | Path,
+    model: StagedModel,
+    policy: ThresholdPolicy,
+    example: Tensor,
+    longer: Tensor | None = None,
+) -> dict[str, Any]:
+    """Check the exported stages against ``model.run_dynamic`` with onnxruntime; returns a small summary.
+
+    Cases: the example batch at the policy's thresholds, its first sample alone, everyone leaving at the first
+    exit and nobody leaving before the last. A sample whose score lies within :data:`SCORE_BAND` of a threshold
+    it faced may exit elsewhere; every other sample must take the same exit, with logits within
+    :data:`LOGITS_ATOL` when the exits agree.
+
+    Raises:
+        ExportMismatchError: one line naming the case and the first difference.
+    """
+    from .runner import StagesRunner
+
+    num_exits = model.num_exits
+    base = [policy.threshold_at(k) for k in range(num_exits - 1)]
+    cases: list[tuple[str, Tensor, Sequence[float]]] = [
+        ("example batch", example, base),
+        ("batch of 1", example[:1], base),
+        ("everyone exits first", example, [-math.inf] * (num_exits - 1)),
+        ("nobody exits early", example, [math.inf] * (num_exits - 1)),
+    ]
+    if longer is not None:  # another size along the variable dim (e.g. more tokens)
+        cases.append(("longer input", longer, base))
+    runner = StagesRunner(export_dir)
+    checked = 0
+    for label, x, thresholds in cases:
+        ref_policy = policy.with_thresholds(thresholds)
+        ref_logits, ref_exit, scores = _reference(model, ref_policy, x)
+        logits, exit_index, macs = runner.run(x, thresholds=thresholds)
+        logits_t, exit_t = torch.from_numpy(logits), torch.from_numpy(exit_index)
+        if num_exits > 1:
+            t = torch.tensor([float(v) for v in thresholds], dtype=torch.float64)
+            near = ((scores[:-1].double() - t[:, None]).abs() <= SCORE_BAND).any(dim=0)
+        else:
+            near = torch.zeros(x.shape[0], dtype=torch.bool)
+        wrong = (exit_t != ref_exit) & ~near
+        if wrong.any():
+            i = int(wrong.nonzero()[0])
+            raise ExportMismatchError(
+                f"export verification failed ({label}): sample {i} exits at {int(exit_t[i])} in onnxruntime but "
+                f"at {int(ref_exit[i])} in run_dynamic ({int(wrong.sum())} samples differ); nothing was written"
+            )
+        same = exit_t == ref_exit
+        if same.any():
+            diff = float((logits_t[same] - ref_logits[same]).abs().max())
+            if not diff <= LOGITS_ATOL:
+                raise ExportMismatchError(
+                    f"export verification failed ({label}): logits differ by {diff:.3g} > {LOGITS_ATOL} between "
+                    "onnxruntime and run_dynamic; nothing was written"
+                )
+        expected_macs = model.exit_costs(x).double()[torch.from_numpy(exit_index)]
+        if not torch.allclose(torch.from_numpy(macs), expected_macs):
+            raise ExportMismatchError(f"export verification failed ({label}): MACs differ from run_dynamic")
+        checked += int(same.sum())
+    return {"cases": [c[0] for c in cases], "samples_matched": checked}
