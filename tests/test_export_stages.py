@@ -11,6 +11,7 @@ import json
 import math
 
 import numpy as np
+import onnxruntime  # noqa: E402,F401  (the export extra: installed by the dev extra, so CI always runs this file)
 import pytest
 import torch
 
@@ -18,8 +19,6 @@ from adaptnn import ConfigError, create_model
 from adaptnn.export import StagesRunner, export_stages, read_manifest
 from adaptnn.export.stages import LOGITS_ATOL, SCORE_BAND
 from adaptnn.policies import ConfidencePolicy, EntropyPolicy, MarginPolicy, PatiencePolicy
-
-pytest.importorskip("onnxruntime")
 
 
 def _digits():
@@ -41,7 +40,6 @@ def _torchvision():
 
 
 def _hf():
-    pytest.importorskip("transformers")
     model = create_model("hf_staged", path="all-MiniLM-L6-v2", exits=[2], num_classes=4).eval()
     ids = torch.randint(1, 30522, (12, 9))
     ids[::3, 6:] = 0  # padded rows: the mask in the state must follow the compaction

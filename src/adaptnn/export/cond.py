@@ -8,7 +8,6 @@ as :func:`adaptnn.export.graph.export_graph` (``x`` [1, ...], ``thresholds`` [K-
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +17,15 @@ from torch.utils import _pytree as pytree
 from ..errors import ConfigError
 from ..runtime.staged import StagedModel
 from ..runtime.state import State
-from .graph import DEFAULT_OPSET, ScoreFn, _check_model, exportable_score, policy_thresholds
+from .graph import (
+    DEFAULT_OPSET,
+    ScoreFn,
+    _check_model,
+    exportable_score,
+    policy_thresholds,
+    verify_onnx_file,
+    write_exit_graph,
+)
 
 __all__ = ["export_cond"]
 
@@ -81,7 +88,8 @@ def export_cond(
         model: a :class:`StagedModel` in eval mode.
         policy: a stateless threshold rule (confidence, entropy, margin); thresholds (and temperatures, when
             the policy has them) are runtime inputs.
-        example: one input sample ``[1, ...]`` (a larger batch is cut to its first sample).
+        example: one input sample ``[1, ...]``; a larger batch is cut to its first sample for the trace, and up to
+            8 of its samples are checked one by one against ``run_dynamic`` before the file is written.
         path: the ``.onnx`` file to write.
         opset: ONNX opset version.
 
@@ -94,29 +102,13 @@ def export_cond(
     policy.check_num_exits(num_exits)  # type: ignore[attr-defined]
     if example.dim() == 0 or example.shape[0] < 1:
         raise ConfigError(f"export_cond needs an example with one sample, got shape {list(example.shape)}")
-    example = example[:1]
-    staged.check_input(example)
+    samples, example = example, example[:1]  # verified on up to 8 samples of the given batch, one by one
+    staged.check_input(samples)
     temps = policy.temperatures  # type: ignore[attr-defined]
     costs = staged.exit_costs(example).detach()
     wrapper = (_WithTemps if temps is not None else _NoTemps)(staged, score, costs).eval()
-    args: tuple[Tensor, ...] = (example, policy_thresholds(policy, num_exits))  # type: ignore[arg-type]
-    names = ["x", "thresholds"]
-    if temps is not None:
-        args = (*args, torch.tensor(temps, dtype=torch.float32))
-        names.append("temperatures")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper,
-            args,
-            str(path),
-            input_names=names,
-            output_names=["logits", "exit_index", "macs"],
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+    thresholds = policy_thresholds(policy, num_exits)  # type: ignore[arg-type]
+    tmp = write_exit_graph(wrapper, example, thresholds, temps, path, opset=opset, dynamic_batch=False)
+    verify_onnx_file(tmp, path, staged, policy, samples, batch_one=True)  # type: ignore[arg-type]
     return path

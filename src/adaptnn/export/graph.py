@@ -25,19 +25,21 @@ gather (see ``tests/test_export_graph.py``); ``torch.export`` and onnxruntime ar
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..policies.base import max_softmax, normalised_certainty, softmax_margin
+from ..policies.base import ThresholdPolicy, max_softmax, normalised_certainty, softmax_margin
 from ..policies.confidence import ConfidencePolicy, EntropyPolicy, MarginPolicy
 from ..runtime.staged import StagedModel
 from ..runtime.state import State, index_state
-from .stages import DEFAULT_OPSET, check_exportable_policy
+from .stages import DEFAULT_OPSET, check_exportable_policy, verify_against_dynamic
 
 __all__ = ["export_graph", "exportable_score", "policy_thresholds", "DEFAULT_OPSET"]
 
@@ -163,28 +165,71 @@ def export_graph(
     costs = staged.exit_costs(example).detach()
     wrapper = (_WithTemps if temps is not None else _NoTemps)(staged, score, costs, num_classes, temps is not None)
     wrapper.eval()
-    thresholds = policy_thresholds(policy, num_exits)  # type: ignore[arg-type]
+    path = Path(path)
+    tmp = write_exit_graph(wrapper, example, policy_thresholds(policy, num_exits), temps, path, opset=opset)
+    verify_onnx_file(tmp, path, staged, policy, example)  # type: ignore[arg-type]
+    return path
+
+
+def write_exit_graph(
+    wrapper: nn.Module,
+    example: Tensor,
+    thresholds: Tensor,
+    temperatures: Sequence[float] | None,
+    path: Path,
+    *,
+    opset: int,
+    dynamic_batch: bool = True,
+) -> Path:
+    """Export ``wrapper(x, thresholds[, temperatures])`` to a hidden file beside ``path`` (not yet verified).
+
+    Inputs are ``x``, ``thresholds`` (and ``temperatures`` when the policy has them), outputs ``logits``,
+    ``exit_index``, ``macs``; ``dynamic_batch`` makes the batch dimension of ``x`` symbolic. Returns the file.
+    """
     args: tuple[Tensor, ...] = (example, thresholds)
     names = ["x", "thresholds"]
     dims: dict[str, dict[int, object] | None] = {"x": {0: torch.export.Dim("batch")}, "thresholds": None}
-    if temps is not None:
-        args = (*args, torch.tensor(temps, dtype=torch.float32))
+    if temperatures is not None:
+        args = (*args, torch.tensor(list(temperatures), dtype=torch.float32))
         names.append("temperatures")
         dims["temperatures"] = None
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.unverified")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             wrapper,
             args,
-            str(path),
+            str(tmp),
             input_names=names,
             output_names=["logits", "exit_index", "macs"],
-            dynamic_shapes=dims,
+            dynamic_shapes=dims if dynamic_batch else None,
             opset_version=opset,
             dynamo=True,
             external_data=False,
             verbose=False,
         )
-    return path
+    return tmp
+
+
+def verify_onnx_file(
+    path: Path, final: Path, model: StagedModel, policy: ThresholdPolicy, example: Tensor, *, batch_one: bool = False
+) -> None:
+    """Run the exported file in onnxruntime against ``run_dynamic``; move it to ``final`` only when it matches."""
+    import onnxruntime
+
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        temps = policy.temperatures
+
+        def run(x: Tensor, thresholds: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            feeds = {"x": x.numpy(), "thresholds": np.asarray(thresholds, dtype=np.float32)}
+            if temps is not None:
+                feeds["temperatures"] = np.asarray(temps, dtype=np.float32)
+            logits, exit_index, macs = session.run(None, feeds)
+            return logits, exit_index, macs
+
+        verify_against_dynamic(run, model, policy, example, batch_one=batch_one)
+        os.replace(path, final)
+    finally:
+        path.unlink(missing_ok=True)
