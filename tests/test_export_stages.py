@@ -177,6 +177,11 @@ def test_cli_refuses_other_formats_and_modes(tmp_path, capsys):
     assert "--format 'tflite' is not supported" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--mode", "sideways"]) == 2
     assert "--mode must be one of stages, graph, cond" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--opset", "0"]) == 2  # checked before any work
+    assert "--opset must be between 18" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "a_file")]) == 2
+    assert "is a file; give a directory" in capsys.readouterr().err
     assert main(["export", str(tmp_path)]) == 2  # not a run directory: one line, no traceback
     err = capsys.readouterr().err
     assert err.startswith("adaptnn export: error:") and "Traceback" not in err

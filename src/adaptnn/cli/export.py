@@ -37,6 +37,7 @@ def build(parser: ArgumentParser) -> None:
 
 def run(args: Namespace) -> None:
     import torch
+    from onnx.defs import onnx_opset_version
 
     from ..errors import ConfigError
     from ..export import DEFAULT_OPSET, export_cond, export_graph, export_stages
@@ -49,6 +50,13 @@ def run(args: Namespace) -> None:
     if args.mode not in MODES:
         raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {args.mode!r}")
     run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out is not None else run_dir / f"onnx_{args.mode}"
+    opset = DEFAULT_OPSET if args.opset is None else args.opset
+    newest = onnx_opset_version()
+    if not DEFAULT_OPSET <= opset <= newest:  # the dynamo exporter emits opset 18 or newer
+        raise ConfigError(f"--opset must be between {DEFAULT_OPSET} and {newest} (this onnx), got {opset}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for the export")
     require_trained(run_dir)
     calibration = read_calibration(run_dir / "calibration.json")
     policy = policy_from_dict(calibration["policy_spec"])
@@ -59,8 +67,6 @@ def run(args: Namespace) -> None:
     if count == 0:
         raise ConfigError(f"{run_dir}: the test split is empty; export needs example inputs")
     example = torch.stack([torch.as_tensor(test[i][0]) for i in range(count)])
-    out = Path(args.out) if args.out is not None else run_dir / f"onnx_{args.mode}"
-    opset = DEFAULT_OPSET if args.opset is None else args.opset
     if args.mode == "stages":
         export_stages(loaded.model, policy, example, out, opset=opset, overwrite=args.overwrite)
         what = f"{loaded.model.num_exits} stages"
