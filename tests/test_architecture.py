@@ -28,6 +28,7 @@ LAYERS: list[set[str]] = [
     {"evaluation"},  # cached logits, curves, realised runs, plots
     {"export"},  # ONNX export (stages, graph, cond) and the onnxruntime stages runner
     {"runs"},  # run-directory workflows and their config
+    {"serve"},  # stage-level serving engine (pools survivors across requests), ASGI app, Ray Serve deployment
     {"cli"},  # the command line
 ]
 #: the façade and the old-path shims sit above everything and may import anything
