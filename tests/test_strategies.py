@@ -139,6 +139,65 @@ def test_gradient_equilibrium_rescales_trunk_gradients():
     torch.testing.assert_close(model.segments[1][0].weight.grad, plain["segments.1.0.weight"] / 2)
 
 
+class _TwoScale(nn.Module):
+    """Segment 0 of a two-tensor state [fine, coarse]; the heads read only ``coarse`` (like MSDNet's classifiers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fine, self.coarse = nn.Linear(6, 8), nn.Linear(6, 8)
+
+    def forward(self, x):
+        return [torch.tanh(self.fine(x)), torch.tanh(self.coarse(x))]
+
+
+class _Mix(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_fine, self.from_coarse = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, state):
+        fine, coarse = state
+        return [fine, torch.tanh(self.from_fine(fine) + self.from_coarse(coarse))]
+
+
+class _ReadCoarse(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm1d(8), nn.Linear(8, 4)
+
+    def forward(self, state):
+        return self.fc(self.bn(state[1]))
+
+
+@pytest.mark.parametrize("scope", ["state", "head_inputs"])
+def test_rescale_scope_decides_which_state_tensors_carry_the_scaled_trunk_gradient(scope):
+    torch.manual_seed(0)
+    model = StagedModel([_TwoScale(), _Mix()], [_ReadCoarse(), _ReadCoarse()])
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    JointLoss()(model.forward_all(x), y).backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    reference = copy.deepcopy(model)
+    strategy = GradientEquilibrium(rescale_scope=scope)
+    logits = strategy.forward(model, x)
+    strategy(logits, y).backward()
+    # K = 2: head 0 gets 1/2 of its gradient, the trunk after exit 0 carries 1/2 of exit 1's gradient
+    fine_factor = 0.5 if scope == "state" else 1.0  # exit 1's gradient reaches `fine` only through the trunk
+    torch.testing.assert_close(model.segments[0].fine.weight.grad, plain["segments.0.fine.weight"] * fine_factor)
+    torch.testing.assert_close(model.segments[0].coarse.weight.grad, plain["segments.0.coarse.weight"] / 2)
+    assert strategy._read_masks == ({0: [False, True]} if scope == "head_inputs" else {})
+    # the probe ran the head in eval mode: the running statistics saw exactly one training forward
+    reference.forward_all(x)
+    torch.testing.assert_close(model.heads[0].bn.running_mean, reference.heads[0].bn.running_mean)
+    torch.testing.assert_close(model.heads[0].bn.running_var, reference.heads[0].bn.running_var)
+    assert model.heads[0].training
+
+
+def test_rescale_scope_is_checked():
+    with pytest.raises(ConfigError, match="rescale_scope must be one of head_inputs, state, got 'coarse'"):
+        get("boost", gradient_rescaling=True, rescale_scope="coarse")
+
+
 def test_distill_reduces_to_joint_and_teacher_is_detached():
     torch.manual_seed(0)
     f = [torch.randn(6, 5, requires_grad=True) for _ in range(3)]
@@ -248,3 +307,13 @@ def test_fit_heads_cached_trains_heads_only():
     assert all(b > a for a, b in zip(first, last, strict=True)), (first, last)
     with pytest.raises(ConfigError, match="max_cache_bytes"):
         fit_heads_cached(model, data, epochs=1, max_cache_bytes=1000)
+
+
+def test_msdnet_heads_read_only_the_coarsest_scale():
+    from adaptnn.strategies.gradient import head_read_mask
+
+    model = create_model("msdnet_cifar10", n_blocks=3, step=2, base=4, step_mode="even")
+    masks: list[list[bool]] = []
+    model.walk(torch.randn(2, 3, 32, 32), head=lambda k, head, state: masks.append(head_read_mask(head, state)))
+    assert all(mask[-1] and not any(mask[:-1]) for mask in masks)
+    assert any(len(mask) > 1 for mask in masks)  # nested states: the finer maps are not read

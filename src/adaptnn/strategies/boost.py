@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .base import Strategy
-from .gradient import forward_all_rescaled
+from .gradient import RescaleScope, check_scope, forward_all_rescaled
 from .joint import exit_weights
 
 if TYPE_CHECKING:
@@ -60,6 +60,9 @@ class BoostLoss(Strategy):
         r: ensemble shrinkage (0.5 in the paper).
         gradient_rescaling: rescale gradients on the trunk (head i by ``1/(K-i)``, later blocks by
             ``(K-i-1)/(K-i)``), as used for MSDNet backbones.
+        rescale_scope: which state tensors carry the rescaled trunk gradient: ``"head_inputs"`` (the tensors
+            each head reads: the coarsest map on MSDNet, as the paper's code does) or ``"state"`` (every tensor of
+            the state); see :mod:`adaptnn.strategies.gradient`. Identical for single-tensor states.
         weights: per-exit weights (``"uniform"``, ``"linear"`` or a list).
         label_smoothing: of the cross-entropies.
     """
@@ -72,11 +75,14 @@ class BoostLoss(Strategy):
         gradient_rescaling: bool = False,
         weights: str | Sequence[float] = "uniform",
         label_smoothing: float = 0.0,
+        rescale_scope: RescaleScope = "state",
     ) -> None:
         if not 0.0 <= r <= 1.0:
             raise ConfigError(f"boost: r must be in [0, 1], got {r}")
         self.r = float(r)
         self.gradient_rescaling = bool(gradient_rescaling)
+        self.rescale_scope = check_scope(rescale_scope)
+        self._read_masks: dict[int, list[bool]] = {}
         self.weights = weights
         self.label_smoothing = label_smoothing
 
@@ -87,7 +93,9 @@ class BoostLoss(Strategy):
         return (losses * losses.new_tensor(weights)).sum()
 
     def forward(self, model: StagedModel, x: Tensor) -> list[Tensor]:
-        return forward_all_rescaled(model, x) if self.gradient_rescaling else model.forward_all(x)
+        if not self.gradient_rescaling:
+            return model.forward_all(x)
+        return forward_all_rescaled(model, x, self.rescale_scope, self._read_masks)
 
     def predictions(self, exit_logits: Sequence[Tensor]) -> list[Tensor]:
         return boosted_logits(exit_logits, self.r)

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from .base import Strategy
 from .distill import SelfDistillation
-from .gradient import forward_all_rescaled
+from .gradient import RescaleScope, check_scope, forward_all_rescaled
 from .joint import JointLoss
 
 if TYPE_CHECKING:
@@ -36,6 +36,8 @@ class GradientEquilibrium(Strategy):
         kd_alpha: weight of the distillation from the last exit (0 = plain GE).
         temperature: distillation temperature.
         label_smoothing: of the cross-entropies.
+        rescale_scope: which state tensors carry the rescaled trunk gradient (``"head_inputs"`` or ``"state"``;
+            see :mod:`adaptnn.strategies.gradient`).
     """
 
     name = "imta"
@@ -46,6 +48,7 @@ class GradientEquilibrium(Strategy):
         kd_alpha: float = 0.0,
         temperature: float = 3.0,
         label_smoothing: float = 0.0,
+        rescale_scope: RescaleScope = "state",
     ) -> None:
         if not 0.0 <= kd_alpha <= 1.0:
             raise ConfigError(f"imta: kd_alpha must be in [0, 1], got {kd_alpha}")
@@ -53,6 +56,8 @@ class GradientEquilibrium(Strategy):
         self.kd_alpha = float(kd_alpha)
         self.temperature = float(temperature)
         self.label_smoothing = label_smoothing
+        self.rescale_scope = check_scope(rescale_scope)
+        self._read_masks: dict[int, list[bool]] = {}
         if self.kd_alpha > 0:
             self._loss: Strategy = SelfDistillation(temperature, kd_alpha, "last", weights, label_smoothing)
         else:
@@ -62,4 +67,4 @@ class GradientEquilibrium(Strategy):
         return self._loss(exit_logits, targets)
 
     def forward(self, model: StagedModel, x: Tensor) -> list[Tensor]:
-        return forward_all_rescaled(model, x)
+        return forward_all_rescaled(model, x, self.rescale_scope, self._read_masks)
