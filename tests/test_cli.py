@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from adaptnn.cli import main
 
@@ -14,6 +15,29 @@ def quick_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "quick"
     assert main(["quickstart", "--run_dir", str(run_dir), "--epochs", "3", "--tolerance", "0.5"]) == 0
     return run_dir
+
+
+_WALL_CLOCK = {"wall_time_s", "full_model_wall_time_s", "speedup", "warmup_s", "rounds"}
+
+
+def _without_wall_clock(report: dict) -> dict:
+    report = {k: v for k, v in report.items() if k != "run_dir"}
+    report["operating_point"]["realised"] = {
+        k: v for k, v in report["operating_point"]["realised"].items() if k not in _WALL_CLOCK
+    }
+    return report
+
+
+@pytest.mark.integration
+def test_quickstart_is_bit_reproducible_on_one_machine(quick_run, tmp_path):
+    """Same seed, same machine: identical weights and every figure but the wall-clock ones (issue 12)."""
+    again = tmp_path / "again"
+    assert main(["quickstart", "--run_dir", str(again), "--epochs", "3", "--tolerance", "0.5"]) == 0
+    weights = [load_file(d / "model.safetensors") for d in (quick_run, again)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    first, second = (json.loads((d / "report.json").read_text()) for d in (quick_run, again))
+    assert _without_wall_clock(second) == _without_wall_clock(first)
 
 
 @pytest.mark.integration
