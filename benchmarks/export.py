@@ -62,13 +62,15 @@ def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def _session_options(threads: int):
+def _session_options(threads: int, spinning: bool):
+    """The options of the full and graph sessions: those :class:`StagesRunner` gives each stage's session."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3
     return options
 
@@ -136,11 +138,11 @@ def bench_model(name: str, input_size: list[int] | None, args, work: Path) -> di
     export_s = time.time() - t1
     print(f"  exported full, graph, stages ({export_s:.1f} s)", flush=True)
 
-    options = _session_options(args.threads)
+    options = _session_options(args.threads, args.spinning)
     providers = ["CPUExecutionProvider"]
     full_sess = ort.InferenceSession(str(full_path), options, providers=providers)
     graph_sess = ort.InferenceSession(str(graph_path), options, providers=providers)
-    runner = StagesRunner(stages_dir, thresholds, intra_op_threads=args.threads)
+    runner = StagesRunner(stages_dir, thresholds, intra_op_threads=args.threads, spinning=args.spinning)
     full_in = full_sess.get_inputs()[0].name
     graph_thr = policy_thresholds(policy, num_exits).numpy().astype(np.float32)
 
@@ -253,7 +255,8 @@ def write_markdown(out: dict, path: Path) -> None:
         "",
         f"Command: `{out['command']}`",
         "",
-        f"onnxruntime {out['onnxruntime']} (CPUExecutionProvider, intra-op threads {out['threads']}, inter-op 1), "
+        f"onnxruntime {out['onnxruntime']} (CPUExecutionProvider, intra-op threads {out['threads']}, inter-op 1, "
+        f"spinning {'on' if out.get('spinning', True) else 'off'} in every session), "
         f"torch {machine.get('torch', '?')}, {out['allocator']}; budget {out['budget']} of the full model's MACs; "
         "random weights and inputs; warm-up by time, then medians per batch over rounds, "
         "variants interleaved on the same batches.",
@@ -287,7 +290,12 @@ def write_markdown(out: dict, path: Path) -> None:
             f"export_stages logits tolerance {e.get('stages_verify_logits_atol', 1e-4):g}; "
             f"`{e.get('command', out['command'])}`"
         )
-    md += ["", f"Load average at start {out['load_average_start']}, at end {out['load_average_end']} (last run)."]
+    md += [
+        "",
+        f"Load average at start {out['load_average_start']}, at end {out['load_average_end']} (last run), on "
+        f"{machine.get('cpu_count', '?')} logical CPUs. When it exceeds the thread count the machine was shared "
+        "with other jobs: absolute times are inflated, the ratios (variants interleaved call by call) much less.",
+    ]
     path.write_text("\n".join(md) + "\n")
 
 
@@ -301,6 +309,9 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
     parser.add_argument("--no-jemalloc", action="store_true")
+    parser.add_argument(
+        "--spinning", action="store_true", help="let idle onnxruntime threads spin (default off, as in StagesRunner)"
+    )
     parser.add_argument(
         "--verify-atol", type=float, default=None, help="relax export_stages' logits tolerance (default: the library's)"
     )
@@ -344,6 +355,7 @@ def main() -> None:
             else "glibc malloc"
         ),
         "threads": args.threads,
+        "spinning": args.spinning,
         "onnxruntime": onnxruntime.__version__,
         "budget": args.budget,
         "rounds": args.rounds,

@@ -1,7 +1,9 @@
 """In-graph early exit in ONNX (one graph, any batch) and the batch-1 ``If`` export, checked against run_dynamic.
 
-Each model is exported once (module fixtures); thresholds are graph inputs, so every scenario (mixed exits,
-everyone leaving at the first exit, nobody leaving early, recalibrated thresholds, batch 1) runs the same file.
+Every backbone family (mecnn, MSDNet, a timm CNN, torchvision, the Hugging Face encoder) is exported once per mode
+(module fixtures); thresholds are graph inputs, so every scenario (mixed exits, everyone leaving at the first exit,
+nobody leaving early, recalibrated thresholds, batch 1) runs the same file. ``cond`` is checked on mecnn in the
+unit tier and on every other family in the slow tier.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from adaptnn import ConfidencePolicy, ConfigError, create_model
+from adaptnn import ConfidencePolicy, create_model
 from adaptnn.export.cond import export_cond
 from adaptnn.export.graph import export_graph
-from adaptnn.policies import EntropyPolicy, MarginPolicy, PatiencePolicy
+from adaptnn.policies import EntropyPolicy, MarginPolicy
 from adaptnn.policies.base import ThresholdPolicy
 
 BAND = 1e-5  # samples whose score lies this close to a threshold may legitimately exit elsewhere
@@ -35,7 +37,7 @@ def _quantile_thresholds(policy: ThresholdPolicy, outs: list[torch.Tensor], q: f
     scores, _ = policy.scores(outs)
     thresholds = []
     for row in scores[:-1]:
-        ordered = row.sort().values
+        ordered = torch.unique(row.double()).sort().values  # distinct scores: ties never straddle a threshold
         i = min(max(int(q * len(ordered)), 1), len(ordered) - 1)
         thresholds.append(float(ordered[i - 1 : i + 1].mean()))
     return thresholds
@@ -66,42 +68,73 @@ def _check_against_dynamic(session, model, policy: ThresholdPolicy, x: torch.Ten
     return exit_index
 
 
-def _build(name: str, batch: int, **kwargs):
+def tiny_bert(batch: int, seq: int = 9):
+    """A random-weight 3-layer BERT classifier (exits after layers 0 and 1) and padded token ids."""
+    import transformers
+
+    from adaptnn.adapters.hf import wrap_hf
+
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=4,
+    )
+    model = wrap_hf(transformers.BertForSequenceClassification(config).eval(), exits=[0, 1]).eval()
+    ids = torch.randint(1, 100, (batch, seq))
+    ids[::3, 6:] = 0  # padded rows: the mask in the state must follow the compaction
+    return model, ids
+
+
+def _registered(name: str, **kwargs):
+    def build(batch: int):
+        model = create_model(name, **kwargs).eval()
+        return model, torch.randn(batch, *model.input_spec.shape)
+
+    return build
+
+
+def _build(factory, batch: int):
     torch.manual_seed(0)
-    model = create_model(name, **kwargs).eval()
-    x = torch.randn(batch, *model.input_spec.shape)
+    model, x = factory(batch)
     with torch.no_grad():
         outs = model.forward_all(x)
     return model, x, outs
 
 
 CASES = {
-    # model name, create kwargs, policy family, temperature scale (None: no temperatures input)
-    "mecnn_digits": ("mecnn_digits", {}, EntropyPolicy, 0.01),
-    "msdnet_test_tiny": ("msdnet_test_tiny", {}, ConfidencePolicy, None),
+    # model factory, policy family, temperature scale (None: no temperatures input)
+    "mecnn_digits": (_registered("mecnn_digits"), EntropyPolicy, 0.01),
+    "msdnet_test_tiny": (_registered("msdnet_test_tiny"), ConfidencePolicy, None),
     "timm_test_resnet": (
-        "timm_staged",
-        {"arch": "test_resnet", "num_classes": 7, "input_size": (3, 32, 32)},
+        _registered("timm_staged", arch="test_resnet", num_classes=7, input_size=(3, 32, 32)),
         MarginPolicy,
         None,
     ),
     "torchvision_resnet18": (
-        "torchvision_staged",
-        {"arch": "resnet18", "num_classes": 5, "input_size": (3, 32, 32)},
+        _registered("torchvision_staged", arch="resnet18", num_classes=5, input_size=(3, 32, 32)),
         ConfidencePolicy,
         0.05,
     ),
+    "hf_tiny_bert": (tiny_bert, ConfidencePolicy, None),
 }
+
+
+def _calibrated(name: str, model, outs, q: float = 0.5) -> ThresholdPolicy:
+    _, family, scale = CASES[name]
+    # random-weight logits are nearly uniform: small temperatures spread the scores well beyond BAND
+    temps = None if scale is None else [scale * (1.0 + 0.25 * k) for k in range(model.num_exits)]
+    policy = family([0.5] * (model.num_exits - 1), temperatures=temps)
+    return policy.with_thresholds(_quantile_thresholds(policy, outs, q))
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def exported(request, tmp_path_factory):
-    name, kwargs, family, scale = CASES[request.param]
-    model, x, outs = _build(name, 24, **kwargs)
-    # random-weight logits are nearly uniform: small temperatures spread the scores well beyond BAND
-    temps = None if scale is None else [scale * (1.0 + 0.25 * k) for k in range(model.num_exits)]
-    policy = family([0.5] * (model.num_exits - 1), temperatures=temps)
-    policy = policy.with_thresholds(_quantile_thresholds(policy, outs, 0.5))
+    model, x, outs = _build(CASES[request.param][0], 24)
+    policy = _calibrated(request.param, model, outs)
     path = export_graph(model, policy, x, tmp_path_factory.mktemp("graph") / f"{request.param}.onnx")
     return model, x, outs, policy, _session(path)
 
@@ -158,31 +191,43 @@ def test_batch_one_and_other_batch_sizes(exported):
         _check_against_dynamic(session, model, policy, x[:n])
 
 
-def test_stateful_policy_is_refused(tmp_path):
-    model, x, _ = _build("mecnn_digits", 2)
-    with pytest.raises(ConfigError, match="patience"):
-        export_graph(model, PatiencePolicy(1), x, tmp_path / "p.onnx")
-    with pytest.raises(ConfigError, match="patience"):
-        export_cond(model, PatiencePolicy(1), x, tmp_path / "p.onnx")
-    assert not (tmp_path / "p.onnx").exists()
+@pytest.mark.parametrize("exported", ["hf_tiny_bert"], indirect=True)
+def test_token_length_is_dynamic_for_the_hf_encoder(exported):
+    model, x, _, policy, session = exported
+    assert model.input_spec.shape == (None,)
+    assert session.get_inputs()[0].shape[1] != x.shape[1]  # symbolic, not the example's 9 tokens
+    for ids in (x[:, :4], torch.cat([x, x[:, :6]], dim=1)):  # shorter and longer than the example
+        _check_against_dynamic(session, model, policy, ids)  # MACs follow the length too
 
 
-def test_cond_export_batch_one_matches_run_dynamic(tmp_path):
-    model, x, outs = _build("mecnn_digits", 24)
-    policy = ConfidencePolicy([0.5] * (model.num_exits - 1), temperatures=[0.01] * model.num_exits)
-    policy = policy.with_thresholds(_quantile_thresholds(policy, outs, 0.5))
-    path = export_cond(model, policy, x[:1], tmp_path / "cond.onnx")
+def _check_cond(name: str, tmp_path) -> None:
+    """``cond`` at batch 1 == run_dynamic sample by sample, also with thresholds changed at run time."""
+    model, x, outs = _build(CASES[name][0], 16)
+    policy = _calibrated(name, model, outs)
+    path = export_cond(model, policy, x, tmp_path / "cond.onnx")  # verified on 8 samples before writing
     graph = onnx.load(str(path)).graph
     assert sum(node.op_type == "If" for node in graph.node) == 1  # nested: the others live in its branches
     session = _session(path)
-    seen, exits = set(), model.run_dynamic(x, policy).exit_index
-    for i in range(x.shape[0]):
-        got = _check_against_dynamic(session, model, policy, x[i : i + 1]).tolist()
+    seen: set[int] = set()
+    for q in (0.2, 0.5, 0.8):  # thresholds are inputs: other calibrations, same file
+        other = policy.with_thresholds(_quantile_thresholds(policy, outs, q))
+        exits = model.run_dynamic(x, other).exit_index
+        got = [_check_against_dynamic(session, model, other, x[i : i + 1]).item() for i in range(x.shape[0])]
+        assert got == exits.tolist()  # thresholds sit between neighbouring scores: no sample is in the band
         seen.update(got)
-        assert got == [int(exits[i])]  # thresholds sit between neighbouring scores: no sample is in the band
     assert seen == set(range(model.num_exits))  # samples leaving at every exit, each branch taken
     everyone = policy.with_thresholds([-1.0] * (model.num_exits - 1))
     assert _check_against_dynamic(session, model, everyone, x[:1]).tolist() == [0]
+
+
+def test_cond_export_batch_one_matches_run_dynamic(tmp_path):
+    _check_cond("mecnn_digits", tmp_path)
+
+
+@pytest.mark.slow  # one cond export per family (the unit tier covers mecnn)
+@pytest.mark.parametrize("name", [n for n in CASES if n != "mecnn_digits"])
+def test_cond_export_every_family(name, tmp_path):
+    _check_cond(name, tmp_path)
 
 
 class _GatherThenConv(torch.nn.Module):

@@ -18,7 +18,8 @@ import torch
 from adaptnn import ConfigError, create_model
 from adaptnn.export import StagesRunner, export_stages, read_manifest
 from adaptnn.export.stages import LOGITS_ATOL, SCORE_BAND
-from adaptnn.policies import ConfidencePolicy, EntropyPolicy, MarginPolicy, PatiencePolicy
+from adaptnn.policies import ConfidencePolicy, EntropyPolicy, MarginPolicy
+from test_export_graph import tiny_bert  # the same tiny Hugging Face encoder in every mode
 
 
 def _digits():
@@ -40,10 +41,7 @@ def _torchvision():
 
 
 def _hf():
-    model = create_model("hf_staged", path="all-MiniLM-L6-v2", exits=[2], num_classes=4).eval()
-    ids = torch.randint(1, 30522, (12, 9))
-    ids[::3, 6:] = 0  # padded rows: the mask in the state must follow the compaction
-    return model, ids
+    return tiny_bert(12)  # a random 3-layer BERT: the packaged MiniLM runs in the slow tier
 
 
 FAMILIES = {"mecnn_digits": _digits, "msdnet_test_tiny": _msdnet, "timm": _timm, "torchvision": _torchvision, "hf": _hf}
@@ -160,11 +158,8 @@ def test_runner_checks_inputs_and_thresholds(digits_export):
         runner.run(np.zeros((2, 8, 8), np.float32))
 
 
-def test_stateful_policies_are_refused(tmp_path):
+def test_existing_output_is_refused(tmp_path):
     model, x = _digits()
-    with pytest.raises(ConfigError, match="export supports stateless threshold rules.*PatiencePolicy"):
-        export_stages(model, PatiencePolicy(2), x, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
     export_stages(model, MarginPolicy([0.5, 0.5, 0.5]), x, tmp_path / "margin", exporter="torchscript")
     with pytest.raises(ConfigError, match="not empty"):
         export_stages(model, MarginPolicy([0.5, 0.5, 0.5]), x, tmp_path / "margin")
@@ -222,3 +217,19 @@ def test_verification_catches_a_different_model(digits_export):
     with pytest.raises(ExportMismatchError, match="export verification failed"):
         verify_export(out, other, policy, x)
     verify_export(out, model, policy, x)  # the model it was exported from passes
+
+
+@pytest.mark.slow  # the packaged all-MiniLM-L6-v2 (6 layers, 22M parameters) in all three modes
+def test_packaged_minilm_exports_in_every_mode(tmp_path):
+    from adaptnn.export import export_cond, export_graph
+
+    torch.manual_seed(0)
+    model = create_model("hf_staged", path="all-MiniLM-L6-v2", exits=[2], num_classes=4).eval()
+    ids = torch.randint(1, 30522, (12, 9))
+    ids[::3, 6:] = 0
+    scores = _scores(model, ConfidencePolicy([math.inf] * (model.num_exits - 1)), ids)
+    policy = ConfidencePolicy([_between(scores[k], 0.5) for k in range(model.num_exits - 1)])
+    out = export_stages(model, policy, ids, tmp_path / "stages")  # each export is verified before it is written
+    _assert_matches(model, policy, ids[:, :5], StagesRunner(out))
+    assert export_graph(model, policy, ids, tmp_path / "graph.onnx").is_file()
+    assert export_cond(model, policy, ids, tmp_path / "cond.onnx").is_file()

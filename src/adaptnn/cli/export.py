@@ -1,9 +1,12 @@
-"""Export a calibrated run for other runtimes: ONNX, one file per stage plus manifest.json (``--mode stages``).
+"""Export a calibrated run for other runtimes: ONNX, one file per stage plus manifest.json (``--mode stages``),
+one graph with the exits inside (``--mode graph``) or batch-1 ``If`` branches (``--mode cond``).
 
-The calibrated exit rule (``calibration.json``) is exported with the model: each stage file returns the next
-state, the exit's logits and the rule's score; ``manifest.json`` holds the thresholds, temperatures, exit MACs,
-input spec and state layout. Up to 64 test samples are the example batch, and the export is verified against
-``run_dynamic`` with onnxruntime before anything is written. Run it with ``adaptnn.export.StagesRunner``.
+The calibrated exit rule (``calibration.json``, any threshold rule; a stateful one's state travels as tensors) is
+exported with the model. ``stages``: each stage file returns the next state, the exit's prediction and the
+rule's score; ``manifest.json`` holds the thresholds, temperatures, exit MACs, input spec and state layout (run
+it with ``adaptnn.export.StagesRunner``). ``graph``/``cond``: thresholds and temperatures are graph inputs. Up to
+64 test samples are the example batch (``cond``: 8 of them, one by one), and the export is verified against
+``run_dynamic`` with onnxruntime before anything is written.
 """
 
 from __future__ import annotations
@@ -75,10 +78,10 @@ def run(args: Namespace) -> None:
         if target.exists() and not args.overwrite:
             raise ConfigError(f"{target} exists; pass --overwrite to replace it")
         exporter = export_graph if args.mode == "graph" else export_cond
-        exporter(loaded.model, policy, example if args.mode == "graph" else example[:1], target, opset=opset)
+        exporter(loaded.model, policy, example, target, opset=opset)  # cond: traced on 1, verified on 8 samples
         what = f"one {args.mode} graph ({target.name})"
     thresholds = [None if t == float("inf") else round(t, 4) for t in policy.thresholds]
     print(
         f"exported {what} ({policy.name} rule, thresholds {thresholds}) to {out}; "
-        f"verified against run_dynamic on {count if args.mode != 'cond' else 1} test sample(s)"
+        f"verified against run_dynamic on {count if args.mode != 'cond' else min(8, count)} test sample(s)"
     )

@@ -11,8 +11,10 @@ Graph signature::
     inputs:  x [B, ...], thresholds [K-1] float32, temperatures [K] float32 (only when the policy has them)
     outputs: logits [B, C], exit_index [B] int64, macs [B] float64 (cumulative MACs of the exit taken)
 
-Only stateless threshold rules can be exported (confidence, entropy, margin, with or without temperatures);
-stateful ones (patience, ensembles, learned) raise :class:`~adaptnn.errors.ConfigError`.
+Every threshold rule exports: score, prediction and state come from the policy's own ``step`` (so ``logits``
+is what ``run_dynamic`` returns, e.g. the ensembles' combination), and a stateful rule's state (patience's
+counter, the ensembles' running combination, the learned rule's features) is compacted with the model's state.
+A sequence model's token dimension stays dynamic (MACs then follow the length, see :func:`exit_costs`).
 
 A stage whose rows all left earlier runs on an empty (0-row) batch: onnxruntime's Conv, Gemm, pooling and
 normalisation accept it, and nothing is written for those rows. At trace time the survivor count is declared
@@ -25,48 +27,49 @@ gather (see ``tests/test_export_graph.py``); ``torch.export`` and onnxruntime ar
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..policies.base import ThresholdPolicy, max_softmax, normalised_certainty, softmax_margin
-from ..policies.confidence import ConfidencePolicy, EntropyPolicy, MarginPolicy
+from ..policies.base import ThresholdPolicy
 from ..runtime.staged import StagedModel
 from ..runtime.state import State, index_state
-from .stages import DEFAULT_OPSET, check_exportable_policy, verify_against_dynamic
+from .stages import (
+    DEFAULT_OPSET,
+    _example_batch,
+    _longer,
+    _macs_by_length,
+    _variable_dim,
+    check_exportable_policy,
+    policy_label,
+    policy_modules,
+    verify_against_dynamic,
+)
 
-__all__ = ["export_graph", "exportable_score", "policy_thresholds", "DEFAULT_OPSET"]
-
-ScoreFn = Callable[[Tensor], Tensor]
-
-#: each stateless rule's score, computed on runtime-temperature-scaled logits (the policies' own functions)
-_SCORES: dict[type, ScoreFn] = {
-    ConfidencePolicy: max_softmax,
-    EntropyPolicy: normalised_certainty,
-    MarginPolicy: softmax_margin,
-}
-
-
-def exportable_score(policy: object) -> ScoreFn:
-    """The traceable score function (float32 logits ``[b, C]`` -> ``[b]``) of a stateless threshold rule.
-
-    Raises :class:`ConfigError` naming the policy when it carries state or is not a threshold rule
-    (:func:`~adaptnn.export.stages.check_exportable_policy`, the one check for every export mode).
-    """
-    check_exportable_policy(policy)
-    return next(fn for cls, fn in _SCORES.items() if isinstance(policy, cls))
+__all__ = ["export_graph", "policy_thresholds", "runtime_policy", "DEFAULT_OPSET"]
 
 
-def policy_thresholds(policy: ConfidencePolicy | EntropyPolicy | MarginPolicy, num_exits: int) -> Tensor:
+def policy_thresholds(policy: ThresholdPolicy, num_exits: int) -> Tensor:
     """The policy's ``K-1`` thresholds as a float32 tensor (``inf`` for disabled or missing exits)."""
     values = [policy.threshold_at(k) for k in range(num_exits - 1)]
     return torch.tensor(values, dtype=torch.float32)
+
+
+def runtime_policy(policy: ThresholdPolicy, temperatures: Tensor | None) -> ThresholdPolicy:
+    """``policy`` with its temperatures replaced by a graph input (``policy.scaled`` indexes it per exit)."""
+    if temperatures is None:
+        return policy
+    traced = copy.copy(policy)
+    traced.temperatures = temperatures  # type: ignore[assignment]
+    return traced
 
 
 def _check_model(model: nn.Module) -> StagedModel:
@@ -77,47 +80,67 @@ def _check_model(model: nn.Module) -> StagedModel:
     return model
 
 
+def register_costs(module: nn.Module, costs: Tensor, by_length: dict[str, Any] | None) -> None:
+    """Give ``module`` the exits' MACs: buffers ``costs`` [K] and, for a variable-length input, ``length_coeffs``."""
+    module.register_buffer("costs", costs.to(torch.float64), persistent=False)
+    module.length_dim = None if by_length is None else int(by_length["dim"])
+    coeffs = torch.zeros(0, 3) if by_length is None else torch.tensor(by_length["coefficients"])
+    module.register_buffer("length_coeffs", coeffs.to(torch.float64), persistent=False)
+
+
+def exit_costs(module: nn.Module, x: Tensor) -> Tensor:
+    """Cumulative MACs of every exit for input ``x``: the constant ``costs``, or ``round(c0 + c1 L + c2 L^2)`` of
+    its length ``L`` along the variable dim (exact for convolutions, linear layers and attention)."""
+    if module.length_dim is None:
+        return module.costs
+    n = torch.scalar_tensor(x.shape[module.length_dim], dtype=torch.float64, device=x.device)
+    return torch.round(module.length_coeffs @ torch.stack([torch.ones_like(n), n, n * n]))
+
+
 class _InGraphExit(nn.Module):
     """The unrolled dynamic loop: shrink the batch after every exit, scatter finished rows into the outputs."""
 
-    def __init__(self, model: StagedModel, score: ScoreFn, costs: Tensor, num_classes: int, with_temps: bool) -> None:
+    def __init__(
+        self, model: StagedModel, policy: ThresholdPolicy, costs: Tensor, by_length: dict[str, Any] | None
+    ) -> None:
         super().__init__()
         self.model = model
-        self.score = score
-        self.register_buffer("costs", costs.to(torch.float64), persistent=False)
-        self.num_classes = num_classes
-        self.with_temps = with_temps
+        self.policy = policy
+        self.policy_modules = policy_modules(policy)
+        register_costs(self, costs, by_length)
 
     def _run(self, x: Tensor, thresholds: Tensor, temperatures: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         model = self.model
+        policy = runtime_policy(self.policy, temperatures)
         num_exits = model.num_exits
         batch = x.shape[0]
         active = torch.arange(batch, device=x.device)
         exit_index = torch.full((batch,), num_exits - 1, dtype=torch.long, device=x.device)
         out: Tensor | None = None
         state: State = x
+        policy_state: State = None
         for k in range(num_exits):
             for j in model.stages[k]:
                 state = model.segments[j](state)
-            logits = model.heads[k](state)
+            score, prediction, policy_state = policy.step(k, model.heads[k](state), policy_state)
             if out is None:
-                out = logits.new_zeros((batch, self.num_classes))
+                out = prediction.new_zeros((batch, *prediction.shape[1:]))
             if k == num_exits - 1:  # the last exit takes everyone still running
-                out = out.index_put((active,), logits)
+                out = out.index_put((active,), prediction)
                 break
-            scaled = logits.float() if temperatures is None else logits.float() / temperatures[k]
-            done = self.score(scaled) >= thresholds[k]
+            done = score >= thresholds[k]
             done_idx = torch.nonzero(done).squeeze(1)
             keep_idx = torch.nonzero(~done).squeeze(1)
             # trace-time hint only (no runtime check in ONNX): kernels such as batch norm branch on an empty input
             torch._check(keep_idx.shape[0] != 0)
             leaving = active.index_select(0, done_idx)
-            out = out.index_put((leaving,), logits.index_select(0, done_idx))
+            out = out.index_put((leaving,), prediction.index_select(0, done_idx))
             exit_index = exit_index.index_put((leaving,), torch.full_like(leaving, k))
             active = active.index_select(0, keep_idx)
             state = index_state(state, keep_idx)
+            policy_state = index_state(policy_state, keep_idx)
         assert out is not None
-        return out, exit_index, self.costs.index_select(0, exit_index)
+        return out, exit_index, exit_costs(self, x).index_select(0, exit_index)
 
 
 class _WithTemps(_InGraphExit):
@@ -142,32 +165,36 @@ def export_graph(
 
     Args:
         model: a :class:`StagedModel` in eval mode.
-        policy: a stateless threshold rule (:class:`ConfidencePolicy`, :class:`EntropyPolicy`,
-            :class:`MarginPolicy`); its thresholds only serve the trace: they are a runtime input. When it has
-            temperatures the graph takes ``temperatures`` [K] as an input too.
-        example: an input batch ``[B, ...]`` (any B >= 1); its per-sample shape is fixed in the graph, the batch
-            size is not. ``model.exit_costs(example)`` is stored as the MACs constant.
+        policy: a threshold rule (:func:`~adaptnn.export.stages.check_exportable_policy`): confidence, entropy,
+            margin, patience, the ensembles, learned; its thresholds only serve the trace: they are a runtime
+            input. When it has temperatures the graph takes ``temperatures`` [K] as an input too.
+        example: an input batch ``[B, ...]`` (any B >= 1); its per-sample shape is fixed in the graph (except a
+            sequence model's token dim), the batch size is not. Also the verification batch.
         path: the ``.onnx`` file to write (parent folders are created).
         opset: ONNX opset version.
 
     Returns:
         ``path`` as a :class:`Path`. Inputs ``x``, ``thresholds`` (``temperatures``); outputs ``logits``,
         ``exit_index``, ``macs``.
+
+    Raises:
+        ConfigError: unsupported policy or model, an exporter failure (naming the policy);
+            :class:`~adaptnn.export.ExportMismatchError` when onnxruntime does not reproduce ``run_dynamic``.
     """
     staged = _check_model(model)
-    score = exportable_score(policy)
+    policy = check_exportable_policy(policy)
     num_exits = staged.num_exits
-    policy.check_num_exits(num_exits)  # type: ignore[attr-defined]
-    staged.check_input(example)
-    with torch.no_grad():
-        num_classes = int(staged.forward(example[:1]).shape[-1])
-    temps = policy.temperatures  # type: ignore[attr-defined]
+    policy.check_num_exits(num_exits)
+    example = _example_batch(staged, example)
+    temps = policy.temperatures
     costs = staged.exit_costs(example).detach()
-    wrapper = (_WithTemps if temps is not None else _NoTemps)(staged, score, costs, num_classes, temps is not None)
-    wrapper.eval()
+    length_dim = _variable_dim(staged, example)
+    by_length = _macs_by_length(staged, example, [] if length_dim is None else [length_dim])
+    wrapper = (_WithTemps if temps is not None else _NoTemps)(staged, policy, costs, by_length).eval()
     path = Path(path)
-    tmp = write_exit_graph(wrapper, example, policy_thresholds(policy, num_exits), temps, path, opset=opset)
-    verify_onnx_file(tmp, path, staged, policy, example)  # type: ignore[arg-type]
+    thresholds = policy_thresholds(policy, num_exits)
+    tmp = write_exit_graph(wrapper, example, thresholds, temps, path, opset=opset, length_dim=length_dim)
+    verify_onnx_file(tmp, path, staged, policy, example, longer=_longer(staged, example))
     return path
 
 
@@ -180,40 +207,58 @@ def write_exit_graph(
     *,
     opset: int,
     dynamic_batch: bool = True,
+    length_dim: int | None = None,
 ) -> Path:
     """Export ``wrapper(x, thresholds[, temperatures])`` to a hidden file beside ``path`` (not yet verified).
 
     Inputs are ``x``, ``thresholds`` (and ``temperatures`` when the policy has them), outputs ``logits``,
-    ``exit_index``, ``macs``; ``dynamic_batch`` makes the batch dimension of ``x`` symbolic. Returns the file.
+    ``exit_index``, ``macs``; ``dynamic_batch`` makes the batch dimension of ``x`` symbolic, ``length_dim`` one
+    more dimension (the tokens of a sequence model). Returns the file.
     """
     args: tuple[Tensor, ...] = (example, thresholds)
     names = ["x", "thresholds"]
-    dims: dict[str, dict[int, object] | None] = {"x": {0: torch.export.Dim("batch")}, "thresholds": None}
+    x_dims: dict[int, object] = {0: torch.export.Dim("batch")} if dynamic_batch else {}
+    if length_dim is not None:
+        x_dims[length_dim] = torch.export.Dim.DYNAMIC
+    dims: dict[str, dict[int, object] | None] = {"x": x_dims or None, "thresholds": None}
     if temperatures is not None:
         args = (*args, torch.tensor(list(temperatures), dtype=torch.float32))
         names.append("temperatures")
         dims["temperatures"] = None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.unverified")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper,
-            args,
-            str(tmp),
-            input_names=names,
-            output_names=["logits", "exit_index", "macs"],
-            dynamic_shapes=dims if dynamic_batch else None,
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper,
+                args,
+                str(tmp),
+                input_names=names,
+                output_names=["logits", "exit_index", "macs"],
+                dynamic_shapes=dims if x_dims else None,
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+    except Exception as err:  # noqa: BLE001 - the exporter raises many types; the user gets one line
+        tmp.unlink(missing_ok=True)
+        reason = " ".join(str(err).split())[:300]
+        policy = getattr(wrapper, "policy", None)
+        raise ConfigError(f"ONNX export of {path.name} failed (policy {policy_label(policy)}): {reason}") from None
     return tmp
 
 
 def verify_onnx_file(
-    path: Path, final: Path, model: StagedModel, policy: ThresholdPolicy, example: Tensor, *, batch_one: bool = False
+    path: Path,
+    final: Path,
+    model: StagedModel,
+    policy: ThresholdPolicy,
+    example: Tensor,
+    *,
+    batch_one: bool = False,
+    longer: Tensor | None = None,
 ) -> None:
     """Run the exported file in onnxruntime against ``run_dynamic``; move it to ``final`` only when it matches."""
     import onnxruntime
@@ -229,7 +274,7 @@ def verify_onnx_file(
             logits, exit_index, macs = session.run(None, feeds)
             return logits, exit_index, macs
 
-        verify_against_dynamic(run, model, policy, example, batch_one=batch_one)
+        verify_against_dynamic(run, model, policy, example, batch_one=batch_one, longer=longer)
         os.replace(path, final)
     finally:
         path.unlink(missing_ok=True)

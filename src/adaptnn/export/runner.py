@@ -30,14 +30,24 @@ def _to_numpy(x: Any) -> np.ndarray:
 class StagesRunner:
     """onnxruntime CPU sessions over the stages of an export directory.
 
+    The stages run one after the other, so each session runs its nodes sequentially (no inter-op pool) and its
+    intra-op threads do not spin after their work: a spinning pool of the stage just finished would compete for
+    the cores with the next stage's pool (each onnxruntime session owns one).
+
     Args:
         export_dir: a directory written by :func:`~adaptnn.export.export_stages`.
         thresholds: ``T_0 .. T_{K-2}`` replacing the manifest's (``None``/``inf`` disables an exit).
         intra_op_threads: onnxruntime's intra-op threads (0: its default).
+        spinning: let idle intra-op threads spin (onnxruntime's default; off here, see above).
     """
 
     def __init__(
-        self, export_dir: str | Path, thresholds: Sequence[float | None] | None = None, *, intra_op_threads: int = 0
+        self,
+        export_dir: str | Path,
+        thresholds: Sequence[float | None] | None = None,
+        *,
+        intra_op_threads: int = 0,
+        spinning: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -48,6 +58,9 @@ class StagesRunner:
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.log_severity_level = 3
         self._sessions = []
         for stage in self.manifest["stages"]:
@@ -86,7 +99,19 @@ class StagesRunner:
             )
         return parsed
 
-    def _check_input(self, x: np.ndarray) -> np.ndarray:
+    @property
+    def input_shape(self) -> list[int | None]:
+        """Per-sample input shape of the export (``None``: any length)."""
+        return list(self._input_shape)
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        """The input dtype the stage-0 file takes."""
+        return self._input_dtype
+
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        """``x`` as a contiguous array of the export's input dtype; :class:`InputError` on a wrong shape, dtype or
+        a non-finite value."""
         fits = x.ndim == len(self._input_shape) + 1 and all(
             want is None or want == got for want, got in zip(self._input_shape, x.shape[1:], strict=False)
         )
@@ -111,34 +136,48 @@ class StagesRunner:
             ``(logits [B, C] float32, exit_index [B] int64, macs [B] float64)``.
         """
         limits = self._thresholds if thresholds is None else self._parse(thresholds)
-        batch = self._check_input(_to_numpy(x))
+        batch = self.check_input(_to_numpy(x))
         n = batch.shape[0]
         exit_index = np.full(n, self.num_exits - 1, dtype=np.int64)
         out: np.ndarray | None = None
         active = np.arange(n)
         state: list[np.ndarray] = [batch]
-        for k, (session, stage) in enumerate(zip(self._sessions, self.manifest["stages"], strict=True)):
+        for k in range(self.num_exits):
             if active.size == 0:
                 break
-            results = session.run(None, dict(zip(stage["inputs"], state, strict=True)))
-            *state, logits, score = results
+            state, logits, done = self.run_stage(k, state, limits)
             if out is None:
                 out = np.empty((n, *logits.shape[1:]), dtype=logits.dtype)
             if k == self.num_exits - 1:
                 out[active] = logits
                 exit_index[active] = k
                 break
-            done = score >= np.float32(limits[k])
             if done.any():
-                out[active[done]] = logits[done]
-                exit_index[active[done]] = k
-                keep = ~done
+                leaving = np.flatnonzero(done)
+                out[active[leaving]] = logits[leaving]
+                exit_index[active[leaving]] = k
+                keep = np.flatnonzero(~done)
                 active = active[keep]
-                state = [t[keep] for t in state]
+                state = [t.take(keep, axis=0) for t in state]
         assert out is not None or n == 0
         if out is None:
             out = np.empty((0, 0), dtype=np.float32)
         return out, exit_index, self.macs_for(batch.shape)[exit_index]
+
+    def run_stage(
+        self, k: int, state: Sequence[np.ndarray], thresholds: Sequence[float] | None = None
+    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """Stage ``k`` on the flat carried ``state`` (``[x]`` for stage 0): ``(next state, logits, done mask)``.
+
+        The carried state holds the model state and the exit rule's state (as laid out in the manifest); ``done``
+        is ``score >= threshold`` (all rows at the last exit). :meth:`run` and the serving engine both use it.
+        """
+        limits = self._thresholds if thresholds is None else thresholds
+        stage = self.manifest["stages"][k]
+        *next_state, logits, score = self._sessions[k].run(None, dict(zip(stage["inputs"], state, strict=True)))
+        if k == self.num_exits - 1:
+            return next_state, logits, np.ones(score.shape[0], dtype=bool)
+        return next_state, logits, score >= np.float32(limits[k])
 
     def macs_for(self, shape: Sequence[int]) -> np.ndarray:
         """Cumulative MACs of each exit for a batch of ``shape`` (exact for the export's shape; a variable-length

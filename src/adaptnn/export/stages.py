@@ -1,10 +1,12 @@
 """ONNX export, ``stages`` mode: one ONNX file per stage plus ``manifest.json``.
 
-Stage ``k`` maps the state after exit ``k-1`` (the input for ``k = 0``) to the next state, the logits of exit
-``k`` and the policy's score at that exit (``state -> state', logits, score``; the last stage returns only
-logits and score). The score is computed by the policy's own ``step``, so thresholds mean exactly what they
-mean in :meth:`~adaptnn.runtime.StagedModel.run_dynamic`. Only stateless threshold rules export (confidence,
-entropy, margin, with optional temperatures): their decision at exit ``k`` depends on exit ``k`` alone.
+Stage ``k`` maps the state carried from exit ``k-1`` (the input for ``k = 0``) to the next carried state, the
+prediction of exit ``k`` and the policy's score at that exit (``state -> state', logits, score``; the last stage
+returns only logits and score). Score, prediction and policy state come from the policy's own ``step``, so
+thresholds mean exactly what they mean in :meth:`~adaptnn.runtime.StagedModel.run_dynamic`. After stage 0 the
+carried state is ``(model state, policy state)``: stateful rules (patience's counter, the ensembles' running
+combination, the learned rule's features) travel as tensors and are compacted with the model's state; for the
+stateless rules (confidence, entropy, margin) the policy state is ``None`` (no tensor).
 
 Before anything is written the export is verified against ``run_dynamic`` with onnxruntime (see
 :func:`verify_export`); files go to a temporary directory moved into place only once verified.
@@ -27,13 +29,20 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..policies import ConfidencePolicy, EntropyPolicy, MarginPolicy, ThresholdPolicy
+from ..policies import PatiencePolicy, ThresholdPolicy
 from ..runtime.cost import exit_macs
 from ..runtime.staged import StagedModel
 from ..version import __version__
 from .manifest import FORMAT, FORMAT_VERSION, flatten_state, rebuild_state, state_tree, write_manifest
 
-__all__ = ["export_stages", "verify_export", "check_exportable_policy", "ExportMismatchError", "DEFAULT_OPSET"]
+__all__ = [
+    "export_stages",
+    "verify_export",
+    "check_exportable_policy",
+    "policy_label",
+    "ExportMismatchError",
+    "DEFAULT_OPSET",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,24 +53,44 @@ SCORE_BAND = 1e-5
 LOGITS_ATOL = 1e-4
 #: relative part of the logits tolerance (fp32 sums over many terms drift with the size of the result)
 LOGITS_RTOL = 1e-4
-_STATELESS = (ConfidencePolicy, EntropyPolicy, MarginPolicy)
 
 
 class ExportMismatchError(ConfigError):
     """The exported files do not reproduce ``run_dynamic``; nothing was written."""
 
 
+def policy_label(policy: object) -> str:
+    """``ClassName ('registry name')``: how errors name a policy."""
+    return f"{type(policy).__name__} ({getattr(policy, 'name', '') or type(policy).__name__!r})"
+
+
 def check_exportable_policy(policy: object) -> ThresholdPolicy:
-    """Return ``policy`` if it is a stateless threshold rule; otherwise a :class:`ConfigError` naming it."""
-    name = getattr(policy, "name", type(policy).__name__)
-    steps = {cls.step for cls in _STATELESS}
-    stateless = isinstance(policy, _STATELESS) and type(policy).step in steps
-    if not stateless or policy.init_state(1, torch.device("cpu")) is not None:
+    """Return ``policy`` if export can carry it; otherwise a :class:`ConfigError` naming it.
+
+    Every threshold rule exports (its ``step`` is traced; its state, built from the exits, travels as tensors)
+    as long as it starts without state (``init_state`` returns ``None``, as for every shipped rule).
+    """
+    if not isinstance(policy, ThresholdPolicy):
         raise ConfigError(
-            "export supports stateless threshold rules: confidence, entropy, margin (with optional temperatures); "
-            f"got {type(policy).__name__} ({name!r}), whose decision depends on earlier exits"
+            f"export needs a threshold rule (ThresholdPolicy: confidence, entropy, margin, patience, average, "
+            f"boosted, learned), got {type(policy).__name__}"
+        )
+    if policy.init_state(1, torch.device("cpu")) is not None:
+        raise ConfigError(
+            f"policy {policy_label(policy)} starts with a per-sample state (init_state is not None); export carries "
+            "the state a rule builds from the exits, not an initial one"
         )
     return policy
+
+
+def policy_modules(policy: ThresholdPolicy) -> nn.ModuleList:
+    """The policy's own networks (e.g. the learned rule's MLP), to register on an exported module."""
+    return nn.ModuleList(v for v in vars(policy).values() if isinstance(v, nn.Module))
+
+
+def exact_scores(policy: ThresholdPolicy) -> bool:
+    """Whether the rule's scores are exact counts (patience), so no sample may round across a threshold."""
+    return isinstance(policy, PatiencePolicy)
 
 
 class _Stage(nn.Module):
@@ -74,17 +103,22 @@ class _Stage(nn.Module):
         self.segments = nn.ModuleList([model.segments[j] for j in model.stages[k]])
         self.head = model.heads[k]
         self.policy = policy
+        self.policy_modules = policy_modules(policy)
         self.k = k
         self.tree_in = tree_in
         self.last = last
 
-    def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
-        state = rebuild_state(self.tree_in, list(tensors))
+    def carry(self, carried: Any) -> tuple[Any, Tensor, Tensor]:
+        """``((state', policy state'), prediction, score)`` from the carried ``(state, policy state)``."""
+        state, policy_state = (carried, None) if self.k == 0 else carried
         for segment in self.segments:
             state = segment(state)
-        logits = self.head(state)
-        score, prediction, _ = self.policy.step(self.k, logits, None)
-        rest = [] if self.last else flatten_state(state)
+        score, prediction, policy_state = self.policy.step(self.k, self.head(state), policy_state)
+        return (state, policy_state), prediction, score
+
+    def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        carried, prediction, score = self.carry(rebuild_state(self.tree_in, list(tensors)))
+        rest = [] if self.last else flatten_state(carried)
         return (*rest, prediction, score.float())
 
 
@@ -225,8 +259,8 @@ def export_stages(
 
     Args:
         model: the staged model; exported in eval mode on the CPU in float32 (a copy when it is not already).
-        policy: a stateless threshold rule (confidence, entropy, margin); its thresholds and temperatures go
-            into the manifest, its score into every stage.
+        policy: a threshold rule (:func:`check_exportable_policy`); its thresholds and temperatures go into the
+            manifest, its score and prediction into every stage, its state (if any) into the carried state.
         example: an input batch ``[B, ...]`` (e.g. test samples); also the verification batch.
         out_dir: directory to create; an existing non-empty one is refused unless ``overwrite``.
         opset: ONNX opset.
@@ -262,21 +296,21 @@ def export_stages(
                 last = k == num_exits - 1
                 tree_in, tensors_in = state_tree(state)
                 stage = _Stage(model, policy, k, tree_in, last).eval()
-                nxt, probe_nxt = state, probe
-                for segment in stage.segments:
-                    nxt = segment(nxt)
-                    probe_nxt = nxt if longer is None else segment(probe_nxt)
+                nxt = stage.carry(state)[0]
+                probe_nxt = nxt if longer is None else stage.carry(probe)[0]
                 tree_out, tensors_out = (None, []) if last else state_tree(nxt)
                 seq_in = _varying(tensors_in, flatten_state(probe))
                 seq_out = [] if last else _varying(tensors_out, flatten_state(probe_nxt))
                 in_names = ["input"] if k == 0 else [f"state_in_{i}" for i in range(len(tensors_in))]
                 out_names = [f"state_out_{i}" for i in range(len(tensors_out))] + ["logits", "score"]
                 file = f"stage_{k}.onnx"
-                exporters.add(
-                    _export_one(
+                try:
+                    used = _export_one(
                         stage, tuple(tensors_in), tmp / file, in_names, out_names, opset, exporter, seq_in, seq_out
                     )
-                )
+                except ConfigError as err:
+                    raise ConfigError(f"{err} (policy {policy_label(policy)})") from None
+                exporters.add(used)
                 onnx.checker.check_model(str(tmp / file))
                 stages.append(
                     {
@@ -353,11 +387,21 @@ def _manifest(
     }
 
 
-def _reference(model: StagedModel, policy: ThresholdPolicy, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _reference(model: StagedModel, policy: ThresholdPolicy, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``run_dynamic``'s predictions and exits, every exit's scores, and which samples a stateful rule may route
+    differently in fp32 elsewhere: a top-2 near-tie of the logits at an exit before the last (its state follows
+    the argmax, e.g. patience's counter)."""
     out = model.run_dynamic(x, policy)
     with torch.no_grad():
-        scores, _ = policy.scores(model.forward_all(x))
-    return out.logits.float(), out.exit_index, scores
+        outs = model.forward_all(x)
+        scores, _ = policy.scores(outs)
+        tied = torch.zeros(x.shape[0], dtype=torch.bool)
+        if model.num_exits > 1 and policy.step(0, outs[0], None)[2] is not None:
+            for logits in outs[:-1]:
+                top = logits.float().topk(min(2, logits.shape[-1]), dim=-1).values
+                gap = top[:, 0] - top[:, -1]
+                tied |= (gap <= LOGITS_ATOL + LOGITS_RTOL * top[:, 0].abs()).cpu() & (top.shape[-1] > 1)
+    return out.logits.float(), out.exit_index, scores, tied
 
 
 def verify_export(
@@ -390,9 +434,11 @@ def verify_against_dynamic(
 
     Cases: the example batch at the policy's thresholds, its first sample alone, everyone leaving at the first
     exit and nobody leaving before the last (``batch_one``: the first samples one by one instead of the batch).
-    A sample whose score lies within :data:`SCORE_BAND` of a threshold it faced may exit elsewhere; every other
-    sample must take the same exit, with logits within ``LOGITS_ATOL + LOGITS_RTOL * |logit|`` (fp32 rounding
-    grows with the logits' size) when the exits agree, and the same MACs.
+    A sample whose score lies within :data:`SCORE_BAND` of a threshold it faced may exit elsewhere (not for rules
+    with exact scores: patience counts), and so may one whose logits nearly tie for the top class under a stateful
+    rule (its state follows the argmax); every other sample must take the same exit, with logits within
+    ``LOGITS_ATOL + LOGITS_RTOL * |logit|`` (fp32 rounding grows with the logits' size) when the exits agree, and
+    the same MACs.
 
     Raises:
         ExportMismatchError: one line naming the case and the first difference.
@@ -415,14 +461,12 @@ def verify_against_dynamic(
     checked = 0
     for label, x, thresholds in cases:
         ref_policy = policy.with_thresholds(thresholds)
-        ref_logits, ref_exit, scores = _reference(model, ref_policy, x)
+        ref_logits, ref_exit, scores, near = _reference(model, ref_policy, x)
         logits, exit_index, macs = run(x, thresholds)
         logits_t, exit_t = torch.from_numpy(np.asarray(logits)).float(), torch.from_numpy(np.asarray(exit_index))
-        if num_exits > 1:
+        if num_exits > 1 and not exact_scores(policy):
             t = torch.tensor([float(v) for v in thresholds], dtype=torch.float64)
-            near = ((scores[:-1].double() - t[:, None]).abs() <= SCORE_BAND).any(dim=0)
-        else:
-            near = torch.zeros(x.shape[0], dtype=torch.bool)
+            near |= ((scores[:-1].double() - t[:, None]).abs() <= SCORE_BAND).any(dim=0)
         wrong = (exit_t != ref_exit) & ~near
         if wrong.any():
             i = int(wrong.nonzero()[0])
