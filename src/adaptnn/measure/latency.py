@@ -52,7 +52,14 @@ from ..runtime.staged import StagedModel
 from ..runtime.state import State, index_state
 from .timing import Timer, machine_info, median_ms, pinned_threads, to_model, warm_up
 
-__all__ = ["PiecewiseLinear", "LatencyModel", "profile_latency", "validate_latency_model", "alive_per_segment"]
+__all__ = [
+    "PiecewiseLinear",
+    "LatencyModel",
+    "profile_latency",
+    "profile_variants",
+    "validate_latency_model",
+    "alive_per_segment",
+]
 
 log = logging.getLogger(__name__)
 
@@ -428,3 +435,16 @@ def validate_latency_model(
                 }
             )
     return rows
+
+
+def profile_variants(model: Any, sample: torch.Tensor, **options: Any) -> dict[str, LatencyModel]:
+    """A :class:`LatencyModel` per member of an elastic model (variants as an axis of the latency model).
+
+    Each member is profiled as it is deployed: materialised into a plain, smaller staged model
+    (:meth:`adaptnn.layers.elastic.ElasticStagedModel.materialise`). ``options`` go to :func:`profile_latency`.
+    Returns variant name -> latency model.
+    """
+    variants = getattr(model, "variants", None)
+    if variants is None or not hasattr(model, "materialise"):
+        raise ConfigError(f"profile_variants needs an elastic model (with variants), got {type(model).__name__}")
+    return {v.name: profile_latency(model.materialise(v), sample, **options) for v in variants}

@@ -1,0 +1,380 @@
+"""Elastic many-in-one networks on the CPU: one sorted checkpoint vs separately trained widths, member speed,
+the menu's ``--budget_ms`` prediction, and per-sample layer skipping.
+
+Parts (all in one process, ``torch.set_num_threads(--threads)``, load average recorded before and after each):
+
+* **train**: ``elastic_cnn_mnist`` (widths x``--widths``, full depth) trained once with the ``sorted`` strategy
+  (sandwich rule, one random member, in-place distillation) for ``--steps`` steps of ``--batch`` Fashion-MNIST
+  images, vs one ``mecnn_mnist`` of each member's width trained with ``joint`` for the same steps (same data order,
+  optimiser and schedule: the Trainer, seed 0). Test accuracy (last exit, first ``--eval`` test images) of every
+  member and every separate network; wall time of the sorted run vs the sum of the separate runs.
+* **steps**: one training step (forward, backward, SGD) of the sorted family vs one of each separate network, timed
+  interleaved with :func:`adaptnn.measure.timing.interleaved_medians` (the Trainer wall times above are sequential
+  and move with the load of a shared machine; this ratio does not).
+* **speed**: the smallest and the largest member, materialised, timed interleaved at batch 64
+  (:func:`adaptnn.measure.timing.interleaved_medians`).
+* **menu / budget**: the menu of the sorted checkpoint (``adaptnn menu``'s :func:`build_menu`, batch 1 and 64);
+  a ``--budget_ms`` between two members' times picks a member, which is then timed again in a separate
+  interleaved run: predicted (menu) vs measured ms.
+* **skip**: a ResNet-style body (stem + ``--skip-blocks`` basic blocks of 64 channels at 32x32) with a gate per
+  block whose threshold keeps half of a calibration batch, at batch 8: dense body vs gathered skipping.
+
+Usage::
+
+    python benchmarks/elastic.py --steps 300 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def fashion_mnist(n_train: int, val_size: int):
+    from adaptnn.data import DataConfig, build_datasets
+
+    splits = build_datasets(DataConfig(name="fashion_mnist", val_size=val_size, augment=False))
+    return splits, torch.utils.data.Subset(splits.train, range(n_train))
+
+
+def train(model, train_set, strategy: str, options: dict, steps: int, batch: int, run_dir: Path) -> float:
+    from adaptnn.training import TrainConfig, Trainer
+
+    cfg = TrainConfig(
+        epochs=1,
+        batch_size=batch,
+        lr=0.05,
+        warmup_epochs=0.05,
+        device="cpu",
+        progress=False,
+        strategy=strategy,
+        strategy_options=options,
+        seed=0,
+    )
+    started = time.perf_counter()
+    Trainer(model, train_set, cfg, run_dir).fit(resume=False)
+    return time.perf_counter() - started
+
+
+@torch.inference_mode()
+def accuracy(model, dataset, n: int) -> float:
+    from adaptnn.evaluation.logits import collect_logits
+
+    logits, labels = collect_logits(model, torch.utils.data.Subset(dataset, range(min(n, len(dataset)))))
+    return float((logits[-1].argmax(-1) == labels).float().mean())
+
+
+def part_train(args, splits, train_set, tmp: Path) -> tuple[dict, object]:
+    import adaptnn
+    from adaptnn.layers.elastic import scaled
+
+    base = (16, 32, 64, 128)
+    out: dict = {"load_before": load()}
+    torch.manual_seed(0)
+    elastic = adaptnn.create_model("elastic_cnn_mnist", width_mults=args.widths, depths=[2])
+    options = {"num_random": args.num_random, "distill": True}
+    out["sorted_wall_s"] = train(elastic, train_set, "sorted", options, args.steps, args.batch, tmp / "sorted")
+    out["load_after_sorted"] = load()
+    members, separate, walls = {}, {}, {}
+    elastic.eval()
+    for v in elastic.variants:
+        with elastic.use_variant(v):
+            members[v.name] = accuracy(elastic, splits.test, args.eval)
+    reused = {}
+    if args.separate_from:  # the separate networks are deterministic (seed 0, same data order): reuse a run's figures
+        earlier = json.loads(Path(args.separate_from).read_text())
+        if (earlier["steps"], earlier["batch"]) != (args.steps, args.batch):
+            raise SystemExit(f"{args.separate_from} was run with other --steps/--batch")
+        reused = {m["variant"]: m for m in earlier["train"]["members"]}
+        out["separate_from"] = args.separate_from
+    for w in args.widths:
+        name = f"w{w:g}_d2"
+        if name in reused:
+            walls[name], separate[name] = reused[name]["separate_wall_s"], reused[name]["separate_test_acc"]
+            continue
+        torch.manual_seed(0)
+        net = adaptnn.create_model("mecnn_mnist", widths=[scaled(c, w) for c in base])
+        walls[name] = train(net, train_set, "joint", {}, args.steps, args.batch, tmp / f"sep_{w}")
+        separate[name] = accuracy(net.eval(), splits.test, args.eval)
+        print(f"  {name}: sorted {100 * members[name]:.2f}%  separate {100 * separate[name]:.2f}%", flush=True)
+    out["load_after_separate"] = load()
+    out["members"] = [
+        {
+            "variant": name,
+            "sorted_test_acc": members[name],
+            "separate_test_acc": separate[name],
+            "gap_pt": 100 * (members[name] - separate[name]),
+            "separate_wall_s": walls[name],
+        }
+        for name in members
+    ]
+    out["separate_wall_s_total"] = sum(walls.values())
+    out["wall_ratio_sorted_over_separate"] = out["sorted_wall_s"] / out["separate_wall_s_total"]
+    return out, elastic
+
+
+def part_step_time(args, train_set) -> dict:
+    """Training step time, sorted (one step of the family) vs each separate network, interleaved (load-robust)."""
+    import adaptnn
+    from adaptnn.layers.elastic import scaled
+    from adaptnn.measure.timing import interleaved_medians
+    from adaptnn.strategies import StepContext, get
+
+    torch.manual_seed(0)
+    out: dict = {"load_before": load()}
+    elastic = adaptnn.create_model("elastic_cnn_mnist", width_mults=args.widths, depths=[2]).train()
+    nets = {
+        w: adaptnn.create_model("mecnn_mnist", widths=[scaled(c, w) for c in (16, 32, 64, 128)]).train()
+        for w in args.widths
+    }
+    sorted_loss, joint = get("sorted", num_random=args.num_random), get("joint")
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in [("sorted", elastic), *nets.items()]}
+    counter = [0]
+
+    def sorted_step(batch):
+        x, y = batch
+        opts["sorted"].zero_grad()
+        counter[0] += 1
+        sorted_loss.training_step(StepContext(elastic, elastic.forward_all, 0.01, counter[0], 0), x, y).loss.backward()
+        opts["sorted"].step()
+
+    def separate_step(w):
+        def fn(batch):
+            x, y = batch
+            opts[w].zero_grad()
+            joint(nets[w].forward_all(x), y).backward()
+            opts[w].step()
+
+        return fn
+
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch)
+    batches = [b for _, b in zip(range(4), loader, strict=False)]
+    fns = {"sorted": sorted_step, **{f"w{w:g}_d2": separate_step(w) for w in args.widths}}
+    ms = interleaved_medians(fns, batches, rounds=args.rounds, warmup_s=2.0)
+    out["step_ms"] = {k: statistics.median(v) for k, v in ms.items()}
+    out["separate_step_ms_total"] = sum(v for k, v in out["step_ms"].items() if k != "sorted")
+    out["step_ratio_sorted_over_separate"] = out["step_ms"]["sorted"] / out["separate_step_ms_total"]
+    out["load_after"] = load()
+    return out
+
+
+def part_speed_and_menu(args, splits, elastic) -> dict:
+    from adaptnn.calibration.variants import choose_variant
+    from adaptnn.cli.menu import build_menu, plot_menu
+    from adaptnn.measure.timing import interleaved_medians
+
+    out: dict = {"load_before": load()}
+    val = torch.utils.data.Subset(splits.val, range(min(args.eval, len(splits.val))))
+    batches = [torch.stack([splits.val[(i * 64 + j) % len(splits.val)][0] for j in range(64)]) for i in range(5)]
+    plains = {v.name: elastic.materialise(v).eval() for v in (elastic.smallest, elastic.largest)}
+
+    def call(m):
+        def fn(x):
+            with torch.inference_mode():
+                m(x)
+
+        return fn
+
+    ms = interleaved_medians({k: call(m) for k, m in plains.items()}, batches, rounds=args.rounds, warmup_s=2.0)
+    small, large = elastic.smallest.name, elastic.largest.name
+    out["speed_b64_ms"] = {k: statistics.median(v) for k, v in ms.items()}
+    out["speedup_smallest_vs_largest_b64"] = out["speed_b64_ms"][large] / out["speed_b64_ms"][small]
+    rows, _ = build_menu(elastic, val, [1, 64], rounds=args.rounds, warmup_s=1.0)
+    out["menu"] = rows
+    plot_menu(rows, 64, RESULTS / f"{args.name}_menu.png")
+    ordered = sorted(rows, key=lambda r: r["ms_b64"])
+    lo, hi = ordered[len(ordered) // 2 - 1], ordered[len(ordered) // 2]
+    budget = (lo["ms_b64"] * hi["ms_b64"]) ** 0.5
+    chosen = choose_variant(rows, "ms_b64", budget)
+    variant = next(v for v in elastic.variants if v.name == chosen["variant"])
+    plain = elastic.materialise(variant).eval()
+    again = interleaved_medians({"chosen": call(plain)}, batches, rounds=args.rounds, warmup_s=1.0)
+    measured = statistics.median(again["chosen"])
+    out["budget"] = {
+        "budget_ms_b64": budget,
+        "chosen": chosen["variant"],
+        "predicted_ms": chosen["ms_b64"],
+        "measured_ms": measured,
+        "error_pct": 100 * (measured - chosen["ms_b64"]) / chosen["ms_b64"],
+    }
+    out["load_after"] = load()
+    return out
+
+
+def part_skip(args) -> dict:
+    from adaptnn.layers.skip import GatedBlock, ResidualBlock, gated_blocks, record_gates
+    from adaptnn.measure.timing import interleaved_medians
+
+    torch.manual_seed(0)
+    out: dict = {"load_before": load()}
+    stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+    blocks = [ResidualBlock(64) for _ in range(args.skip_blocks)]
+    dense = nn.Sequential(stem, *blocks).eval()
+    gated = nn.Sequential(stem, *[GatedBlock(b, 64) for b in blocks]).eval()
+    for g in gated_blocks(gated):
+        nn.init.normal_(g.gate.fc.weight, std=1.0)
+    calib = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():  # each block's threshold: the median logit of the calibration batch reaching it
+        h = stem(calib)
+        for g in gated_blocks(gated):
+            g.threshold = float(g.gate(h).median())
+            h = g(h)
+    batches = [torch.randn(8, 3, 32, 32) for _ in range(6)]
+    keep = []
+    with torch.no_grad(), record_gates(gated) as records:
+        for x in batches:
+            gated(x)
+    keep = float(torch.stack(records).float().mean())
+
+    def call(m):
+        def fn(x):
+            with torch.inference_mode():
+                m(x)
+
+        return fn
+
+    ms = interleaved_medians({"dense": call(dense), "skip": call(gated)}, batches, rounds=args.rounds, warmup_s=2.0)
+    dense_ms, skip_ms = statistics.median(ms["dense"]), statistics.median(ms["skip"])
+    out.update(
+        {
+            "batch": 8,
+            "blocks": args.skip_blocks,
+            "keep_fraction": keep,
+            "dense_ms": dense_ms,
+            "skip_ms": skip_ms,
+            "speedup": dense_ms / skip_ms,
+            "ideal_speedup_blocks_only": 1 / keep,
+            "load_after": load(),
+        }
+    )
+    return out
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Elastic many-in-one networks (CPU, {res['machine']['torch_threads']} thread(s))", ""]
+    lines.append(
+        f"Machine: {res['machine']['processor']}, {res['machine']['cpu_count']} CPUs; command `{res['command']}`"
+    )
+    lines.append("")
+    if "train" in res:
+        t = res["train"]
+        lines += [
+            f"## One sorted checkpoint vs separately trained widths ({res['steps']} steps of {res['batch']}, "
+            f"sandwich: largest + smallest + {res.get('num_random', 1)} random member(s) per step)",
+            "",
+            "| member | sorted test acc | separate test acc | gap (pt) |",
+            "|---|---|---|---|",
+        ]
+        for m in t["members"]:
+            lines.append(
+                f"| {m['variant']} | {100 * m['sorted_test_acc']:.2f}% | {100 * m['separate_test_acc']:.2f}% "
+                f"| {m['gap_pt']:+.2f} |"
+            )
+        lines += [
+            "",
+            f"Wall time: sorted {t['sorted_wall_s']:.1f} s vs separate {t['separate_wall_s_total']:.1f} s "
+            f"(ratio {t['wall_ratio_sorted_over_separate']:.2f}); load {t['load_before']} -> "
+            f"{t['load_after_sorted']} -> {t['load_after_separate']}",
+            "",
+        ]
+    if "steps_time" in res:
+        st = res["steps_time"]
+        steps = ", ".join(f"{k} {v:.1f}" for k, v in st["step_ms"].items())
+        lines += [
+            "Training step time, interleaved (median ms per step of forward + backward + SGD): "
+            f"{steps}; sorted / sum of separate = {st['step_ratio_sorted_over_separate']:.2f} "
+            f"(load {st['load_before']} -> {st['load_after']})",
+            "",
+        ]
+    if "speed" in res:
+        s = res["speed"]
+        lines += [
+            "## Member speed and the menu",
+            "",
+            f"Smallest vs largest at batch 64: {s['speed_b64_ms']} ms -> speed-up "
+            f"{s['speedup_smallest_vs_largest_b64']:.2f}x (load {s['load_before']} -> {s['load_after']})",
+            "",
+            "| variant | val acc | MMACs | ms@1 | ms@64 | Pareto (ms@64) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in sorted(s["menu"], key=lambda r: r["macs"]):
+            lines.append(
+                f"| {r['variant']} | {100 * r['accuracy']:.2f}% | {r['macs'] / 1e6:.3f} | {r['ms_b1']:.3f} "
+                f"| {r['ms_b64']:.3f} | {'*' if r['pareto_ms_b64'] else ''} |"
+            )
+        b = s["budget"]
+        lines += [
+            "",
+            f"--budget_ms {b['budget_ms_b64']:.3f} (batch 64) -> {b['chosen']}: predicted {b['predicted_ms']:.3f} ms, "
+            f"measured again {b['measured_ms']:.3f} ms ({b['error_pct']:+.1f}%)",
+            "",
+        ]
+    if "skip" in res:
+        k = res["skip"]
+        lines += [
+            "## Per-sample layer skipping (ResNet-style body, batch 8)",
+            "",
+            f"{k['blocks']} gated basic blocks (64 ch, 32x32), keep fraction {k['keep_fraction']:.3f}: dense "
+            f"{k['dense_ms']:.2f} ms, skipping {k['skip_ms']:.2f} ms -> {k['speedup']:.2f}x "
+            f"(blocks-only ideal {k['ideal_speedup_blocks_only']:.2f}x; load {k['load_before']} -> {k['load_after']})",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--num-random", type=int, default=1, help="random members per step besides the ends")
+    parser.add_argument("--widths", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--eval", type=int, default=5000, help="test/val images for accuracy")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-blocks", type=int, default=6)
+    parser.add_argument("--parts", nargs="+", default=["train", "speed", "steps", "skip"])
+    parser.add_argument("--name", default="elastic_cpu")
+    parser.add_argument("--separate-from", default=None, help="reuse the separate networks of an earlier results JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from adaptnn.measure.timing import machine_info
+
+    res: dict = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(), "steps": args.steps}
+    res["batch"] = args.batch
+    res["num_random"] = args.num_random
+    if {"train", "speed", "steps"} & set(args.parts):
+        splits, train_set = fashion_mnist(args.steps * args.batch, 5000)
+    if "train" in args.parts or "speed" in args.parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            res["train"], elastic = part_train(args, splits, train_set, Path(tmp))
+        print(json.dumps(res["train"]["members"], indent=1), flush=True)
+        if "speed" in args.parts:
+            res["speed"] = part_speed_and_menu(args, splits, elastic)
+    if "steps" in args.parts:
+        res["steps_time"] = part_step_time(args, train_set)
+    if "skip" in args.parts:
+        res["skip"] = part_skip(args)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(res) + "\n")
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

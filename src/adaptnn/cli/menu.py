@@ -1,0 +1,222 @@
+"""Measure every member of an elastic run and print its menu: accuracy, MACs and measured milliseconds per member.
+
+For each valid variant of the run's checkpoint: validation accuracy (last exit, and every exit), MACs of the
+member's plain forward pass (``adaptnn.runtime.cost``), and milliseconds per batch at each ``--batch_sizes``
+measured on its materialised (plain, smaller) network with the timing engine (all members interleaved, medians).
+Writes ``RUN_DIR/menu.json`` and ``RUN_DIR/menu.png`` (accuracy vs ms and vs MACs, Pareto members marked).
+``--budget_ms`` / ``--budget_macs`` pick the most accurate member that fits (with ``--joint``, the best
+member + early-exit thresholds pair in average MACs).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ActionYesNo, ArgumentParser, Namespace
+
+from ._shared import add_run_access, run_access
+
+HELP = "Measure every member of an elastic run (accuracy, MACs, ms) and pick one for a budget."
+
+
+def build(parser: ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=str, help="A trained run directory of an elastic model.")
+    parser.add_argument("--budget_ms", type=float | None, default=None, help="Milliseconds per batch allowed.")
+    parser.add_argument("--budget_batch", type=int, default=64, help="Batch size --budget_ms refers to.")
+    parser.add_argument("--budget_macs", type=float | None, default=None, help="MACs per sample allowed.")
+    parser.add_argument(
+        "--joint", action=ActionYesNo, default=False, help="With --budget_macs: choose member and exit thresholds."
+    )
+    parser.add_argument("--batch_sizes", type=list[int], default=[1, 64], help="Batch sizes to time.")
+    parser.add_argument("--rounds", type=int, default=5, help="Timed calls per member and batch.")
+    parser.add_argument("--warmup_s", type=float, default=1.0, help="Warm-up seconds before timing.")
+    parser.add_argument("--threads", type=int | None, default=None, help="torch threads while timing.")
+    add_run_access(parser)
+
+
+def run(args: Namespace) -> None:
+    from ..errors import ConfigError
+    from ..io.jsonfile import write_json
+    from ..layers.elastic import ElasticStagedModel
+    from ..measure.timing import machine_info, pinned_threads
+    from ..runs.rundir import load_run, require_trained
+
+    run_dir = Path(args.run_dir)
+    batch_sizes = sorted({int(b) for b in args.batch_sizes})
+    if not batch_sizes or batch_sizes[0] < 1:
+        raise ConfigError(f"--batch_sizes must be positive integers, got {args.batch_sizes}")
+    if args.budget_ms is not None and args.budget_batch not in batch_sizes:
+        batch_sizes = sorted({*batch_sizes, int(args.budget_batch)})
+    if args.joint and args.budget_macs is None:
+        raise ConfigError("--joint chooses member and exit thresholds for --budget_macs; give --budget_macs")
+    require_trained(run_dir)
+    loaded = load_run(run_dir, **run_access(args))
+    model = loaded.model
+    if not isinstance(model, ElasticStagedModel):
+        raise ConfigError(
+            f"{run_dir} holds a {type(model).__name__}, not an elastic model; train one such as elastic_cnn_mnist"
+        )
+    with pinned_threads(args.threads):
+        rows, points = build_menu(model, loaded.splits.val, batch_sizes, rounds=args.rounds, warmup_s=args.warmup_s)
+        info = machine_info()
+    menu: dict[str, Any] = {"rows": rows, "batch_sizes": batch_sizes, "machine": info, "split": "val"}
+    write_json(run_dir / "menu.json", menu)
+    plot_menu(rows, batch_sizes[-1], run_dir / "menu.png")
+    print(format_menu(rows, batch_sizes))
+    print(f"wrote {run_dir / 'menu.json'} and {run_dir / 'menu.png'}")
+    choice = _choose(args, rows, points)  # after the menu is written: a budget nothing fits still leaves it
+    if choice is not None:
+        write_json(run_dir / "menu.json", {**menu, "choice": choice})
+        print(choice["summary"])
+
+
+def build_menu(
+    model: Any, dataset: Any, batch_sizes: list[int], *, rounds: int = 5, warmup_s: float = 1.0, timing_batches: int = 3
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Rows of the menu (one per member) and each member's early-exit operating points on ``dataset`` (MACs)."""
+    import torch
+
+    from ..calibration.budgeted import DENSE_P_VALUES
+    from ..calibration.scores import exit_scores
+    from ..calibration.variants import pareto_front, variant_operating_points
+    from ..errors import DataError
+    from ..evaluation.logits import collect_logits
+    from ..measure.timing import interleaved_medians
+    from ..policies import make_policy
+    from ..runtime.cost import cost_breakdown
+
+    if len(dataset) == 0:
+        raise DataError("the validation split is empty; the menu needs it for accuracy and timing batches")
+    model.eval()
+    sample_shape = tuple(torch.as_tensor(dataset[0][0]).shape)
+    rows: list[dict[str, Any]] = []
+    points: dict[str, list[dict[str, Any]]] = {}
+    plains: dict[str, Any] = {}
+    policy = make_policy("confidence", model.num_exits)
+    for variant in model.variants:
+        with model.use_variant(variant):
+            logits, labels = collect_logits(model, dataset)
+            breakdown = cost_breakdown(model, sample_shape)
+            plains[variant.name] = model.materialise().eval()
+        correct = (logits.argmax(-1) == labels[None]).float().mean(dim=1)  # [K]
+        split = exit_scores(policy, logits, labels)
+        points[variant.name] = variant_operating_points(
+            split.scores, split.predictions, split.labels, breakdown.exit_macs, DENSE_P_VALUES
+        )
+        rows.append(
+            {
+                "variant": variant.name,
+                "width": variant.width,
+                "depth": variant.depth,
+                "accuracy": float(correct[-1]),
+                "exit_accuracy": [float(a) for a in correct],
+                "macs": float(sum(breakdown.segment_macs) + breakdown.head_macs[-1]),
+                "exit_macs": list(breakdown.exit_macs),
+                "params": sum(p.numel() for p in plains[variant.name].parameters()),
+            }
+        )
+    n = len(dataset)
+    for b in batch_sizes:
+        batches = []
+        for i in range(timing_batches):
+            idx = [(i * b + j) % n for j in range(b)]
+            batches.append(torch.stack([torch.as_tensor(dataset[k][0]) for k in idx]))
+
+        def member(plain: Any):
+            def call(x: torch.Tensor) -> None:
+                with torch.inference_mode():
+                    plain(x)
+
+            return call
+
+        ms = interleaved_medians(
+            {name: member(p) for name, p in plains.items()}, batches, rounds=rounds, warmup_s=warmup_s
+        )
+        for row in rows:
+            row[f"ms_b{b}"] = statistics.median(ms[row["variant"]])
+    for key in ["macs", *(f"ms_b{b}" for b in batch_sizes)]:
+        for row, on in zip(rows, pareto_front(rows, key), strict=True):
+            row[f"pareto_{key}"] = on
+    return rows, points
+
+
+def _choose(args: Namespace, rows: list[dict[str, Any]], points: dict[str, list[dict[str, Any]]]) -> dict | None:
+    from ..calibration.variants import choose_joint, choose_variant
+
+    if args.budget_ms is None and args.budget_macs is None:
+        return None
+    if args.budget_ms is not None and args.budget_macs is not None:
+        from ..errors import ConfigError
+
+        raise ConfigError("give --budget_ms or --budget_macs, not both")
+    if args.budget_macs is not None and args.joint:
+        best = choose_joint(points, args.budget_macs)
+        thresholds = [None if t == float("inf") else round(t, 4) for t in best["thresholds"]]
+        return {
+            **best,
+            "budget_macs": args.budget_macs,
+            "summary": f"chosen: {best['variant']} with exit thresholds {thresholds}: validation accuracy "
+            f"{100 * best['accuracy']:.2f}% at {best['avg_cost'] / 1e6:.3f} M average MACs "
+            f"(budget {args.budget_macs / 1e6:.3f} M)",
+        }
+    key, budget = (
+        ("macs", args.budget_macs) if args.budget_macs is not None else (f"ms_b{args.budget_batch}", args.budget_ms)
+    )
+    row = choose_variant(rows, key, budget)
+    unit = "M MACs" if key == "macs" else f"ms at batch {args.budget_batch}"
+    value = row[key] / 1e6 if key == "macs" else row[key]
+    limit = budget / 1e6 if key == "macs" else budget
+    return {
+        "variant": row["variant"],
+        "cost_key": key,
+        "predicted": row[key],
+        "budget": budget,
+        "accuracy": row["accuracy"],
+        "summary": f"chosen: {row['variant']}: validation accuracy {100 * row['accuracy']:.2f}% at "
+        f"{value:.3f} {unit} (budget {limit:.3f})",
+    }
+
+
+def format_menu(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
+    """The menu as a text table, Pareto members (in ms at the largest batch) marked with ``*``."""
+    last = f"ms_b{batch_sizes[-1]}"
+    head = f"{'variant':<10} {'val acc':>8} {'MMACs':>8} {'params':>9} " + " ".join(
+        f"{'ms@' + str(b):>9}" for b in batch_sizes
+    )
+    lines = [head]
+    for r in sorted(rows, key=lambda r: r["macs"]):
+        mark = "*" if r.get(f"pareto_{last}") else " "
+        times = " ".join(f"{r[f'ms_b{b}']:9.3f}" for b in batch_sizes)
+        lines.append(
+            f"{r['variant']:<9}{mark} {100 * r['accuracy']:7.2f}% {r['macs'] / 1e6:8.3f} {r['params']:9d} {times}"
+        )
+    lines.append(f"* = Pareto-optimal in accuracy vs {last}")
+    return "\n".join(lines)
+
+
+def plot_menu(rows: list[dict[str, Any]], batch: int, path: Path) -> None:
+    """Accuracy vs measured ms (at ``batch``) and vs MACs, one point per member, Pareto members filled."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    from ..io.atomic import atomic_write_bytes
+
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
+    for ax, key, label in ((axes[0], f"ms_b{batch}", f"ms per batch of {batch}"), (axes[1], "macs", "MACs")):
+        for r in rows:
+            x = r[key] / 1e6 if key == "macs" else r[key]
+            filled = r.get(f"pareto_{key}", False)
+            ax.plot([x], [100 * r["accuracy"]], "o", mfc="C0" if filled else "none", mec="C0")
+            ax.annotate(r["variant"], (x, 100 * r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label + (" (millions)" if key == "macs" else ""))
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("elastic menu (filled: Pareto-optimal)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())

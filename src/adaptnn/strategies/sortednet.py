@@ -1,0 +1,132 @@
+"""SortedNet / sandwich-rule training of an elastic family: several nested members per step, one set of weights.
+
+Each step trains the largest member, the smallest member and ``num_random`` members drawn from the others
+(the sandwich rule of universally slimmable networks; SortedNet's sorted sub-networks). Every member's loss is an
+exit loss over all its exits (``joint`` or ``distill``), so the whole width x exit grid is trained at once; with
+``distill=True`` every member but the largest also learns the largest member's softened predictions, exit by exit
+(in-place distillation: the teacher is the same forward pass, detached). The member losses are summed, so each
+member's gradient is the one it would get trained alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..layers.elastic import ElasticStagedModel, Variant
+from .base import StepContext, StepOutput, Strategy
+from .distill import SelfDistillation
+from .joint import JointLoss
+
+__all__ = ["SortedLoss", "sandwich_members"]
+
+_EXIT_LOSSES: dict[str, type[Strategy]] = {"joint": JointLoss, "distill": SelfDistillation}
+
+
+def sandwich_members(variants: Sequence[Variant], num_random: int, step: int, seed: int = 0) -> list[Variant]:
+    """The members trained at ``step``: largest, smallest, then ``num_random`` distinct others (seeded by step).
+
+    ``variants`` are sorted smallest first. The draw depends only on ``(seed, step)``, so a resumed run draws the
+    same members as an uninterrupted one.
+    """
+    largest, smallest = variants[-1], variants[0]
+    members = [largest] if largest == smallest else [largest, smallest]
+    middle = list(variants[1:-1])
+    if num_random > 0 and middle:
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+        order = torch.randperm(len(middle), generator=gen)[: min(num_random, len(middle))]
+        members += [middle[int(i)] for i in order]
+    return members
+
+
+class SortedLoss(Strategy):
+    """Sandwich-rule training of every member of an :class:`~adaptnn.layers.elastic.ElasticStagedModel`.
+
+    Args:
+        num_random: members drawn each step besides the largest and the smallest.
+        distill: in-place distillation from the largest member (its exit k teaches the member's exit k).
+        temperature: softening temperature of the distillation.
+        alpha: weight of the distillation term for the members taught (``(1 - alpha) * exit loss + alpha * KD``).
+        exit_loss: ``"joint"`` or ``"distill"``: the loss over each member's exits.
+        exit_options: keyword options of that exit loss (e.g. ``{"weights": "linear"}``).
+        seed: seeds the draw of the random members.
+    """
+
+    name = "sorted"
+
+    def __init__(
+        self,
+        num_random: int = 1,
+        distill: bool = True,
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        exit_loss: str = "joint",
+        exit_options: Mapping[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if num_random < 0:
+            raise ConfigError(f"sorted: num_random must be >= 0, got {num_random}")
+        if not temperature > 0:
+            raise ConfigError(f"sorted: temperature must be > 0, got {temperature}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"sorted: alpha must be in [0, 1], got {alpha}")
+        if exit_loss not in _EXIT_LOSSES:
+            raise ConfigError(f"sorted: exit_loss must be one of {sorted(_EXIT_LOSSES)}, got {exit_loss!r}")
+        self.num_random = int(num_random)
+        self.distill = bool(distill)
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.exit_loss = exit_loss
+        self.exit_options = dict(exit_options or {})
+        self.seed = int(seed)
+        try:
+            self._exit_loss = _EXIT_LOSSES[exit_loss](**self.exit_options)
+        except TypeError as err:
+            raise ConfigError(f"sorted: exit_options for {exit_loss!r}: {err}") from None
+
+    def setup(self, model: Any) -> None:
+        if not isinstance(model, ElasticStagedModel):
+            raise ConfigError(
+                f"strategy 'sorted' trains an elastic model (e.g. elastic_cnn_mnist), got {type(model).__name__}"
+            )
+
+    def __call__(self, exit_logits: list[Tensor], targets: Tensor) -> Tensor:
+        """The exit loss of one member (what the Trainer would use for a single network)."""
+        return self._exit_loss(exit_logits, targets)
+
+    def kd_loss(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        """``T^2 * sum_k KL(softmax(teacher_k / T) || softmax(student_k / T))`` over the exits (batch mean)."""
+        t = self.temperature
+        total = student[0].new_zeros((), dtype=torch.float32)
+        for s, q in zip(student, teacher, strict=True):
+            log_student = F.log_softmax(s.float() / t, dim=-1)
+            total = total + F.kl_div(log_student, F.softmax(q.detach().float() / t, dim=-1), reduction="batchmean")
+        return total * t * t
+
+    def training_step(self, ctx: StepContext, x: Tensor, y: Tensor) -> StepOutput:
+        model = ctx.model
+        if not isinstance(model, ElasticStagedModel):
+            self.setup(model)
+        members = sandwich_members(model.variants, self.num_random, ctx.step, self.seed)
+        total = x.new_zeros((), dtype=torch.float32)
+        metrics: dict[str, Tensor | float] = {}
+        teacher: list[Tensor] | None = None
+        for i, variant in enumerate(members):
+            with model.use_variant(variant):
+                logits = ctx.forward(x)
+            loss = self._exit_loss(logits, y)
+            if i == 0:
+                metrics["loss_largest"] = loss.detach()
+                teacher = [lg.detach() for lg in logits]
+            else:
+                if i == 1:
+                    metrics["loss_smallest"] = loss.detach()
+                if self.distill and teacher is not None:
+                    loss = (1 - self.alpha) * loss + self.alpha * self.kd_loss(logits, teacher)
+            total = total + loss
+        return StepOutput(total, metrics)
