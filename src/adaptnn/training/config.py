@@ -13,6 +13,8 @@ from ..errors import AdaptnnError, ConfigError
 from ..strategies import Strategy, available, get
 
 __all__ = [
+    "CurriculumConfig",
+    "TeacherConfig",
     "TrainConfig",
     "build_strategy",
     "check_choice",
@@ -21,6 +23,106 @@ __all__ = [
     "check_int",
     "check_number",
 ]
+
+
+#: keys of one curriculum stage and their defaults
+STAGE_KEYS: dict[str, Any] = {"size": None, "magnitude": 0.0, "share": 1.0}
+
+
+@dataclass
+class CurriculumConfig:
+    """An EfficientTrain-style curriculum: stages of growing input size and augmentation (off when ``stages`` is empty).
+
+    Attributes:
+        stages: in order, each ``{size, magnitude, share}``: ``size`` the input's side in pixels (``null`` = the
+            data's full size; a pair ``[h, w]`` also works), ``magnitude`` in [0, 1] the strength of the batch
+            augmentation (:func:`adaptnn.data.transforms.jitter_batch`, on top of the data's own), ``share`` the
+            stage's relative share of the run (default 1).
+        mode: ``"lowpass"`` (keep the low-frequency window of the 2-D FFT, EfficientTrain) or ``"resize"``
+            (antialiased bilinear).
+        balance: ``"time"``: the stages' steps are chosen so each costs ``share`` of the *measured* wall time
+            (step time measured per stage at the start of the run, or ``step_ms``); ``"steps"``: each gets
+            ``share`` of the steps. The run's total steps stay ``epochs x steps per epoch`` either way.
+        step_ms: given milliseconds per training step of each stage (skips the measurement); ``null``: measure.
+    """
+
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    mode: str = "lowpass"
+    balance: str = "time"
+    step_ms: list[float] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a curriculum is configured (at least one stage)."""
+        return bool(self.stages)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+        if not isinstance(self.stages, list):
+            raise ConfigError(f"train.curriculum.stages must be a list of stages, got {_show(self.stages)}")
+        for i, stage in enumerate(self.stages):
+            where = f"train.curriculum.stages[{i}]"
+            if not isinstance(stage, dict):
+                raise ConfigError(f"{where} must be a mapping with keys {list(STAGE_KEYS)}, got {_show(stage)}")
+            unknown = sorted(set(stage) - set(STAGE_KEYS), key=str)
+            if unknown:
+                raise ConfigError(f"{where} has unknown key(s) {unknown}; valid keys: {list(STAGE_KEYS)}")
+            size = stage.get("size")
+            if isinstance(size, list):
+                if len(size) != 2:
+                    raise ConfigError(f"{where}.size must be an integer, [h, w] or null, got {_show(size)}")
+                for j, side in enumerate(size):
+                    check_int(f"{where}.size[{j}]", side, 1)
+            elif size is not None:
+                check_int(f"{where}.size", size, 1)
+            check_number(f"{where}.magnitude", stage.get("magnitude", 0.0), 0, 1)
+            check_number(f"{where}.share", stage.get("share", 1.0), 0, low_open=True)
+        check_choice("train.curriculum.mode", self.mode, ("lowpass", "resize"))
+        check_choice("train.curriculum.balance", self.balance, ("time", "steps"))
+        if self.step_ms is not None:
+            if not isinstance(self.step_ms, list) or len(self.step_ms) != len(self.stages):
+                raise ConfigError(
+                    f"train.curriculum.step_ms must be null or one time per stage ({len(self.stages)}), "
+                    f"got {_show(self.step_ms)}"
+                )
+            for i, ms in enumerate(self.step_ms):
+                check_number(f"train.curriculum.step_ms[{i}]", ms, 0, low_open=True)
+
+
+@dataclass
+class TeacherConfig:
+    """The model's own weights as a distillation teacher (for the ``distill`` strategy with ``teacher: model``).
+
+    The teacher is the ensemble (mean of softened predictions) of every source configured here; it is frozen.
+
+    Attributes:
+        ema_decay: keep an exponential moving average of the weights with this decay per step (``null``: none).
+        snapshot_epochs: after these epochs (1-based) the weights are kept (``checkpoints/epoch<N>.safetensors``)
+            and join the teacher: a snapshot ensemble.
+        checkpoints: weights of earlier checkpoints (``.safetensors`` of the same model) that teach from the start.
+    """
+
+    ema_decay: float | None = None
+    snapshot_epochs: list[int] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any teacher source is configured."""
+        return self.ema_decay is not None or bool(self.snapshot_epochs) or bool(self.checkpoints)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+        if self.ema_decay is not None:
+            check_number("train.teacher.ema_decay", self.ema_decay, 0, 1, low_open=True, high_open=True)
+        if not isinstance(self.snapshot_epochs, list):
+            raise ConfigError(
+                f"train.teacher.snapshot_epochs must be a list of epochs, got {_show(self.snapshot_epochs)}"
+            )
+        for i, epoch in enumerate(self.snapshot_epochs):
+            check_int(f"train.teacher.snapshot_epochs[{i}]", epoch, 1)
+        if not isinstance(self.checkpoints, list) or not all(isinstance(p, str) for p in self.checkpoints):
+            raise ConfigError(f"train.teacher.checkpoints must be a list of paths, got {_show(self.checkpoints)}")
 
 
 @dataclass
@@ -51,6 +153,8 @@ class TrainConfig:
         compile: ``torch.compile`` the training forward pass.
         distributed: ``"auto"`` (DDP when launched by torchrun with more than one process) or ``"off"``.
         tensorboard: also write TensorBoard scalars to ``run_dir/tensorboard`` (needs the tensorboard package).
+        curriculum: input-size and augmentation curriculum (:class:`CurriculumConfig`; off by default).
+        teacher: the model's EMA / earlier checkpoints as distillation teacher (:class:`TeacherConfig`).
     """
 
     epochs: int = 30
@@ -75,6 +179,8 @@ class TrainConfig:
     compile: bool = False
     distributed: str = "auto"
     tensorboard: bool = False
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the field, the value received and what is expected.
@@ -112,6 +218,20 @@ class TrainConfig:
         check_flag("train.compile", self.compile)
         check_choice("train.distributed", self.distributed, ("auto", "off"))
         check_flag("train.tensorboard", self.tensorboard)
+        for name, kind in (("curriculum", CurriculumConfig), ("teacher", TeacherConfig)):
+            if isinstance(getattr(self, name), dict):  # built from a plain dict (e.g. TrainConfig(**asdict(...)))
+                setattr(self, name, dataclass_from_mapping(kind, getattr(self, name), f"train.{name}"))
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"train.{name} must be a mapping, got {_show(getattr(self, name))}")
+        self.curriculum.validate()
+        self.teacher.validate()
+        if self.teacher.enabled and not (
+            self.strategy == "distill" and self.strategy_options.get("teacher") == "model"
+        ):
+            raise ConfigError(
+                "train.teacher is set but nothing uses it: the teacher teaches the 'distill' strategy with "
+                f"strategy_options.teacher='model', got strategy={self.strategy!r}, options={self.strategy_options}"
+            )
         if "weights" in self.strategy_options:
             _exit_weights("train.strategy_options.weights", self.strategy_options["weights"])
         try:
@@ -120,6 +240,15 @@ class TrainConfig:
             raise
         except (TypeError, ValueError, ArithmeticError) as err:  # a constructor choking on a wrongly typed option
             raise ConfigError(f"train.strategy_options for {self.strategy!r}: {err}") from None
+
+
+def dataclass_from_mapping(cls: type, data: dict[str, Any], where: str) -> Any:
+    """``cls(**data)`` with unknown keys refused by name (a config sub-section given as a plain dict)."""
+    known = {f for f in cls.__dataclass_fields__}
+    unknown = sorted(set(data) - known, key=str)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(known)}")
+    return cls(**data)
 
 
 def _show(value: object) -> str:

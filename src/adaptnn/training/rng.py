@@ -7,14 +7,16 @@ metadata, the large key arrays go to tensors.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["capture_rng_state", "restore_rng_state"]
+__all__ = ["capture_rng_state", "preserved_rng", "restore_rng_state"]
 
 
 def capture_rng_state() -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -42,3 +44,13 @@ def restore_rng_state(json_part: dict[str, Any], tensors: dict[str, Tensor]) -> 
         for i in range(torch.cuda.device_count()):
             if f"cuda{i}" in tensors:
                 torch.cuda.set_rng_state(tensors[f"cuda{i}"], i)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run the block and put every generator back as it was (work that must not shift a run's random stream)."""
+    json_part, tensors = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(json_part, tensors)

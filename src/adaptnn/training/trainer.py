@@ -24,6 +24,11 @@ Scaling up, all opt-in through :class:`~adaptnn.training.TrainConfig`:
   micro-batches; losses are scaled so the step equals one step on the whole global batch.
 * ``precision="bf16"`` (autocast to bfloat16, meant for GPUs), ``channels_last``, ``compile``
   (``torch.compile`` of the training forward) and ``tensorboard`` (scalars next to ``metrics.jsonl``).
+
+Training cheaper (:mod:`adaptnn.training.curriculum`): ``curriculum`` shows every micro-batch at the input size
+and augmentation of the current step's stage (planned once from measured step times, stored in every checkpoint);
+``teacher`` keeps an EMA of the weights, snapshots or earlier checkpoints as the ``distill`` strategy's teacher
+(:mod:`adaptnn.training.teachers`).
 """
 
 from __future__ import annotations
@@ -47,15 +52,26 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError, ConfigError, DivergedLossError
 from ..io.atomic import atomic_write_text
 from ..io.checkpoint import load_checkpoint, load_weights, pack_tensors, save_checkpoint, unpack_tensors
+from ..measure.timing import Timer
 from ..models import model_spec
 from ..runtime.staged import StagedModel
 from ..strategies import StepContext, Strategy, as_strategy
 from .config import TrainConfig, build_strategy
+from .curriculum import (
+    CurriculumPlan,
+    apply_stage,
+    broadcast_step_ms,
+    measure_step_ms,
+    resume_plan,
+    spatially_relaxed,
+    stages_of,
+)
 from .device import resolve_device, seed_everything
 from .distributed import MicroBatchSampler, barrier, micro_batch_indices, process_group, process_layout
 from .metrics import EpochMeter
-from .rng import capture_rng_state, restore_rng_state
+from .rng import capture_rng_state, preserved_rng, restore_rng_state
 from .schedule import build_optimizer, cosine_warmup_factor
+from .teachers import ModelTeacher
 
 __all__ = ["Trainer", "commit_checkpoint"]
 
@@ -162,6 +178,11 @@ class Trainer:
                 f"train.batch_size={config.batch_size} is the global batch; it must be >= processes x "
                 f"grad_accum_steps = {self.world_size} x {config.grad_accum_steps}"
             )
+        #: the curriculum this run follows (set by :meth:`fit`; ``None`` without one)
+        self.curriculum: CurriculumPlan | None = None
+        #: the model's own past as teacher (set by :meth:`fit` when ``config.teacher`` is on)
+        self.teacher: ModelTeacher | None = None
+        self._resumed_meta: dict[str, Any] = {}
 
     @property
     def checkpoint_path(self) -> Path:
@@ -226,6 +247,7 @@ class Trainer:
         strategy_json = pack_tensors(self.strategy.state_dict(), "strategy", strategy_tensors)
         strategy_tensors = {k.removeprefix("strategy."): v for k, v in strategy_tensors.items()}
         rng_json, rng_tensors = capture_rng_state()
+        extra = {"optim": optim_tensors, "rng": rng_tensors}
         meta = dict(
             self.meta,
             model_spec=model_spec(self.model),
@@ -238,7 +260,12 @@ class Trainer:
         )
         if record is not None:
             meta["metrics"] = record
-        extra = {"optim": optim_tensors, "rng": rng_tensors}
+        if self.curriculum is not None:
+            meta["curriculum"] = self.curriculum.to_json()
+        if self.teacher is not None:
+            meta["teacher_state"], teacher_tensors = self.teacher.state()
+            if teacher_tensors:
+                extra["teacher"] = teacher_tensors
         if strategy_tensors:
             extra["strategy"] = strategy_tensors
         commit_checkpoint(self.checkpoint_path, self.model, meta, extra=extra)
@@ -302,6 +329,10 @@ class Trainer:
             self.strategy.load_state_dict(unpack_tensors(ckpt.meta["strategy_state"], strategy_tensors))
             self.strategy.to(self.device)
         restore_rng_state(ckpt.meta["rng"], ckpt.extra.get("rng", {}))
+        if self.teacher is not None:
+            state = ckpt.meta.get("teacher_state") or {}
+            self.teacher.restore(self.model, state, ckpt.extra.get("teacher", {}), str(self.checkpoint_path))
+        self._resumed_meta = ckpt.meta
         if self.is_main:
             self._repair_metrics(int(ckpt.meta["epoch"]) + 1, ckpt.meta.get("metrics"))
             readable = self.checkpoint_path.with_suffix(".json")
@@ -310,6 +341,34 @@ class Trainer:
                 atomic_write_text(readable, copy)  # killed between the two writes of a commit: one ahead
         log.info("resumed from %s after epoch %d", self.checkpoint_path, int(ckpt.meta["epoch"]) + 1)
         return int(ckpt.meta["epoch"]) + 1, int(ckpt.meta["step"])
+
+    # ---- curriculum -------------------------------------------------------------------------------
+    def _plan_curriculum(self, total_steps: int) -> CurriculumPlan | None:
+        """The run's curriculum: the resumed checkpoint's plan, else planned from step times (rank 0 measures)."""
+        config = self.config.curriculum
+        if not config.enabled:
+            return None
+        plan = resume_plan(config, total_steps, self._resumed_meta.get("curriculum"))
+        if plan is not None:
+            return plan
+        step_ms = config.step_ms
+        if step_ms is None and config.balance == "time":
+            step_ms = self._measure_curriculum() if self.is_main else None
+            step_ms = broadcast_step_ms(step_ms, self.world_size)
+        return CurriculumPlan.build(config, total_steps, step_ms)
+
+    def _measure_curriculum(self) -> list[float]:
+        """Milliseconds per training step at every curriculum stage, on epoch 0's first micro-batch (no side effect)."""
+        from torch.utils.data import default_collate
+
+        with preserved_rng():  # the dataset's transforms draw random numbers
+            x, y = default_collate([self.train_set[i] for i in self._batches(0)[0][0]])
+        x, y = self._input(x), y.to(self.device)
+        with self._autocast():
+            return measure_step_ms(
+                self.model, self.strategy, (x, y), stages_of(self.config.curriculum), self.config.curriculum.mode,
+                timer=Timer(self.device),
+            )  # fmt: skip
 
     # ---- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -379,6 +438,12 @@ class Trainer:
         strategy = self.strategy
         strategy.setup(self.model)
         strategy.to(self.device)
+        self.teacher = None
+        if cfg.teacher.enabled:
+            if not hasattr(strategy, "attach_teacher"):
+                raise ConfigError(f"train.teacher needs a strategy that takes a teacher (distill), got {strategy!r}")
+            self.teacher = ModelTeacher(self.model, cfg.teacher, self.checkpoint_path.parent)
+            strategy.attach_teacher(self.teacher)
         if self.rank > 0:  # same initial weights everywhere, independent augmentation streams
             seed_everything(cfg.seed + 7919 * self.rank)
         optimizer = build_optimizer(self.model, cfg)
@@ -393,6 +458,7 @@ class Trainer:
         total_steps = cfg.epochs * steps_per_epoch
         warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
         start_epoch, step = 0, 0
+        self._resumed_meta = {}
         if resume and self.checkpoint_path.exists():
             start_epoch, step = self._resume(optimizer)
         elif self.is_main:  # a fresh start: no older checkpoint or log may stay beside the new run's
@@ -400,6 +466,27 @@ class Trainer:
             self.checkpoint_path.with_suffix(".json").unlink(missing_ok=True)
             self.metrics_path.unlink(missing_ok=True)
         barrier(self.world_size)
+        self.curriculum = plan = self._plan_curriculum(total_steps)
+        if plan is not None and self.is_main:
+            log.info("curriculum (%s): %s", cfg.curriculum.mode, plan.describe(steps_per_epoch))
+        with spatially_relaxed(self.model) if plan is not None else contextlib.nullcontext():
+            history = self._epochs(start_epoch, step, optimizer, train_module, forward, total_steps, warmup_steps, plan)
+        self.model.eval()
+        return history
+
+    def _epochs(
+        self,
+        start_epoch: int,
+        step: int,
+        optimizer: torch.optim.Optimizer,
+        train_module: nn.Module,
+        forward: Callable[[Tensor], list[Tensor]],
+        total_steps: int,
+        warmup_steps: int,
+        plan: CurriculumPlan | None,
+    ) -> list[dict[str, Any]]:
+        """The epoch loop from ``start_epoch`` (``step`` optimizer steps done); returns this call's epoch records."""
+        cfg, strategy = self.config, self.strategy
         writer = self._tensorboard()
         history: list[dict[str, Any]] = []
         if start_epoch >= cfg.epochs:
@@ -426,11 +513,14 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 ctx = StepContext(self.model, forward, lr, step, epoch, self.world_size)
+                stage = plan.stage_at(step) if plan is not None else None
                 optimizer.zero_grad(set_to_none=True)
                 n_micro = len(batches[b])
                 for m in range(n_micro):
                     x, y = next(micro_iter)
                     x, y = self._input(x), y.to(self.device, non_blocking=True)
+                    if stage is not None:
+                        x = self._input(apply_stage(x, stage, cfg.curriculum.mode))  # channels_last again
                     sync = (
                         train_module.no_sync() if self.world_size > 1 and m < n_micro - 1 else contextlib.nullcontext()
                     )
@@ -448,6 +538,8 @@ class Trainer:
                     meter.add(out, len(y))
                 optimizer.step()
                 step += 1
+                if self.teacher is not None:
+                    self.teacher.after_step(self.model)
                 if bar.disable is False:
                     bar.set_postfix(loss=f"{meter.running_loss():.4f}", lr=f"{lr:.3g}")
             train_loss, step_metrics = meter.summary(self.world_size)
@@ -459,6 +551,12 @@ class Trainer:
                 "epoch_time_s": time.perf_counter() - started,
             }
             record.update(step_metrics)
+            if plan is not None:
+                record["curriculum_stage"] = plan.stage_index(step - 1)
+                record["input_size"] = list(x.shape[-2:])
+            if self.teacher is not None:  # before the commit that lists it
+                spec = {"model_spec": model_spec(self.model), **self.meta}
+                self.teacher.after_epoch(self.model, epoch + 1, spec, write=self.is_main)
             if self.is_main:
                 if self.val_set is not None and len(self.val_set) > 0:
                     record["val_exit_accuracy"] = self.evaluate_exits(self.val_set)
@@ -476,5 +574,4 @@ class Trainer:
             barrier(self.world_size)
         if writer is not None:
             writer.close()
-        self.model.eval()
         return history
