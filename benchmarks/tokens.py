@@ -1,0 +1,429 @@
+"""Token reduction (ToMe, EViT) on CPU: MACs, measured ms per batch size, accuracy, and exits vs tokens vs both.
+
+Parts (``--parts``, results merged into one JSON so parts can be run separately):
+
+* ``knobs``: on a trained conv-stem ViT run (``--run_dir``, e.g. from ``src/adaptnn/configs/vit_fmnist.yaml``), per
+  method and knob: last-exit MACs, ms at batch 1 / 64 / 256 measured interleaved with the unreduced model
+  (:func:`adaptnn.measure.timing.interleaved_medians`), speed-up, realised/MACs-ideal ratio, test accuracy.
+  The model has 49 patch tokens and 6 blocks, so ViT-B/16's ToMe ``r`` in {4, 8, 13, 16} (196 tokens, 12 blocks:
+  removing 24/49/80/98% of the tokens by the last block) maps to ``r`` in {2, 4, 6, 8} here.
+* ``joint``: exits alone vs tokens alone vs both at equal accuracy (validation accuracy within ``--tolerance`` of
+  the full model): the knob and thresholds are chosen by :func:`adaptnn.calibration.calibrate_knob_and_exits`
+  over a grid of budgets, in MACs and in ms (per-knob latency profiles at the batch size); then timed for real
+  (``run_dynamic``) on the test split, interleaved, with the latency model's prediction next to the measurement.
+* ``vits``: a random-weight ViT-S/16 (= DeiT-S shape) at 224x224, ToMe r=13 vs none, batch 1 and 64.
+
+    python benchmarks/tokens.py --run_dir runs/vit_fmnist --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from adaptnn.calibration import calibrate_knob_and_exits
+from adaptnn.data import build_datasets
+from adaptnn.errors import BudgetError
+from adaptnn.evaluation.logits import collect_logits
+from adaptnn.layers.tokens import TokenKnob, set_token_knob
+from adaptnn.measure.latency import profile_latency
+from adaptnn.measure.timing import interleaved_medians, machine_info
+from adaptnn.models import load_model
+from adaptnn.policies import ConfidencePolicy
+from adaptnn.runs.config import load_config
+from adaptnn.runtime.cost import exit_macs
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VIT_B_R = {2: 4, 4: 8, 6: 13, 8: 16}  # this model's r -> the ViT-B/16 r removing the same share of tokens
+
+
+def knob_list() -> list[TokenKnob]:
+    return [
+        TokenKnob(),
+        *(TokenKnob("tome", r) for r in VIT_B_R),
+        *(TokenKnob("evit", k) for k in (0.9, 0.7, 0.5)),
+    ]
+
+
+def stack(ds, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    n = len(ds) if n is None else min(n, len(ds))
+    xs, ys = zip(*(ds[i] for i in range(n)), strict=True)
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
+def batches_of(x: torch.Tensor, size: int, count: int) -> list[torch.Tensor]:
+    return [x[(torch.arange(size) + i * size) % x.shape[0]] for i in range(count)]
+
+
+def timed_forward(models: dict[str, torch.nn.Module], x: torch.Tensor, size: int, count: int, rounds: int):
+    """Per-knob total ms over ``count`` batches of ``size`` (forward of the full model), interleaved."""
+    variants = {k: (lambda b, m=m: m(b)) for k, m in models.items()}
+    with torch.inference_mode():
+        med = interleaved_medians(variants, batches_of(x, size, count), rounds=rounds, warmup_s=1.0)
+    return {k: float(np.sum(v)) / count for k, v in med.items()}
+
+
+def part_knobs(args, out: dict) -> dict:
+    config = load_config(args.run_dir / "config.yaml")
+    ckpt = args.checkpoint or args.run_dir / "model.safetensors"
+    model = load_model(ckpt).eval()
+    splits = build_datasets(config.data)
+    if args.limit:  # smoke runs: the first samples of each split only
+        splits.val, splits.test = Subset(splits.val, range(args.limit)), Subset(splits.test, range(args.limit))
+    if args.val_limit:  # calibration on part of the validation split (time)
+        splits.val = Subset(splits.val, range(min(args.val_limit, len(splits.val))))
+    shape = tuple(model.input_spec.shape)
+    models = {}
+    rows = []
+    val_x, val_y = stack(splits.val)
+    test_x, test_y = stack(splits.test)
+    cache = {}
+    for knob in knob_list():
+        m = set_token_knob(copy.deepcopy(model), knob).eval()
+        models[knob.label()] = m
+        t0 = time.perf_counter()
+        vl, _ = collect_logits(m, splits.val, batch_size=256, device="cpu", progress=False, desc="val")
+        tl, _ = collect_logits(m, splits.test, batch_size=256, device="cpu", progress=False, desc="test")
+        cache[knob.label()] = (vl, tl)
+        macs = exit_macs(m, shape)
+        rows.append(
+            {
+                "knob": knob.label(),
+                "method": knob.method,
+                "value": knob.value,
+                "vit_b_equivalent_r": VIT_B_R.get(int(knob.value)) if knob.method == "tome" else None,
+                "exit_macs": macs,
+                "macs": macs[-1],
+                "val_accuracy": float((vl[-1].argmax(-1) == val_y).float().mean()),
+                "test_accuracy": float((tl[-1].argmax(-1) == test_y).float().mean()),
+                "exit_test_accuracy": [float((t.argmax(-1) == test_y).float().mean()) for t in tl],
+            }
+        )
+        print(
+            f"{knob.label():12s} MACs {macs[-1] / 1e6:7.2f}M  test acc {rows[-1]['test_accuracy']:.4f}  "
+            f"({time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
+    for size, count in ((1, 32), (64, 4), (256, 2)):
+        ms = timed_forward(models, test_x, size, count, args.rounds)
+        for row in rows:
+            row[f"ms_b{size}"] = ms[row["knob"]]
+        print(f"batch {size}: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()), flush=True)
+    base = rows[0]
+    for row in rows:
+        row["macs_ratio"] = base["macs"] / row["macs"]
+        row["accuracy_drop_pt"] = 100 * (base["test_accuracy"] - row["test_accuracy"])
+        for size in (1, 64, 256):
+            row[f"speedup_b{size}"] = base[f"ms_b{size}"] / row[f"ms_b{size}"]
+            row[f"realised_over_ideal_b{size}"] = row[f"speedup_b{size}"] / row["macs_ratio"]
+    out["knobs"] = {"run_dir": str(args.run_dir), "checkpoint": str(ckpt), "rows": rows}
+    out["_cache"] = (models, cache, (val_x, val_y), (test_x, test_y), shape)
+    return out
+
+
+def _cheapest(options: dict, val_y: torch.Tensor, target: float, unit: str) -> dict | None:
+    """Smallest budget (geometric grid) whose jointly chosen point reaches ``target`` validation accuracy."""
+    policy = ConfidencePolicy([math.inf] * (next(iter(options.values()))[0].shape[0] - 1))
+    lo = min(float(c[0]) for _, c in options.values())
+    hi = max(float(c[-1]) for _, c in options.values())
+    for budget in np.geomspace(lo, hi, 60):
+        try:
+            res = calibrate_knob_and_exits(policy, options, val_y, float(budget) * (1 + 1e-9), unit=unit)
+        except BudgetError:
+            continue
+        if res.val["accuracy"] >= target:
+            return {
+                "budget": float(budget),
+                "knob": res.details["knob"],
+                "thresholds": res.thresholds,
+                "val_accuracy": res.val["accuracy"],
+                "val_avg_cost": res.val["avg_cost"],
+                "policy": res.policy,
+            }
+    return None
+
+
+def part_joint(args, out: dict) -> dict:
+    models, cache, (val_x, val_y), (test_x, test_y), shape = out["_cache"]
+    rows = {r["knob"]: r for r in out["knobs"]["rows"]}
+    target = rows["none"]["val_accuracy"] - args.tolerance
+    results = []
+    for size in (1, 64):
+        # per-knob latency profile at this batch size: the token count as one more axis of the latency model
+        lat = {}
+        for label, m in models.items():
+            sizes = (1,) if size == 1 else (1, 8, 32, size)
+            lm = profile_latency(m, val_x[:512], batch_sizes=sizes, repeats=args.profile_repeats, warmup_s=0.3)
+            lat[label] = lm
+        for unit in ("MACs", "ms"):
+
+            def costs(label: str, unit: str = unit, lat: dict = lat, size: int = size) -> list[float]:
+                if unit == "MACs":
+                    return rows[label]["exit_macs"]
+                # the profiles are measured one knob after the other, so load drift between them would bias the
+                # choice: anchor each to the interleaved full-model time of its knob (same batches, same moment)
+                scale = rows[label][f"ms_b{size}"] / lat[label].predict_full(size)
+                return [scale * c for c in lat[label].exit_latency_ms(size)]
+
+            modes = {
+                "exits": {"none": (cache["none"][0], costs("none"))},
+                "both": {k: (cache[k][0], costs(k)) for k in models},
+            }
+            # tokens alone: every sample at the last exit (the logits of the last exit at every position)
+            modes["tokens"] = {
+                k: (cache[k][0][-1:].repeat(len(cache[k][0]), 1, 1), [costs(k)[-1]] * len(cache[k][0])) for k in models
+            }
+            chosen = {name: _cheapest(opts, val_y, target, unit) for name, opts in modes.items()}
+            variants, info = {"full": (lambda b, m=models["none"]: m(b))}, {}
+            for name, ch in chosen.items():
+                if ch is None:
+                    continue
+                m = models[ch["knob"]]
+                if name == "tokens":  # tokens alone: the plain reduced model, every sample to the last exit
+                    ch["policy"] = ConfidencePolicy([math.inf] * (m.num_exits - 1))
+                    variants[name] = lambda b, m=m: m(b)
+                else:
+                    variants[name] = lambda b, m=m, pol=ch["policy"]: m.run_dynamic(b, pol, check_finite=False)
+                pol = ch["policy"]
+                with torch.inference_mode():
+                    dyn = m.run_dynamic(test_x, pol)
+                acc = float((dyn.logits.argmax(-1) == test_y).float().mean())
+                fr = np.bincount(dyn.exit_index.numpy(), minlength=m.num_exits) / len(test_y)
+                lm = lat[ch["knob"]]
+                pred_ms = lm.predict_full(size) if name == "tokens" else lm.predict_fractions(size, fr.tolist())
+                info[name] = {k: v for k, v in ch.items() if k != "policy"} | {
+                    "test_accuracy": acc,
+                    "test_avg_macs": float(dyn.macs.mean()),
+                    "exit_fractions": fr.tolist(),
+                    "predicted_ms_per_batch": float(pred_ms),
+                }
+            count = 48 if size == 1 else 6
+            with torch.inference_mode():
+                med = interleaved_medians(variants, batches_of(test_x, size, count), rounds=args.rounds, warmup_s=1.0)
+            ms = {k: float(np.mean(v)) for k, v in med.items()}
+            for name in info:
+                info[name]["measured_ms_per_batch"] = ms[name]
+                info[name]["speedup_vs_full"] = ms["full"] / ms[name]
+                info[name]["predicted_over_measured"] = info[name]["predicted_ms_per_batch"] / ms[name]
+            full_pred = lat["none"].predict_full(size)
+            results.append(
+                {
+                    "batch": size,
+                    "unit": unit,
+                    "full_ms_per_batch": ms["full"],
+                    "full_predicted_ms": full_pred,
+                    "modes": info,
+                }
+            )
+            print(
+                f"joint b{size} {unit}: full {ms['full']:.2f} ms; "
+                + "; ".join(
+                    f"{n} {v['knob']} {v['measured_ms_per_batch']:.2f} ms acc {v['test_accuracy']:.4f}"
+                    for n, v in info.items()
+                ),
+                flush=True,
+            )
+    out["joint"] = {"tolerance": args.tolerance, "target_val_accuracy": target, "rows": results}
+    return out
+
+
+def part_vits(args, out: dict) -> dict:
+    import timm
+
+    from adaptnn.adapters.vit_tokens import token_vit
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=1000).eval()
+    models = {
+        k.label(): set_token_knob(token_vit(vit, verify=False), k).eval() for k in (TokenKnob(), TokenKnob("tome", 13))
+    }
+    macs = {k: exit_macs(m, (3, 224, 224))[-1] for k, m in models.items()}
+    x = torch.randn(64, 3, 224, 224)
+    rows = []
+    for size, count in ((1, 8), (64, 1)):
+        ms = timed_forward(models, x, size, count, args.vits_rounds)
+        rows.append({"batch": size, "ms": ms, "speedup": ms["none"] / ms["tome_r13"]})
+        print(f"ViT-S/16 b{size}: {ms}", flush=True)
+    out["vits"] = {
+        "model": "vit_small_patch16_224 (random weights)",
+        "macs": macs,
+        "macs_ratio": macs["none"] / macs["tome_r13"],
+        "rows": rows,
+    }
+    return out
+
+
+def _part_line(part: dict) -> str:
+    return (
+        f"Measured with `{part.get('command')}`; load average before/after: {part.get('loadavg_before')} / "
+        f"{part.get('loadavg_after')}."
+    )
+
+
+def write_markdown(out: dict, path: Path) -> None:
+    m = out["machine"]
+    lines = [
+        "# Token reduction on CPU (ToMe, EViT; exits vs tokens vs both)",
+        "",
+        f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']}, {out['threads']} thread(s). Each "
+        "part below names its command and the load average around it (the machine was shared with other jobs).",
+        "Timings are medians of interleaved calls (all variants on the same batches in one process, order rotated); "
+        "the machine was shared with other jobs, so absolute ms are noisy but ratios are side by side.",
+        "",
+    ]
+    if "knobs" in out:
+        lines += [
+            f"## Per knob, trained ViT ({out['knobs']['run_dir']}; Fashion-MNIST test, last exit)",
+            "",
+            "ToMe r here (49 patch tokens, 6 blocks) -> ViT-B/16 equivalent r (same share of tokens removed).",
+            _part_line(out["knobs"]),
+            "",
+            "| knob | ViT-B r | MMACs | MACs ratio | test acc | drop (pt) | ms b1 | x b1 | ms b64 | x b64 | ms b256 "
+            "| x b256 | realised/ideal b64 | realised/ideal b256 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in out["knobs"]["rows"]:
+            lines.append(
+                f"| {r['knob']} | {r['vit_b_equivalent_r'] or ''} | {r['macs'] / 1e6:.2f} | {r['macs_ratio']:.2f} | "
+                f"{r['test_accuracy']:.4f} | {r['accuracy_drop_pt']:+.2f} | {r['ms_b1']:.2f} | {r['speedup_b1']:.2f} | "
+                f"{r['ms_b64']:.1f} | {r['speedup_b64']:.2f} | {r['ms_b256']:.1f} | {r['speedup_b256']:.2f} | "
+                f"{r['realised_over_ideal_b64']:.2f} | {r['realised_over_ideal_b256']:.2f} |"
+            )
+        lines.append("")
+    if "joint" in out:
+        j = out["joint"]
+        lines += [
+            "## Exits alone vs tokens alone vs both, at equal accuracy "
+            f"(val accuracy >= {j['target_val_accuracy']:.4f}, i.e. full model - {100 * j['tolerance']:.1f} pt)",
+            "",
+            "Chosen on validation by `calibrate_knob_and_exits` (smallest budget on a grid reaching the target); "
+            "timed with `run_dynamic` on test batches, interleaved with the full model. `pred/meas`: the per-knob "
+            "latency model's prediction (raw profile) over the measured time; the ms budgets use the profiles "
+            "anchored to the interleaved full-model times of the per-knob table (profiles are taken one knob "
+            "after another).",
+            _part_line(j),
+            "",
+            "| batch | budget in | mode | knob | val acc | test acc | test MMACs | ms/batch | speed-up vs full "
+            "| pred/meas |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in j["rows"]:
+            lines.append(
+                f"| {row['batch']} | {row['unit']} | full | none | | | | {row['full_ms_per_batch']:.2f} | 1.00 | "
+                f"{row['full_predicted_ms'] / row['full_ms_per_batch']:.2f} |"
+            )
+            for name, v in row["modes"].items():
+                lines.append(
+                    f"| {row['batch']} | {row['unit']} | {name} | {v['knob']} | {v['val_accuracy']:.4f} | "
+                    f"{v['test_accuracy']:.4f} | {v['test_avg_macs'] / 1e6:.2f} | {v['measured_ms_per_batch']:.2f} | "
+                    f"{v['speedup_vs_full']:.2f} | {v['predicted_over_measured']:.2f} |"
+                )
+        lines.append("")
+    if "vits" in out:
+        v = out["vits"]
+        lines += [
+            f"## {v['model']}, 224x224, ToMe r=13 (MACs ratio {v['macs_ratio']:.2f})",
+            "",
+            _part_line(v),
+            "",
+            "| batch | ms none | ms r=13 | speed-up |",
+            "|---|---|---|---|",
+        ]
+        for r in v["rows"]:
+            lines.append(f"| {r['batch']} | {r['ms']['none']:.1f} | {r['ms']['tome_r13']:.1f} | {r['speedup']:.2f} |")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = out["knobs"]["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method, marker in (("tome", "o"), ("evit", "s")):
+        sel = [r for r in rows if r["method"] in (method, "none")]
+        for size in (1, 64, 256):
+            axes[0].plot(
+                [r["macs_ratio"] for r in sel],
+                [r[f"speedup_b{size}"] for r in sel],
+                marker=marker,
+                label=f"{method} b{size}",
+            )
+        axes[1].plot([r["ms_b64"] for r in sel], [100 * r["test_accuracy"] for r in sel], marker=marker, label=method)
+    lim = max(r["macs_ratio"] for r in rows)
+    axes[0].plot([1, lim], [1, lim], "k:", label="ideal (MACs)")
+    axes[0].set_xlabel("MACs reduction (x)")
+    axes[0].set_ylabel("measured speed-up (x)")
+    axes[0].legend(fontsize=7)
+    axes[1].set_xlabel("ms per batch of 64")
+    axes[1].set_ylabel("test accuracy (%)")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run_dir", type=Path, default=Path("runs/vit_fmnist"))
+    parser.add_argument("--checkpoint", type=Path, default=None, help="weights (default: RUN_DIR/model.safetensors)")
+    parser.add_argument("--parts", default="knobs,joint,vits")
+    parser.add_argument("--limit", type=int, default=0, help="smoke runs: only the first N val/test samples")
+    parser.add_argument("--val_limit", type=int, default=0, help="calibrate on the first N validation samples only")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--vits_rounds", type=int, default=3)
+    parser.add_argument("--profile_repeats", type=int, default=5)
+    parser.add_argument("--tolerance", type=float, default=0.005)
+    parser.add_argument("--out", type=Path, default=RESULTS / "tokens_cpu")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    parts = args.parts.split(",")
+    json_path = args.out.with_suffix(".json")
+    out = json.loads(json_path.read_text()) if json_path.exists() else {}
+    out.update(
+        machine=machine_info("cpu"),
+        threads=args.threads,
+        loadavg_before=[round(v, 2) for v in os.getloadavg()],
+        command="python benchmarks/tokens.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    )
+    steps = [("knobs", part_knobs), ("joint", part_joint), ("vits", part_vits)]
+    for name, part in steps:
+        if name in parts or (name == "knobs" and "joint" in parts):
+            before = [round(v, 2) for v in os.getloadavg()]
+            part(args, out)
+            out[name].update(command=out["command"], loadavg_before=before, loadavg_after=out_load())
+            save(out, args.out)  # after every part: a long run keeps what it measured
+    return 0
+
+
+def out_load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def save(out: dict, prefix: Path) -> None:
+    """Write the JSON (without the in-memory cache), the markdown table and the plot."""
+    data = {k: v for k, v in out.items() if k != "_cache"}
+    data["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(json.dumps(data, indent=1, default=float))
+    write_markdown(data, prefix.with_suffix(".md"))
+    if "knobs" in data:
+        plot(data, prefix.with_suffix(".png"))
+    print(f"wrote {prefix}.json/.md", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

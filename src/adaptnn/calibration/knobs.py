@@ -1,0 +1,115 @@
+"""Joint calibration of a deployment knob and the exit thresholds for one budget (e.g. ViT token reduction + exits).
+
+A knob is a setting fixed per deployment that changes what every exit costs and predicts: the token reduction of a
+ViT (ToMe ``r``, EViT keep rate, or none), a width variant. Each knob value gives its own cached ``forward_all``
+logits and its own cumulative exit costs (MACs, or measured ms at the deployment's batch size). For each value the
+budgeted-batch engine (:func:`~adaptnn.calibration.budget._budget_fit`, the same candidates and rule as
+:func:`calibrate_to_budget`) finds the most accurate thresholds within the budget; the knob value whose best point is
+most accurate wins (ties: the cheaper, then the earlier listed). The candidates of every value include "everyone at
+the last exit", so tokens alone, exits alone (the value with no reduction) and both together all compete: the
+joint choice is never worse on validation than either alone. A value that cannot meet the budget is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from ..errors import BudgetError, ConfigError
+from ..policies import ThresholdPolicy
+from .budget import CalibrationResult, _budget_fit
+from .budgeted import DENSE_P_VALUES, check_costs, split_figures
+from .scores import exit_scores
+
+__all__ = ["calibrate_knob_and_exits"]
+
+log = logging.getLogger(__name__)
+
+
+def calibrate_knob_and_exits(
+    policy: ThresholdPolicy,
+    options: Mapping[str, tuple[Tensor, Sequence[float]]],
+    val_labels: Tensor,
+    budget: float,
+    *,
+    unit: str = "MACs",
+    test: Mapping[str, Tensor] | None = None,
+    test_labels: Tensor | None = None,
+    margin: float = 0.0,
+    p_values: Sequence[float] = DENSE_P_VALUES,
+) -> CalibrationResult:
+    """The knob value and thresholds with the best validation accuracy whose average cost is within ``budget``.
+
+    Args:
+        policy: any threshold policy (its thresholds are ignored; temperatures kept).
+        options: knob label -> (validation ``forward_all`` logits ``[K, N, C]`` with that knob, its ``K``
+            cumulative exit costs). List the "no reduction" value first so it wins ties.
+        val_labels: validation labels ``[N]``.
+        budget: average cost per sample, in ``unit`` (MACs, or ms per sample at the measured batch size).
+        test: optional knob label -> test logits, evaluated for the chosen value only.
+        test_labels: labels of the test logits.
+        margin, p_values: as :func:`~adaptnn.calibration.calibrate_to_budget`.
+
+    Returns:
+        A :class:`CalibrationResult` (method ``"joint_budget"``); ``details["knob"]`` is the chosen label and
+        ``details["per_knob"]`` the best point of every value (or why it was skipped).
+
+    Raises:
+        BudgetError: no knob value meets the budget.
+    """
+    if not options:
+        raise ConfigError("options is empty: give at least one knob value (label -> (val_logits, exit_costs))")
+    if not math.isfinite(float(budget)) or float(budget) <= 0:
+        raise ConfigError(f"the budget must be a finite number > 0 {unit}; got {budget!r}")
+    best: tuple[float, float, int] | None = None
+    chosen: dict[str, Any] = {}
+    per_knob: list[dict[str, Any]] = []
+    for order, (label, (val_logits, costs_in)) in enumerate(options.items()):
+        val = exit_scores(policy, val_logits, val_labels)
+        costs = check_costs(costs_in, val.num_exits, f"exit costs of {label!r}")
+        try:
+            thresholds, fig, n_cand = _budget_fit(
+                policy, val, costs, float(budget), unit=unit, margin=margin, p_values=p_values
+            )
+        except BudgetError as err:
+            per_knob.append({"knob": label, "feasible": False, "reason": str(err).split(".")[0]})
+            continue
+        per_knob.append({"knob": label, "feasible": True, "thresholds": thresholds, **fig})
+        key = (fig["accuracy"], -fig["avg_cost"], -order)
+        if best is None or key > best:
+            best = key
+            chosen = {"label": label, "thresholds": thresholds, "val": fig, "costs": costs, "candidates": n_cand}
+    if best is None:
+        cheapest = min(float(check_costs(c, len(c), "exit costs")[0]) for _, c in options.values())
+        raise BudgetError(
+            f"no knob value meets the budget of {float(budget):.6g} {unit} per sample; the cheapest first exit of "
+            f"any value costs {cheapest:.6g} {unit}: raise the budget to at least that"
+        )
+    label = chosen["label"]
+    test_fig = None
+    if test is not None and label in test:
+        if test_labels is None:
+            raise ConfigError("test logits were given without test_labels")
+        test_fig = split_figures(exit_scores(policy, test[label], test_labels), chosen["thresholds"], chosen["costs"])
+        test_fig["within_budget"] = bool(test_fig["avg_cost"] <= budget)
+    log.info("joint_budget: %.6g %s -> knob %s, val accuracy %.4f", budget, unit, label, chosen["val"]["accuracy"])
+    return CalibrationResult(
+        method="joint_budget",
+        policy=policy.with_thresholds(chosen["thresholds"]),
+        thresholds=chosen["thresholds"],
+        val=chosen["val"],
+        test=test_fig,
+        details={
+            "budget": float(budget),
+            "unit": unit,
+            "knob": label,
+            "exit_costs": chosen["costs"].tolist(),
+            "margin": margin,
+            "candidates": chosen["candidates"],
+            "per_knob": per_knob,
+        },
+    )

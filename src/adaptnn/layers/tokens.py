@@ -1,0 +1,452 @@
+"""Token reduction for vision transformers: token state, ToMe merging, EViT fusing, and blocks that apply them.
+
+Early exits decide how deep a sample goes; token reduction decides how many tokens a ViT carries from block to
+block. Both are decisions between (or inside) the segments of a :class:`~adaptnn.runtime.StagedModel`, so the
+state passed between ViT segments is a :class:`TokenState`: the tokens plus what merging needs.
+
+* **Token state**: ``tokens [B, N, D]``; ``size [B, N, 1]`` (how many input patches a token stands for; ``None``
+  while nothing was merged); ``source [B, N0]`` (the current index of every original token, so dense or
+  per-patch outputs can be un-merged with :func:`unmerge`; ``None`` while nothing was merged); ``prefix``
+  (leading protected tokens: class, distillation, registers; never merged or dropped).
+* **ToMe** (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023): inside each block, after attention,
+  the non-protected tokens are split alternately into two sets A and B; every A token is matched to its most
+  similar B token (cosine similarity of the attention keys averaged over heads); the ``r`` A tokens with the
+  best matches are merged into their B partners, averaging weighted by size. Later attention is *proportional*:
+  ``log(size)`` is added to the attention logits of each key through an additive mask, so the fused
+  ``scaled_dot_product_attention`` kernel is kept. ``r`` may be constant or decrease with depth.
+* **EViT** (Liang et al., "Not All Patches are What You Need", ICLR 2022): at chosen blocks, after attention,
+  keep the ``ceil(keep * n)`` patch tokens the class token attends to most (attention averaged over heads) and
+  fuse the rest into one token (their average weighted by that attention).
+
+A :class:`TokenBlock` runs a transformer block by calling the block's *own* modules (``norm1``, ``attn.qkv``,
+``attn.q_norm``/``k_norm``, ``attn.norm``, ``attn.gate``, ``attn.proj``, ``ls1``, ``drop_path1``, ``norm2``,
+``mlp``, ``ls2``, ``drop_path2``) with the reduction between attention and MLP. It works for timm's
+``Block`` and for :mod:`adaptnn.models.vit`'s blocks (same attribute names). With no reduction it computes
+exactly what the block's own forward computes. The knob (method and amount) is set on a whole model with
+:func:`set_token_knob`; the reductions are uniform across the batch (every sample keeps the same number of
+tokens, so the batch stays dense) and per sample (a sample's result never depends on the others in its batch),
+which is what makes cached ``forward_all`` logits replay exactly what ``run_dynamic`` decides.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError, UnsupportedModelError
+
+__all__ = [
+    "TokenState",
+    "TokenKnob",
+    "TokenBlock",
+    "TokenEmbed",
+    "TokenMap",
+    "TokenStateHead",
+    "as_token_state",
+    "unmerge",
+    "proportional_bias",
+    "bipartite_merge",
+    "evit_fuse",
+    "block_attention",
+    "check_block",
+    "set_token_knob",
+    "token_blocks",
+    "tome_schedule",
+    "TOKEN_METHODS",
+    "knob_grid",
+]
+
+TOKEN_METHODS = ("none", "tome", "evit")
+
+
+class TokenState(NamedTuple):
+    """What flows between ViT segments. Every tensor has the batch as dim 0 (the runtime compacts it).
+
+    Attributes:
+        tokens: ``[B, N, D]``.
+        size: ``[B, N, 1]`` float, input patches (or prefix tokens) each token stands for; ``None``: all 1.
+        source: ``[B, N0]`` long, current index of each of the ``N0`` original tokens; ``None``: identity.
+        prefix: leading protected tokens (class, distillation, registers): never merged or dropped.
+    """
+
+    tokens: Tensor
+    size: Tensor | None = None
+    source: Tensor | None = None
+    prefix: int = 1
+
+
+def as_token_state(x: Tensor | TokenState, prefix: int) -> TokenState:
+    """``x`` as a :class:`TokenState` (a plain ``[B, N, D]`` tensor gets no sizes and no sources)."""
+    return x if isinstance(x, TokenState) else TokenState(x, None, None, int(prefix))
+
+
+def unmerge(state: TokenState) -> Tensor:
+    """Tokens back at their original positions ``[B, N0, D]``: each original token gets the value of its merged one.
+
+    Mean pooling over the un-merged tokens equals the size-weighted mean over the merged ones.
+    """
+    if state.source is None:
+        return state.tokens
+    index = state.source.unsqueeze(-1).expand(-1, -1, state.tokens.shape[-1])
+    return state.tokens.gather(1, index)
+
+
+def proportional_bias(size: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Additive attention mask ``[B, 1, 1, N]`` = ``log(size)`` (proportional attention); ``None`` without sizes."""
+    if size is None:
+        return None
+    return size.log().to(dtype).squeeze(-1)[:, None, None, :]
+
+
+def _sizes(state: TokenState) -> Tensor:
+    t = state.tokens
+    return state.size if state.size is not None else t.new_ones((t.shape[0], t.shape[1], 1))
+
+
+def _new_source(state: TokenState, new_pos: Tensor) -> Tensor:
+    return new_pos if state.source is None else new_pos.gather(1, state.source)
+
+
+def bipartite_merge(state: TokenState, metric: Tensor, r: int, track_source: bool = True) -> TokenState:
+    """ToMe's bipartite soft matching: merge ``r`` non-protected tokens into their most similar partners.
+
+    Args:
+        state: tokens ``[B, N, D]`` (after attention), sizes, sources, protected prefix.
+        metric: ``[B, N, d]`` similarity features (the attention keys averaged over heads).
+        r: tokens to remove (clipped to half the non-protected tokens).
+        track_source: update ``source`` (needed only to un-merge; skipping it saves a few small kernels per block).
+
+    Returns:
+        The state with ``N - r`` tokens ordered ``[prefix, unmerged A, B]``; merged B tokens hold the
+        size-weighted average of what was merged into them and the summed size.
+    """
+    x, p = state.tokens, state.prefix
+    batch, n_tok, dim = x.shape
+    n = n_tok - p
+    r = min(int(r), n // 2)
+    if r <= 0:
+        return state
+    m = metric[:, p:]
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # [B, Na, Nb]
+    best, dst = scores.max(dim=-1)  # [B, Na]
+    order = best.argsort(dim=-1, descending=True)  # per sample, so independent of the batch
+    merged_a = order[:, :r]  # [B, r]
+    kept_a = order[:, r:]  # [B, Na - r] (token order does not matter to attention)
+    dst_merged = dst.gather(1, merged_a)  # [B, r]
+    n_a, n_b = scores.shape[1], scores.shape[2]
+
+    size = _sizes(state)
+    xa, xb = x[:, p:][:, 0::2], x[:, p:][:, 1::2]
+    sa, sb = size[:, p:][:, 0::2], size[:, p:][:, 1::2]
+    src_x = (xa * sa).gather(1, merged_a.unsqueeze(-1).expand(-1, -1, dim))
+    src_s = sa.gather(1, merged_a.unsqueeze(-1))
+    new_sb = sb.scatter_add(1, dst_merged.unsqueeze(-1), src_s)
+    new_xb = (xb * sb).scatter_add(1, dst_merged.unsqueeze(-1).expand(-1, -1, dim), src_x) / new_sb
+    keep_x = xa.gather(1, kept_a.unsqueeze(-1).expand(-1, -1, dim))
+    keep_s = sa.gather(1, kept_a.unsqueeze(-1))
+    tokens = torch.cat([x[:, :p], keep_x, new_xb], dim=1)
+    new_size = torch.cat([size[:, :p], keep_s, new_sb], dim=1)
+    if not track_source:
+        return TokenState(tokens, new_size, None, p)
+
+    # where every current token goes: prefix stays, kept A -> p + rank, merged A -> its B, B j -> p + (Na - r) + j
+    base = p + n_a - r
+    pos_a = torch.empty_like(best, dtype=torch.long)
+    pos_a.scatter_(1, kept_a, torch.arange(p, base, device=x.device).expand(batch, -1))
+    pos_a.scatter_(1, merged_a, base + dst_merged)
+    pos_b = torch.arange(base, base + n_b, device=x.device).expand(batch, -1)
+    pos = torch.empty((batch, n), dtype=torch.long, device=x.device)
+    pos[:, 0::2] = pos_a
+    pos[:, 1::2] = pos_b
+    new_pos = torch.cat([torch.arange(p, device=x.device).expand(batch, -1), pos], dim=1)
+    return TokenState(tokens, new_size, _new_source(state, new_pos), p)
+
+
+def evit_fuse(state: TokenState, cls_attn: Tensor, keep: int, track_source: bool = True) -> TokenState:
+    """EViT: keep the ``keep`` patch tokens with the highest class attention, fuse the others into one token.
+
+    Args:
+        state: tokens ``[B, N, D]`` (after attention), sizes, sources, protected prefix.
+        cls_attn: ``[B, N]`` attention of the class token to every token (averaged over heads).
+        keep: patch tokens kept (the fused token comes on top); nothing happens when ``keep >= N - prefix - 1``.
+        track_source: update ``source`` (see :func:`bipartite_merge`).
+
+    Returns:
+        The state ``[prefix, kept (spatial order), fused]`` with ``prefix + keep + 1`` tokens.
+    """
+    x, p = state.tokens, state.prefix
+    batch, n_tok, dim = x.shape
+    n = n_tok - p
+    keep = max(int(keep), 1)
+    if keep >= n - 1:
+        return state
+    score = cls_attn[:, p:]
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    kept = order[:, :keep].sort(dim=-1).values
+    rest = order[:, keep:]
+    size = _sizes(state)
+    xp, sp = x[:, p:], size[:, p:]
+    keep_x = xp.gather(1, kept.unsqueeze(-1).expand(-1, -1, dim))
+    keep_s = sp.gather(1, kept.unsqueeze(-1))
+    w = score.gather(1, rest).unsqueeze(-1).to(x.dtype)  # [B, n - keep, 1]
+    rest_x = xp.gather(1, rest.unsqueeze(-1).expand(-1, -1, dim))
+    fused = (rest_x * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    fused_s = sp.gather(1, rest.unsqueeze(-1)).sum(1, keepdim=True)
+    tokens = torch.cat([x[:, :p], keep_x, fused], dim=1)
+    new_size = torch.cat([size[:, :p], keep_s, fused_s], dim=1)
+    if not track_source:
+        return TokenState(tokens, new_size, None, p)
+    pos = torch.full((batch, n), p + keep, dtype=torch.long, device=x.device)
+    pos.scatter_(1, kept, torch.arange(p, p + keep, device=x.device).expand(batch, -1))
+    new_pos = torch.cat([torch.arange(p, device=x.device).expand(batch, -1), pos], dim=1)
+    return TokenState(tokens, new_size, _new_source(state, new_pos), p)
+
+
+_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+_ATTN_PARTS = ("qkv", "q_norm", "k_norm", "proj", "num_heads", "head_dim")
+
+
+def check_block(block: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``block`` is a pre-norm block with timm's module names."""
+    missing = [n for n in _BLOCK_PARTS if not hasattr(block, n)]
+    missing += [f"attn.{n}" for n in _ATTN_PARTS if not missing and not hasattr(block.attn, n)]
+    if missing:
+        raise UnsupportedModelError(
+            f"{type(block).__name__} lacks {', '.join(missing)}: token reduction needs a pre-norm transformer block "
+            "with timm's Block layout (norm1, attn.qkv, attn.proj, ls1, drop_path1, norm2, mlp, ls2, drop_path2)"
+        )
+    for name in ("rope", "rotary_emb", "q_proj"):
+        if getattr(block.attn, name, None) is not None:
+            raise UnsupportedModelError(f"{type(block.attn).__name__} has {name!r}: not supported by token reduction")
+
+
+def block_attention(attn: nn.Module, x: Tensor, bias: Tensor | None, training: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Self-attention through the attention module's own parts: ``(output [B, N, D], q, k)`` (``[B, H, N, hd]``)."""
+    batch, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    drop = attn.attn_drop.p if training and hasattr(attn, "attn_drop") else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+    out = out.transpose(1, 2).reshape(batch, n, attn.num_heads * attn.head_dim)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj(out)
+    proj_drop = getattr(attn, "proj_drop", None)
+    return (proj_drop(out) if proj_drop is not None else out), q, k
+
+
+def _cls_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """``[B, N]`` attention of token 0 to every token, averaged over heads (one query row, so cheap)."""
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
+
+
+class TokenBlock(nn.Module):
+    """A transformer block run on a :class:`TokenState`, optionally reducing tokens between attention and MLP.
+
+    Calls the wrapped block's own modules (see the module docstring), so LayerScale, q/k norms, scale norms and
+    gates are all kept; with ``action=None`` the result equals ``block(tokens)``.
+
+    Attributes:
+        block: the wrapped block (shared, not copied).
+        action: ``None``, ``("tome", r)`` (merge r tokens) or ``("evit", keep_rate)``; set by :func:`set_token_knob`.
+        proportional: add ``log(size)`` to the attention logits once tokens were merged.
+        track_source: keep ``TokenState.source`` current (for un-merging; class-token models can skip it).
+    """
+
+    def __init__(self, block: nn.Module, proportional: bool = True, track_source: bool = True) -> None:
+        super().__init__()
+        check_block(block)
+        self.block = block
+        self.action: tuple[str, float] | None = None
+        self.proportional = bool(proportional)
+        self.track_source = bool(track_source)
+
+    def forward(self, state: TokenState) -> TokenState:
+        blk = self.block
+        x = state.tokens
+        bias = proportional_bias(state.size, x.dtype) if self.proportional else None
+        out, q, k = block_attention(blk.attn, blk.norm1(x), bias, self.training)
+        x = x + blk.drop_path1(blk.ls1(out))
+        state = state._replace(tokens=x)
+        if self.action is not None:
+            method, amount = self.action
+            if method == "tome":
+                state = bipartite_merge(state, k.mean(dim=1), int(amount), self.track_source)
+            elif method == "evit":
+                if state.prefix < 1:
+                    raise ConfigError("EViT ranks tokens by class-token attention: the model has no class token")
+                n = x.shape[1] - state.prefix
+                scale = float(getattr(blk.attn, "scale", k.shape[-1] ** -0.5))
+                keep = math.ceil(float(amount) * n)
+                state = evit_fuse(state, _cls_attention(q, k, bias, scale), keep, self.track_source)
+            x = state.tokens
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return state._replace(tokens=x)
+
+    def extra_repr(self) -> str:
+        return f"action={self.action}"
+
+
+class TokenEmbed(nn.Module):
+    """Wraps an embedding (image -> ``[B, N, D]`` tokens) so it starts a :class:`TokenState` with ``prefix`` tokens."""
+
+    def __init__(self, embed: nn.Module, prefix: int) -> None:
+        super().__init__()
+        self.embed = embed
+        self.prefix = int(prefix)
+
+    def forward(self, x: Tensor) -> TokenState:
+        return TokenState(self.embed(x), None, None, self.prefix)
+
+
+class TokenMap(nn.Module):
+    """Applies a per-token module (e.g. the final LayerNorm) to the tokens of a :class:`TokenState`."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, state: TokenState) -> TokenState:
+        return state._replace(tokens=self.module(state.tokens))
+
+
+class TokenStateHead(nn.Module):
+    """A head reading a :class:`TokenState`: the tokens as they are (class-token heads) or un-merged (pooling heads).
+
+    Un-merging before a pooling head makes its mean the size-weighted mean of the merged tokens, and equals the
+    plain tokens when nothing was merged.
+    """
+
+    def __init__(self, head: nn.Module, unmerge_first: bool) -> None:
+        super().__init__()
+        self.head = head
+        self.unmerge_first = bool(unmerge_first)
+
+    def forward(self, state: TokenState) -> Tensor:
+        if not isinstance(state, TokenState):
+            return self.head(state)
+        return self.head(unmerge(state) if self.unmerge_first else state.tokens)
+
+
+def tome_schedule(r: int, depth: int, schedule: str = "constant") -> list[int]:
+    """Tokens ToMe merges in each of ``depth`` blocks: ``r`` everywhere, or decreasing linearly from ``2r`` to 0.
+
+    The decreasing schedule removes about as many tokens in total (``r * depth``) but early, where they cost most.
+    """
+    if r < 0 or depth < 1:
+        raise ConfigError(f"ToMe needs r >= 0 and depth >= 1, got r={r}, depth={depth}")
+    if schedule == "constant":
+        return [int(r)] * depth
+    if schedule == "decreasing":
+        if depth == 1:
+            return [int(r)]
+        return [int(round(2 * r * (depth - 1 - i) / (depth - 1))) for i in range(depth)]
+    raise ConfigError(f"ToMe schedule must be 'constant' or 'decreasing', got {schedule!r}")
+
+
+@dataclass(frozen=True)
+class TokenKnob:
+    """How many tokens a ViT carries: one deployment setting, chosen jointly with the exit thresholds.
+
+    Attributes:
+        method: ``"none"``, ``"tome"`` or ``"evit"``.
+        value: ToMe: tokens merged per block ``r``; EViT: the keep rate in ``(0, 1]``.
+        schedule: ToMe's ``"constant"`` or ``"decreasing"`` r.
+        locations: EViT's reducing blocks (default: after each quarter of the depth, as the paper's 4/7/10 of 12).
+    """
+
+    method: str = "none"
+    value: float = 0.0
+    schedule: str = "constant"
+    locations: tuple[int, ...] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.method not in TOKEN_METHODS:
+            raise ConfigError(f"token method must be one of {list(TOKEN_METHODS)}, got {self.method!r}")
+        if self.method == "evit" and not 0.0 < float(self.value) <= 1.0:
+            raise ConfigError(f"EViT keep rate must be in (0, 1], got {self.value!r}")
+        if self.method == "tome" and (float(self.value) < 0 or float(self.value) != int(self.value)):
+            raise ConfigError(f"ToMe r must be a whole number >= 0, got {self.value!r}")
+
+    @property
+    def is_off(self) -> bool:
+        """Whether this knob reduces nothing (``none``, ToMe ``r=0``, EViT ``keep=1``)."""
+        if self.method == "tome":
+            return int(self.value) == 0
+        return self.method == "none" or float(self.value) >= 1.0
+
+    def label(self) -> str:
+        """Short name, e.g. ``"tome_r8"``, ``"evit_k0.7"``, ``"none"``."""
+        if self.method == "tome":
+            return f"tome_r{int(self.value)}" + ("_dec" if self.schedule == "decreasing" else "")
+        if self.method == "evit":
+            return f"evit_k{float(self.value):g}"
+        return "none"
+
+    def actions(self, depth: int) -> list[tuple[str, float] | None]:
+        """The per-block actions of :class:`TokenBlock` for a model of ``depth`` blocks."""
+        if self.is_off:
+            return [None] * depth
+        if self.method == "tome":
+            return [("tome", r) if r > 0 else None for r in tome_schedule(int(self.value), depth, self.schedule)]
+        where = self.locations if self.locations is not None else _evit_locations(depth)
+        bad = [i for i in where if not 0 <= i < depth]
+        if bad:
+            raise ConfigError(f"EViT locations {list(where)} out of range for {depth} blocks")
+        return [("evit", float(self.value)) if i in where else None for i in range(depth)]
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "value": self.value, "schedule": self.schedule, "locations": self.locations}
+
+
+def _evit_locations(depth: int) -> tuple[int, ...]:
+    """Blocks where EViT reduces by default: 4th, 7th, 10th of 12 (1-based), scaled to ``depth``."""
+    return tuple(sorted({min(depth - 1, max(0, round(depth * f) - 1)) for f in (4 / 12, 7 / 12, 10 / 12)}))
+
+
+def token_blocks(model: nn.Module) -> list[TokenBlock]:
+    """The :class:`TokenBlock` modules of ``model`` in order."""
+    return [m for m in model.modules() if isinstance(m, TokenBlock)]
+
+
+def set_token_knob(model: nn.Module, knob: TokenKnob | None) -> nn.Module:
+    """Set the token reduction of every :class:`TokenBlock` of ``model`` (``None``: no reduction). Returns ``model``.
+
+    Clears a staged model's cached exit costs (they depend on the knob).
+    """
+    knob = knob or TokenKnob()
+    blocks = token_blocks(model)
+    if not blocks:
+        raise ConfigError(f"{type(model).__name__} has no token blocks: wrap it with adaptnn.adapters.token_vit first")
+    for blk, action in zip(blocks, knob.actions(len(blocks)), strict=True):
+        blk.action = action
+    cache = getattr(model, "_cost_cache", None)
+    if isinstance(cache, dict):
+        cache.clear()
+    model.token_knob = knob  # plain attribute: read by benchmarks and calibration reports
+    return model
+
+
+def knob_grid(methods: Sequence[str], tome_r: Sequence[int], evit_keep: Sequence[float]) -> list[TokenKnob]:
+    """``none`` plus one knob per ToMe ``r`` and EViT keep rate of the requested methods."""
+    knobs = [TokenKnob()]
+    if "tome" in methods:
+        knobs += [TokenKnob("tome", r) for r in tome_r]
+    if "evit" in methods:
+        knobs += [TokenKnob("evit", k) for k in evit_keep]
+    return knobs
