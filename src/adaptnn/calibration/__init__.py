@@ -45,6 +45,7 @@ from .guarantee import (
     exit_losses,
     losses_from_exits,
 )
+from .knobs import calibrate_knob_and_exits
 from .scores import exit_scores
 from .sweep import flat_curve, policy_sweep
 
@@ -64,6 +65,7 @@ __all__ = [
     "CalibrationResult",
     "calibrate_to_budget",
     "calibrate_to_latency",
+    "calibrate_knob_and_exits",
     "calibrate_accuracy_guarantee",
     "binomial_p_value",
     "binomial_upper_bound",

@@ -27,7 +27,8 @@ from ._shared import SAFE_YAML_MODE
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 COMMANDS: tuple[str, ...] = (
-    "quickstart", "train", "calibrate", "evaluate", "compare", "cost", "models", "bench", "profile", "export",
+    "quickstart", "train", "calibrate", "evaluate", "compare", "cost", "models", "bench", "profile", "export", "menu",
+    "incubate", "predict", "serve",
 )  # fmt: skip
 
 

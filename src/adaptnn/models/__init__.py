@@ -4,7 +4,7 @@ The adapters (:mod:`adaptnn.adapters`, a layer above) register their ``timm_stag
 ``hf_staged`` factories here when ``adaptnn`` is imported; this package never imports them.
 """
 
-from . import efficientnet_lite, msdnet, multi_exit_cnn  # noqa: F401  (registers the variants)
+from . import efficientnet_lite, elastic_cnn, msdnet, multi_exit_cnn, vit  # noqa: F401  (registers the variants)
 from ._builder import load_model
 from ._registry import (
     CheckpointArg,
@@ -27,6 +27,8 @@ for _name in list_models("mecnn_*"):
 _MSDNET_LAYOUT = {k: CheckpointArg(bounds=(0, 100)) for k in ("n_blocks", "step", "base")}
 for _name in list_models("msdnet_*"):
     declare_checkpoint_args(_name, args_like=msdnet.msdnet, checkpoint_args=_MSDNET_LAYOUT, build_on_meta=True)
+for _name in list_models("vit_*_conv_*"):
+    declare_checkpoint_args(_name, args_like=vit.vit_staged, build_on_meta=True)
 del _name
 
 __all__ = [

@@ -14,6 +14,7 @@ boost      BoostNet: exits trained as an additive ensemble; ensemble policy at i
 l2w        L2W-DEN: per-sample exit weights from a meta-trained weight network
 imta       IMTA gradient equilibrium (optionally with one-for-all distillation)
 frozen     train only the exit heads of a frozen (pretrained) backbone
+sorted     sandwich-rule training of every member of an elastic family (+ in-place distillation)
 ========== ====================================================================================
 """
 
@@ -29,6 +30,7 @@ from .frozen import FrozenBackbone, fit_heads_cached
 from .imta import GradientEquilibrium
 from .joint import JointLoss, exit_weights
 from .l2w import L2WLoss
+from .sortednet import SortedLoss
 
 __all__ = [
     "Strategy",
@@ -39,6 +41,7 @@ __all__ = [
     "SelfDistillation",
     "BoostLoss",
     "L2WLoss",
+    "SortedLoss",
     "GradientEquilibrium",
     "FrozenBackbone",
     "boosted_logits",
@@ -50,7 +53,8 @@ __all__ = [
 ]
 
 _STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (JointLoss, SelfDistillation, BoostLoss, L2WLoss, GradientEquilibrium, FrozenBackbone)
+    cls.name: cls
+    for cls in (JointLoss, SelfDistillation, BoostLoss, L2WLoss, GradientEquilibrium, FrozenBackbone, SortedLoss)
 }
 
 
