@@ -11,6 +11,7 @@ from adaptnn.errors import CheckpointError, ConfigError, UnsupportedModelError
 from adaptnn.io import save_checkpoint
 from adaptnn.layers.elastic import (
     ElasticBatchNorm2d,
+    ElasticBatchNormAct2d,
     ElasticConv2d,
     ElasticLayerNorm,
     ElasticLinear,
@@ -181,6 +182,37 @@ def test_elasticize_a_torchvision_resnet_through_the_adapter():
             assert (a - b).abs().max().item() <= 1e-6
     assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in base.parameters()) / 4
     assert all(len(layer) == 1 for layer in plain.segments[1:])  # depth 1: one block per stage
+
+
+def test_elasticize_a_timm_preact_resnet_with_batchnorm_act():
+    """timm's BatchNormAct2d (a BatchNorm2d subclass with its own forward) becomes per-variant-statistics BN + act."""
+    timm = pytest.importorskip("timm")
+    from tests.helpers import randomise_stats
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnetv2_18", channels=(16, 32, 64, 128), stem_chs=16, num_classes=10)
+    base = randomise_stats(adaptnn.from_timm(net, input_size=(3, 32, 32))).eval()
+    elastic = elasticize(base, width_mults=[0.5, 1.0], depths=[1, None]).eval()
+    bn_acts = [m for m in elastic.modules() if isinstance(m, ElasticBatchNormAct2d)]
+    assert len(bn_acts) == sum(type(m) is BatchNormAct2d for m in base.modules()) > 0
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(base.forward_all(x), elastic.forward_all(x), strict=True):
+            assert torch.equal(a, b)  # the full member is the source network
+        elastic.set_variant(width=0.5, depth=1)
+        row = elastic.variants.index(elastic.variant)
+        before = [m.running_mean.clone() for m in bn_acts]
+        recalibrate_bn(elastic, elastic.variant, [torch.randn(8, 3, 32, 32)])
+        changed = [(m.running_mean != b).any(dim=1) for m, b in zip(bn_acts, before, strict=True)]
+        assert all(c[row] and not c[1 - row] for c in changed)  # only this member's statistics row
+        small = elastic.forward_all(x)
+        plain = elastic.materialise()
+        for a, b in zip(small, plain.forward_all(x), strict=True):
+            assert (a - b).abs().max().item() <= 1e-6
+    assert not any(isinstance(m, ElasticBatchNormAct2d) for m in plain.modules())
+    assert sum(type(m) is BatchNormAct2d for m in plain.modules()) > 0  # plain timm layers, same forward
+    assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in base.parameters()) / 4
 
 
 def test_elasticize_refuses_layers_with_a_forward_of_their_own():

@@ -1,15 +1,21 @@
-"""Choosing an elastic member for a budget (calibration.variants) and the ``adaptnn menu`` command."""
+"""Choosing an elastic member for a budget (alone, or with exit thresholds via the knob engine); ``adaptnn menu``."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
 
-from adaptnn.calibration.variants import choose_joint, choose_variant, pareto_front, variant_operating_points
+from adaptnn.calibration import calibrate_knob_and_exits
+from adaptnn.calibration.variants import choose_variant, pareto_front
 from adaptnn.cli import main
+from adaptnn.cli.menu import MemberLogits, joint_choice
 from adaptnn.errors import BudgetError, ConfigError
+from adaptnn.io.jsonfile import to_jsonable
+from adaptnn.policies import ConfidencePolicy
 
 ROWS = [
     {"variant": "w0.25", "accuracy": 0.80, "macs": 1.0, "ms_b64": 1.0},
@@ -33,23 +39,66 @@ def test_pareto_front_and_choice_by_budget():
         choose_variant(ROWS, "macs", -1)
 
 
-def test_joint_choice_of_member_and_exit_thresholds():
+def _member_logits(rng: np.random.Generator, labels: np.ndarray, skill: float) -> torch.Tensor:
+    """Two-exit logits ``[2, N, 3]``: right with probability skill - 0.1 / skill, confident when right."""
+    right = rng.random((2, labels.size)) < np.array([[skill - 0.1], [skill]])
+    preds = np.where(right, labels, (labels + 1) % 3)
+    margin = np.where(right, rng.uniform(1.0, 4.0, right.shape), rng.uniform(0.0, 1.0, right.shape))
+    logits = np.zeros((2, labels.size, 3))
+    np.put_along_axis(logits, preds[..., None], margin[..., None], axis=-1)
+    return torch.tensor(logits, dtype=torch.float32)
+
+
+def test_joint_choice_of_member_and_exit_thresholds_uses_the_knob_engine():
+    """Each member is one knob setting of calibrate_knob_and_exits; the menu's JSON names member + thresholds."""
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 3, 200)
-    points = {}
-    for name, (skill, scale) in {"small": (0.6, 1.0), "large": (0.9, 4.0)}.items():
-        right = rng.random((2, 200)) < np.array([[skill - 0.1], [skill]])
-        preds = np.where(right, labels, (labels + 1) % 3)
-        scores = np.where(right, rng.uniform(0.6, 1.0, (2, 200)), rng.uniform(0.3, 0.7, (2, 200)))
-        points[name] = variant_operating_points(scores, preds, labels, [scale, 2 * scale])
-        costs = [p["avg_cost"] for p in points[name]]
-        assert min(costs) == pytest.approx(scale) and max(costs) == pytest.approx(2 * scale)
-    best = choose_joint(points, 1.5)
-    assert best["variant"] == "small" and best["avg_cost"] <= 1.5
-    best = choose_joint(points, 8.0)
-    assert best["variant"] == "large" and best["accuracy"] >= max(p["accuracy"] for p in points["small"])
-    with pytest.raises(BudgetError):
-        choose_joint(points, 0.5)
+    labels = rng.integers(0, 3, 400)
+    costs = {"small": [1.0, 2.0], "large": [4.0, 8.0]}
+    options = {
+        name: (_member_logits(rng, labels, skill), costs[name]) for name, skill in (("small", 0.6), ("large", 0.9))
+    }
+    rows = [
+        {
+            "variant": name,
+            "width": w,
+            "depth": 2,
+            "accuracy": float((lg[-1].argmax(-1).numpy() == labels).mean()),
+            "macs": costs[name][-1],
+        }
+        for (name, (lg, _)), w in zip(options.items(), (0.5, 1.0), strict=True)
+    ]
+    menu_labels = torch.as_tensor(labels)
+    menu_logits = MemberLogits(options, menu_labels)
+    policy = ConfidencePolicy([math.inf])
+    for budget in (1.5, 3.0, 6.0, 8.0):
+        choice = joint_choice(rows, menu_logits, budget)
+        engine = calibrate_knob_and_exits(policy, options, torch.as_tensor(labels), budget)
+        assert choice["variant"] == engine.details["knob"] and choice["thresholds"] == engine.thresholds
+        assert choice["accuracy"] == engine.val["accuracy"] and choice["avg_cost"] <= budget * (1 + 1e-9)
+        # never worse than the member-only choice (everyone at the last exit is a candidate of every member)
+        fitting = [r["accuracy"] for r in rows if r["macs"] <= budget]
+        assert choice["accuracy"] >= max(fitting, default=0.0) - 1e-12
+        assert json.loads(json.dumps(to_jsonable(choice)))["policy"]["name"] == "confidence"
+        assert {m["variant"] for m in choice["per_member"]} == {"small", "large"}
+    assert joint_choice(rows, menu_logits, 1.5)["variant"] == "small"
+    assert joint_choice(rows, menu_logits, 8.0)["variant"] == "large"
+    # at 6 MACs the large member with early exits beats the small member at its last exit
+    assert joint_choice(rows, menu_logits, 6.0)["variant"] == "large"
+    with pytest.raises(BudgetError, match="cheapest first exit of any setting costs 1"):
+        joint_choice(rows, menu_logits, 0.5)
+    # a budget in ms per batch: the members' per-exit latencies (per sample) are the knob engine's costs
+    exit_ms = {"small": [0.01, 0.02], "large": [0.04, 0.08]}  # ms per sample at batch 10
+    ms_choice = joint_choice(rows, menu_logits, 0.6, exit_ms=exit_ms, batch=10)
+    engine = calibrate_knob_and_exits(
+        policy, {n: (lg, exit_ms[n]) for n, (lg, _) in options.items()}, menu_labels, 0.06
+    )
+    assert ms_choice["variant"] == engine.details["knob"] == "large" and ms_choice["thresholds"] == engine.thresholds
+    assert ms_choice["predicted_ms"] == pytest.approx(10 * engine.val["avg_cost"]) and ms_choice["predicted_ms"] <= 0.6
+    assert (
+        ms_choice["budget_ms"] == 0.6
+        and ms_choice["budget_batch"] == 10
+        and "ms per batch of 10" in ms_choice["summary"]
+    )
 
 
 def test_latency_model_per_variant():
@@ -81,6 +130,15 @@ def test_menu_command_on_a_sorted_run(tmp_path, capsys):
     assert menu["rows"][0]["macs"] < menu["rows"][1]["macs"] / 3
     assert menu["choice"]["variant"] in ("w0.5_d2", "w1_d2") and "chosen:" in out
     assert (run / "menu.png").stat().st_size > 1000
+    assert main([*argv, "--budget_macs", "1e9", "--joint"]) == 0  # member + exit thresholds, by the knob engine
+    choice = json.loads((run / "menu.json").read_text())["choice"]
+    assert choice["variant"] in ("w0.5_d2", "w1_d2") and choice["policy"]["name"] == "confidence"
+    assert len(choice["thresholds"]) == len(menu["rows"][0]["exit_macs"]) - 1 and choice["avg_cost"] <= 1e9
+    assert choice["accuracy"] >= max(r["accuracy"] for r in menu["rows"]) - 1e-12
+    assert "exit thresholds" in capsys.readouterr().out
+    assert main([*argv, "--budget_ms", "1e3", "--budget_batch", "8", "--joint"]) == 0  # measured per-exit ms
+    choice = json.loads((run / "menu.json").read_text())["choice"]
+    assert choice["budget_batch"] == 8 and 0 < choice["predicted_ms"] <= 1e3 and len(choice["exit_ms"]) == 4
     assert main([*argv, "--budget_macs", "10"]) == 2  # nothing fits: one line, the menu is still written
     err = capsys.readouterr().err
     assert "no variant fits macs <= 10" in err and "Traceback" not in err

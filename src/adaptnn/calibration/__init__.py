@@ -5,6 +5,8 @@ threshold fit, exit rule, figures, candidate path, sweep); everything else build
 
 * :func:`calibrate_to_budget`: thresholds meeting a target average MACs per sample;
 * :func:`calibrate_to_latency`: the same for measured per-exit latencies (ms) on the user's device;
+* :func:`calibrate_knob_and_exits`: a deployment knob (a ViT token setting, an elastic member, anything with its
+  own logits and exit costs) chosen jointly with the thresholds for one budget (the one joint engine);
 * :func:`calibrate_accuracy_guarantee`: accuracy drop vs the last exit ``<= epsilon`` with probability
   ``>= 1 - delta`` (Learn then Test);
 * :func:`policy_sweep`: :func:`budgeted_sweep` for any threshold policy, with the reference code's

@@ -1,13 +1,17 @@
-"""Joint calibration of a deployment knob and the exit thresholds for one budget (e.g. ViT token reduction + exits).
+"""THE engine that chooses a deployment knob jointly with the exit thresholds for one budget.
 
-A knob is a setting fixed per deployment that changes what every exit costs and predicts: the token reduction of a
-ViT (ToMe ``r``, EViT keep rate, or none), a width variant. Each knob value gives its own cached ``forward_all``
-logits and its own cumulative exit costs (MACs, or measured ms at the deployment's batch size). For each value the
-budgeted-batch engine (:func:`~adaptnn.calibration.budget._budget_fit`, the same candidates and rule as
-:func:`calibrate_to_budget`) finds the most accurate thresholds within the budget; the knob value whose best point is
-most accurate wins (ties: the cheaper, then the earlier listed). The candidates of every value include "everyone at
-the last exit", so tokens alone, exits alone (the value with no reduction) and both together all compete: the
-joint choice is never worse on validation than either alone. A value that cannot meet the budget is skipped.
+A *knob* is anything fixed per deployment that changes what every exit predicts and costs: the token reduction of a
+ViT (ToMe ``r``, EViT keep rate, or none), a member of an elastic family (a width x depth variant), or any other
+setting that gives its own cached ``forward_all`` logits and its own cumulative exit costs (MACs, or measured ms at
+the deployment's batch size). For each knob setting the budgeted-batch engine
+(:func:`~adaptnn.calibration.budget._budget_fit`, the same candidates and rule as :func:`calibrate_to_budget`)
+finds the most accurate thresholds within the budget; the setting whose best point is most accurate wins (ties:
+the cheaper, then the earlier listed). The candidates of every setting include "everyone at the last exit", so the
+knob alone, exits alone (the setting with no reduction, or the largest member) and both together all compete: the
+joint choice is never worse on validation than either alone. A setting that cannot meet the budget is skipped.
+
+Choosing a knob setting *without* exit thresholds (one row per setting, e.g. the elastic menu's member choice) is a
+different idea: :func:`~adaptnn.calibration.variants.choose_variant`.
 """
 
 from __future__ import annotations
@@ -42,27 +46,32 @@ def calibrate_knob_and_exits(
     margin: float = 0.0,
     p_values: Sequence[float] = DENSE_P_VALUES,
 ) -> CalibrationResult:
-    """The knob value and thresholds with the best validation accuracy whose average cost is within ``budget``.
+    """The knob setting and thresholds with the best validation accuracy whose average cost is within ``budget``.
 
     Args:
-        policy: any threshold policy (its thresholds are ignored; temperatures kept).
-        options: knob label -> (validation ``forward_all`` logits ``[K, N, C]`` with that knob, its ``K``
-            cumulative exit costs). List the "no reduction" value first so it wins ties.
-        val_labels: validation labels ``[N]``.
+        policy: any threshold policy (its thresholds are ignored; temperatures kept). Every setting must have
+            the same number of exits ``K`` (the policy's).
+        options: knob label (a token setting, an elastic member's name, ...) -> (validation ``forward_all``
+            logits ``[K, N, C]`` with that setting, its ``K`` cumulative exit costs). List the default setting
+            (no reduction, the largest member) first so it wins exact ties.
+        val_labels: validation labels ``[N]`` (the same samples for every setting).
         budget: average cost per sample, in ``unit`` (MACs, or ms per sample at the measured batch size).
-        test: optional knob label -> test logits, evaluated for the chosen value only.
+        unit: the cost unit, for messages and ``details``.
+        test: optional knob label -> test logits, evaluated for the chosen setting only.
         test_labels: labels of the test logits.
         margin, p_values: as :func:`~adaptnn.calibration.calibrate_to_budget`.
 
     Returns:
-        A :class:`CalibrationResult` (method ``"joint_budget"``); ``details["knob"]`` is the chosen label and
-        ``details["per_knob"]`` the best point of every value (or why it was skipped).
+        A :class:`CalibrationResult` (method ``"joint_budget"``) whose policy runs unchanged in ``run_dynamic``
+        of the model set to the chosen setting; ``details["knob"]`` is the chosen label and ``details["per_knob"]``
+        the best point of every setting (or why it was skipped).
 
     Raises:
-        BudgetError: no knob value meets the budget.
+        ConfigError: no settings, a non-positive budget, or exit costs that do not match the logits.
+        BudgetError: no setting meets the budget.
     """
     if not options:
-        raise ConfigError("options is empty: give at least one knob value (label -> (val_logits, exit_costs))")
+        raise ConfigError("options is empty: give at least one knob setting (label -> (val_logits, exit_costs))")
     if not math.isfinite(float(budget)) or float(budget) <= 0:
         raise ConfigError(f"the budget must be a finite number > 0 {unit}; got {budget!r}")
     best: tuple[float, float, int] | None = None
@@ -86,8 +95,8 @@ def calibrate_knob_and_exits(
     if best is None:
         cheapest = min(float(check_costs(c, len(c), "exit costs")[0]) for _, c in options.values())
         raise BudgetError(
-            f"no knob value meets the budget of {float(budget):.6g} {unit} per sample; the cheapest first exit of "
-            f"any value costs {cheapest:.6g} {unit}: raise the budget to at least that"
+            f"no knob setting meets the budget of {float(budget):.6g} {unit} per sample; the cheapest first exit of "
+            f"any setting costs {cheapest:.6g} {unit}: raise the budget to at least that"
         )
     label = chosen["label"]
     test_fig = None

@@ -4,15 +4,17 @@ For each valid variant of the run's checkpoint: validation accuracy (last exit, 
 member's plain forward pass (``adaptnn.runtime.cost``), and milliseconds per batch at each ``--batch_sizes``
 measured on its materialised (plain, smaller) network with the timing engine (all members interleaved, medians).
 Writes ``RUN_DIR/menu.json`` and ``RUN_DIR/menu.png`` (accuracy vs ms and vs MACs, Pareto members marked).
-``--budget_ms`` / ``--budget_macs`` pick the most accurate member that fits (with ``--joint``, the best
-member + early-exit thresholds pair in average MACs).
+``--budget_ms`` / ``--budget_macs`` pick the most accurate member that fits; with ``--joint`` the member and its
+early-exit thresholds are chosen together by the knob engine (:func:`~adaptnn.calibration.calibrate_knob_and_exits`,
+each member one knob setting), for average MACs or for measured ms (each member's per-exit latency profile at
+``--budget_batch``, :func:`~adaptnn.measure.latency.profile_variants`).
 """
 
 from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
@@ -21,13 +23,20 @@ from ._shared import add_run_access, run_access
 HELP = "Measure every member of an elastic run (accuracy, MACs, ms) and pick one for a budget."
 
 
+class MemberLogits(NamedTuple):
+    """Every member's validation ``forward_all`` logits with its cumulative exit MACs, and the labels."""
+
+    options: dict[str, tuple[Any, list[float]]]  # member name -> (logits [K, N, C], K exit MACs)
+    labels: Any  # [N]
+
+
 def build(parser: ArgumentParser) -> None:
     parser.add_argument("run_dir", type=str, help="A trained run directory of an elastic model.")
     parser.add_argument("--budget_ms", type=float | None, default=None, help="Milliseconds per batch allowed.")
     parser.add_argument("--budget_batch", type=int, default=64, help="Batch size --budget_ms refers to.")
     parser.add_argument("--budget_macs", type=float | None, default=None, help="MACs per sample allowed.")
     parser.add_argument(
-        "--joint", action=ActionYesNo, default=False, help="With --budget_macs: choose member and exit thresholds."
+        "--joint", action=ActionYesNo, default=False, help="Choose member and exit thresholds together."
     )
     parser.add_argument("--batch_sizes", type=list[int], default=[1, 64], help="Batch sizes to time.")
     parser.add_argument("--rounds", type=int, default=5, help="Timed calls per member and batch.")
@@ -49,8 +58,8 @@ def run(args: Namespace) -> None:
         raise ConfigError(f"--batch_sizes must be positive integers, got {args.batch_sizes}")
     if args.budget_ms is not None and args.budget_batch not in batch_sizes:
         batch_sizes = sorted({*batch_sizes, int(args.budget_batch)})
-    if args.joint and args.budget_macs is None:
-        raise ConfigError("--joint chooses member and exit thresholds for --budget_macs; give --budget_macs")
+    if args.joint and args.budget_macs is None and args.budget_ms is None:
+        raise ConfigError("--joint chooses member and exit thresholds for a budget; give --budget_macs or --budget_ms")
     require_trained(run_dir)
     loaded = load_run(run_dir, **run_access(args))
     model = loaded.model
@@ -59,14 +68,15 @@ def run(args: Namespace) -> None:
             f"{run_dir} holds a {type(model).__name__}, not an elastic model; train one such as elastic_cnn_mnist"
         )
     with pinned_threads(args.threads):
-        rows, points = build_menu(model, loaded.splits.val, batch_sizes, rounds=args.rounds, warmup_s=args.warmup_s)
+        rows, logits = build_menu(model, loaded.splits.val, batch_sizes, rounds=args.rounds, warmup_s=args.warmup_s)
         info = machine_info()
     menu: dict[str, Any] = {"rows": rows, "batch_sizes": batch_sizes, "machine": info, "split": "val"}
     write_json(run_dir / "menu.json", menu)
     plot_menu(rows, batch_sizes[-1], run_dir / "menu.png")
     print(format_menu(rows, batch_sizes))
     print(f"wrote {run_dir / 'menu.json'} and {run_dir / 'menu.png'}")
-    choice = _choose(args, rows, points)  # after the menu is written: a budget nothing fits still leaves it
+    # after the menu is written: a budget nothing fits still leaves it
+    choice = _choose(args, rows, logits, model, loaded.splits.val)
     if choice is not None:
         write_json(run_dir / "menu.json", {**menu, "choice": choice})
         print(choice["summary"])
@@ -74,17 +84,14 @@ def run(args: Namespace) -> None:
 
 def build_menu(
     model: Any, dataset: Any, batch_sizes: list[int], *, rounds: int = 5, warmup_s: float = 1.0, timing_batches: int = 3
-) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Rows of the menu (one per member) and each member's early-exit operating points on ``dataset`` (MACs)."""
+) -> tuple[list[dict[str, Any]], MemberLogits]:
+    """Rows of the menu (one per member) and every member's validation logits and exit MACs (for ``--joint``)."""
     import torch
 
-    from ..calibration.budgeted import DENSE_P_VALUES
-    from ..calibration.scores import exit_scores
-    from ..calibration.variants import pareto_front, variant_operating_points
+    from ..calibration.variants import pareto_front
     from ..errors import DataError
     from ..evaluation.logits import collect_logits
     from ..measure.timing import interleaved_medians
-    from ..policies import make_policy
     from ..runtime.cost import cost_breakdown
 
     if len(dataset) == 0:
@@ -92,19 +99,16 @@ def build_menu(
     model.eval()
     sample_shape = tuple(torch.as_tensor(dataset[0][0]).shape)
     rows: list[dict[str, Any]] = []
-    points: dict[str, list[dict[str, Any]]] = {}
+    options: dict[str, tuple[Any, list[float]]] = {}
+    labels = None
     plains: dict[str, Any] = {}
-    policy = make_policy("confidence", model.num_exits)
     for variant in model.variants:
         with model.use_variant(variant):
             logits, labels = collect_logits(model, dataset)
             breakdown = cost_breakdown(model, sample_shape)
             plains[variant.name] = model.materialise().eval()
         correct = (logits.argmax(-1) == labels[None]).float().mean(dim=1)  # [K]
-        split = exit_scores(policy, logits, labels)
-        points[variant.name] = variant_operating_points(
-            split.scores, split.predictions, split.labels, breakdown.exit_macs, DENSE_P_VALUES
-        )
+        options[variant.name] = (logits, [float(c) for c in breakdown.exit_macs])
         rows.append(
             {
                 "variant": variant.name,
@@ -139,11 +143,95 @@ def build_menu(
     for key in ["macs", *(f"ms_b{b}" for b in batch_sizes)]:
         for row, on in zip(rows, pareto_front(rows, key), strict=True):
             row[f"pareto_{key}"] = on
-    return rows, points
+    return rows, MemberLogits(options, labels)
 
 
-def _choose(args: Namespace, rows: list[dict[str, Any]], points: dict[str, list[dict[str, Any]]]) -> dict | None:
-    from ..calibration.variants import choose_joint, choose_variant
+def joint_choice(
+    rows: list[dict[str, Any]],
+    logits: MemberLogits,
+    budget: float,
+    *,
+    exit_ms: dict[str, list[float]] | None = None,
+    batch: int | None = None,
+) -> dict[str, Any]:
+    """The member and confidence-exit thresholds with the best validation accuracy within an average ``budget``.
+
+    Each member is one knob setting of :func:`~adaptnn.calibration.calibrate_knob_and_exits` (THE joint engine).
+    Without ``exit_ms`` the budget is average MACs per sample (each member's exit MACs); with it, ``exit_ms`` is
+    each member's cumulative ms per sample of each exit at batch ``batch`` and ``budget`` the ms per batch of
+    ``batch`` allowed. The returned dict is JSON-ready: member, thresholds, policy, validation accuracy, average
+    cost, every member's best point (or why it could not meet the budget) and a one-line summary.
+    """
+    from ..calibration import calibrate_knob_and_exits
+    from ..errors import ConfigError
+    from ..policies import make_policy
+
+    options = logits.options
+    per_sample, unit = float(budget), "MACs"
+    if exit_ms is not None:
+        if batch is None or batch < 1:
+            raise ConfigError(f"joint_choice: exit_ms needs the batch size it was measured at (>= 1), got {batch!r}")
+        options = {name: (lg, exit_ms[name]) for name, (lg, _) in logits.options.items()}
+        per_sample, unit = float(budget) / batch, f"ms per sample at batch {batch}"
+    num_exits = len(next(iter(options.values()))[1])
+    result = calibrate_knob_and_exits(
+        make_policy("confidence", num_exits), options, logits.labels, per_sample, unit=unit
+    )
+    member = result.details["knob"]
+    row = next(r for r in rows if r["variant"] == member)
+    per_member = [
+        {"variant": p["knob"], **{k: p[k] for k in ("accuracy", "avg_cost", "thresholds") if k in p}}
+        if p["feasible"]
+        else {"variant": p["knob"], "reason": p["reason"]}
+        for p in result.details["per_knob"]
+    ]
+    shown = [None if t == float("inf") else round(t, 4) for t in result.thresholds]
+    member_alone = f"{100 * row['accuracy']:.2f}% at {row['macs'] / 1e6:.3f} M"
+    if exit_ms is None:
+        cost = f"{result.val['avg_cost'] / 1e6:.3f} M average MACs (budget {budget / 1e6:.3f} M"
+    else:
+        cost = (
+            f"{result.val['avg_cost'] * batch:.3f} ms per batch of {batch} predicted from the exits' latencies "
+            f"(budget {budget:.3f} ms"
+        )
+        plain_ms = row.get(f"ms_b{batch}", exit_ms[member][-1] * batch)  # the plain member, measured by the menu
+        member_alone = f"{100 * row['accuracy']:.2f}% at {plain_ms:.3f} ms"
+    return {
+        "variant": member,
+        "width": row.get("width"),
+        "depth": row.get("depth"),
+        "thresholds": result.thresholds,
+        "policy": result.policy.to_dict(),
+        "accuracy": result.val["accuracy"],
+        "avg_cost": result.val["avg_cost"],
+        "exit_fractions": result.val.get("exit_fractions"),
+        "full_accuracy": row["accuracy"],
+        "full_macs": row["macs"],
+        "unit": unit,
+        **({"budget_macs": float(budget)} if exit_ms is None else {"budget_ms": float(budget), "budget_batch": batch}),
+        **({} if exit_ms is None else {"predicted_ms": result.val["avg_cost"] * batch, "exit_ms": exit_ms[member]}),
+        "per_member": per_member,
+        "summary": f"chosen: {member} with exit thresholds {shown}: validation accuracy "
+        f"{100 * result.val['accuracy']:.2f}% at {cost}; the member alone: {member_alone})",
+    }
+
+
+def _member_exit_ms(args: Namespace, model: Any, dataset: Any) -> dict[str, list[float]]:
+    """Each member's cumulative ms per sample of each exit at ``--budget_batch`` (its materialised network)."""
+    import torch
+
+    from ..measure.latency import profile_variants
+
+    b = int(args.budget_batch)
+    pool = torch.stack([torch.as_tensor(dataset[i % len(dataset)][0]) for i in range(min(4 * b, max(b, 256)))])
+    profiles = profile_variants(
+        model, pool, batch_sizes=[b], repeats=max(3, args.rounds), warmup_s=args.warmup_s, num_threads=args.threads
+    )
+    return {name: [t / b for t in p.exit_latency_ms(b)] for name, p in profiles.items()}
+
+
+def _choose(args: Namespace, rows: list[dict[str, Any]], logits: MemberLogits, model: Any, dataset: Any) -> dict | None:
+    from ..calibration.variants import choose_variant
 
     if args.budget_ms is None and args.budget_macs is None:
         return None
@@ -151,16 +239,11 @@ def _choose(args: Namespace, rows: list[dict[str, Any]], points: dict[str, list[
         from ..errors import ConfigError
 
         raise ConfigError("give --budget_ms or --budget_macs, not both")
-    if args.budget_macs is not None and args.joint:
-        best = choose_joint(points, args.budget_macs)
-        thresholds = [None if t == float("inf") else round(t, 4) for t in best["thresholds"]]
-        return {
-            **best,
-            "budget_macs": args.budget_macs,
-            "summary": f"chosen: {best['variant']} with exit thresholds {thresholds}: validation accuracy "
-            f"{100 * best['accuracy']:.2f}% at {best['avg_cost'] / 1e6:.3f} M average MACs "
-            f"(budget {args.budget_macs / 1e6:.3f} M)",
-        }
+    if args.joint and args.budget_macs is not None:
+        return joint_choice(rows, logits, args.budget_macs)
+    if args.joint:
+        exit_ms = _member_exit_ms(args, model, dataset)
+        return joint_choice(rows, logits, args.budget_ms, exit_ms=exit_ms, batch=int(args.budget_batch))
     key, budget = (
         ("macs", args.budget_macs) if args.budget_macs is not None else (f"ms_b{args.budget_batch}", args.budget_ms)
     )

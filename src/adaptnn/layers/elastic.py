@@ -9,6 +9,7 @@ chosen per segment by running only the leading blocks of an :class:`ElasticSeque
 * :class:`ElasticBatchNorm2d`: shared affine parameters (prefix-sliced) and one row of running statistics per
   variant (switchable statistics), so every member normalises with statistics of its own activations;
   :func:`recalibrate_bn` recomputes one variant's row from data and changes nothing else;
+  :class:`ElasticBatchNormAct2d` is the same for timm's ``BatchNormAct2d`` (then its own drop and activation);
 * :class:`ElasticStagedModel`: a :class:`~adaptnn.runtime.StagedModel` with a fixed list of valid
   :class:`Variant` s (stored in its weights as ``variant_table``; loading weights trained for another list fails),
   ``set_variant(width=, depth=)`` and the ``use_variant`` context manager;
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +39,7 @@ __all__ = [
     "ElasticConv2d",
     "ElasticLinear",
     "ElasticBatchNorm2d",
+    "ElasticBatchNormAct2d",
     "ElasticLayerNorm",
     "ElasticSequential",
     "ElasticStagedModel",
@@ -218,6 +221,38 @@ class ElasticBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, variants={self.running_mean.shape[0]}, eps={self.eps}, momentum={self.momentum}"
+
+
+class ElasticBatchNormAct2d(ElasticBatchNorm2d):
+    """timm's ``BatchNormAct2d`` made elastic: :class:`ElasticBatchNorm2d`, then the source's ``drop`` and ``act``.
+
+    ``drop`` and ``act`` are the source module's own (channel-agnostic) modules, so no timm code is copied;
+    :meth:`to_plain` gives back a plain module of the source's class (same forward, same state-dict keys).
+    """
+
+    def __init__(self, source: nn.BatchNorm2d, num_variants: int) -> None:
+        super().__init__(source.num_features, num_variants, eps=source.eps, momentum=source.momentum or 0.1)
+        self.plain_class = type(source)
+        self.drop = source.drop
+        self.act = source.act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+    def to_plain(self, num_features: int) -> nn.BatchNorm2d:
+        bn = super().to_plain(num_features)
+        plain = self.plain_class(
+            num_features, eps=self.eps, momentum=self.momentum, apply_act=False, device=bn.weight.device
+        ).to(dtype=bn.weight.dtype)
+        plain.load_state_dict(bn.state_dict())
+        plain.drop, plain.act = copy.deepcopy(self.drop), copy.deepcopy(self.act)
+        return plain
+
+
+def _is_timm_bn_act(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly timm's ``BatchNormAct2d`` (read from the loaded module: timm is optional)."""
+    norm_act = sys.modules.get("timm.layers.norm_act")
+    return norm_act is not None and type(module) is getattr(norm_act, "BatchNormAct2d", None)
 
 
 class ElasticLayerNorm(nn.LayerNorm):
@@ -541,10 +576,12 @@ _PLAIN = (nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.LayerNorm)
 
 def _convert(module: nn.Module, num_variants: int, fixed_out: int | None) -> nn.Module:
     """The elastic twin of a plain layer (same weights; batch-norm statistics copied into every variant's row)."""
-    if isinstance(module, _PLAIN) and not isinstance(module, _SLICED) and type(module) not in _PLAIN:
+    bn_act = _is_timm_bn_act(module)
+    if isinstance(module, _PLAIN) and not isinstance(module, _SLICED) and type(module) not in _PLAIN and not bn_act:
         raise UnsupportedModelError(
             f"cannot make {type(module).__name__} elastic: it subclasses {type(module).__mro__[1].__name__} with a "
-            "forward of its own (only plain Conv2d, BatchNorm2d, Linear and LayerNorm layers are converted)"
+            "forward of its own (only plain Conv2d, BatchNorm2d, Linear and LayerNorm layers and timm's "
+            "BatchNormAct2d are converted)"
         )
     if isinstance(module, nn.Conv2d) and not isinstance(module, ElasticConv2d):
         try:
@@ -568,7 +605,10 @@ def _convert(module: nn.Module, num_variants: int, fixed_out: int | None) -> nn.
     if isinstance(module, nn.BatchNorm2d):
         if not module.affine or not module.track_running_stats:
             raise ConfigError(f"cannot make {module} elastic: it needs affine=True and track_running_stats=True")
-        bn = ElasticBatchNorm2d(module.num_features, num_variants, eps=module.eps, momentum=module.momentum or 0.1)
+        if bn_act:
+            bn = ElasticBatchNormAct2d(module, num_variants)
+        else:
+            bn = ElasticBatchNorm2d(module.num_features, num_variants, eps=module.eps, momentum=module.momentum or 0.1)
         bn.to(device=module.weight.device, dtype=module.weight.dtype)
         _copy_params(bn, module.weight, module.bias)
         with torch.no_grad():
