@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shlex
 import subprocess
@@ -56,13 +57,18 @@ def _hardware() -> dict[str, Any]:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()[:12]
     except OSError:
         lscpu = []
-    return {
+    hw = {
         "lscpu": lscpu,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "loadavg": list(os.getloadavg()),
     }
+    model_line = next((line for line in lscpu if line.startswith("Model name")), "").split(":")[-1].strip()
+    cpus = next((line for line in lscpu if line.startswith("CPU(s)")), "").split(":")[-1].strip()
+    hw["summary"] = hw["cuda"] or f"{model_line} ({cpus} CPUs, {hw['torch_threads']} torch threads)"
+    return hw
 
 
 def _curve(sweep: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +89,47 @@ def _area(cost: np.ndarray, acc: np.ndarray, lo: float, hi: float, n: int = 512)
     return float(np.trapezoid(np.interp(grid, cost, acc), grid) / (hi - lo))
 
 
-def run_strategy(name: str, options: dict[str, Any], splits: Any, train_set: Any, args: argparse.Namespace) -> dict:
-    """Train one strategy and evaluate it; returns its result record."""
+def anchored_mean_accuracy(result: dict[str, Any]) -> float:
+    """Mean accuracy over [first exit's MACs, last exit's MACs] of one strategy's budgeted curve.
+
+    The curve (sorted by average test MACs) is anchored at the first and last exits' own test accuracies (the
+    strategy's predictions there), clipped to that range, and its area is divided by the range's width, so every
+    strategy of one backbone is scored over the same range whatever part of it its sweep reached.
+    """
+    macs, anytime = result["exit_macs"], result["anytime_accuracy"]
+    lo, hi = float(macs[0]), float(macs[-1])
+    cost, acc = _curve(result["budgeted"])
+    inside = (cost > lo) & (cost < hi)
+    cost = np.concatenate([[lo], cost[inside], [hi]])
+    acc = np.concatenate([[anytime[0]], acc[inside], [anytime[-1]]])
+    return _area(cost, acc, lo, hi)
+
+
+def load_data(
+    dataset: str, root: str | None, val_size: int, seed: int, augment: bool, train_subset: int = 0
+) -> tuple[Any, Any]:
+    """The splits of ``dataset`` and the training set (a seeded subset of ``train_subset`` samples when > 0)."""
+    splits = build_datasets(DataConfig(name=dataset, root=root, val_size=val_size, seed=seed, augment=augment))
+    train_set = splits.train
+    if train_subset and train_subset < len(train_set):
+        perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
+        train_set = torch.utils.data.Subset(train_set, perm[:train_subset].tolist())
+    return splits, train_set
+
+
+def run_strategy(
+    name: str,
+    options: dict[str, Any],
+    splits: Any,
+    train_set: Any,
+    args: argparse.Namespace,
+    train_overrides: dict[str, Any] | None = None,
+) -> dict:
+    """Train one strategy and evaluate it; returns its result record.
+
+    ``train_overrides`` sets further :class:`TrainConfig` fields (e.g. ``nesterov``, ``weight_decay_norm_bias``,
+    ``exit_weights``) for controlled runs; the run directory is ``args.work_dir / name``.
+    """
     seed_everything(args.seed)  # identical initial weights for every strategy
     kwargs = json.loads(args.model_kwargs)
     model = create_model(args.model, **kwargs)
@@ -102,6 +147,7 @@ def run_strategy(name: str, options: dict[str, Any], splits: Any, train_set: Any
         strategy_options=options,
         num_workers=args.num_workers,
         precision=args.precision,
+        **(train_overrides or {}),
     )
     strategy = build_strategy(cfg)
     run_dir = Path(args.work_dir) / name
@@ -281,14 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.work_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="adaptnn-strategies-")
         args.work_dir = tmp.name
-    data_cfg = DataConfig(
-        name=args.dataset, root=args.root, val_size=args.val_size, seed=args.seed, augment=args.augment
-    )
-    splits = build_datasets(data_cfg)
-    train_set = splits.train
-    if args.train_subset and args.train_subset < len(train_set):
-        perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))
-        train_set = torch.utils.data.Subset(train_set, perm[: args.train_subset].tolist())
+    splits, train_set = load_data(args.dataset, args.root, args.val_size, args.seed, args.augment, args.train_subset)
     options = json.loads(args.options)
     names = [n.strip() for n in args.strategies.split(",") if n.strip()]
     results = []
@@ -298,9 +337,6 @@ def main(argv: list[str] | None = None) -> None:
         log.info("%s: anytime %s", name, [round(a, 4) for a in results[-1]["anytime_accuracy"]])
     budgets = [float(b) for b in args.budgets.split(",")]
     hw = _hardware()
-    model_line = next((line for line in hw["lscpu"] if line.startswith("Model name")), "").split(":")[-1].strip()
-    cpus = next((line for line in hw["lscpu"] if line.startswith("CPU(s)")), "").split(":")[-1].strip()
-    hw["summary"] = hw["cuda"] or f"{model_line} ({cpus} CPUs, {hw['torch_threads']} torch threads)"
     report = {
         "command": command,
         "setup": {

@@ -57,6 +57,11 @@ class DataConfig:
         download: Allow torchvision downloads (fashion_mnist, cifar10/100) when online.
         image_size: image_folder only: resize images to this square size; None keeps the size
             (all images must then share one size).
+        crop_size: the standard ImageNet transforms instead of pad-and-crop: training takes a random-resized
+            crop (8-100% of the area, aspect 3/4-4/3) of ``crop_size`` pixels and a random flip; evaluation
+            resizes the shorter side to ``round(crop_size / 0.875)`` and takes the central ``crop_size``
+            (:func:`adaptnn.data.transforms.resized_crop_transforms`). The model input is then
+            ``crop_size`` square. None (the default): the dataset's own transforms at its full size.
     """
 
     name: str = "digits"
@@ -66,6 +71,7 @@ class DataConfig:
     augment: bool = True
     download: bool = False
     image_size: int | None = None
+    crop_size: int | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -76,5 +82,9 @@ class DataConfig:
             isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1
         ):
             raise ConfigError(f"image_size must be a positive integer or None, got {self.image_size!r}")
+        if self.crop_size is not None and (
+            isinstance(self.crop_size, bool) or not isinstance(self.crop_size, int) or self.crop_size < 1
+        ):
+            raise ConfigError(f"crop_size must be a positive integer or None, got {self.crop_size!r}")
         if self.root is not None and not isinstance(self.root, str):
             object.__setattr__(self, "root", str(self.root))  # accept pathlib.Path

@@ -13,7 +13,7 @@ from adaptnn.errors import ConfigError
 
 from .config import DataConfig, check_name, check_val_size
 from .sources import SOURCES
-from .transforms import make_transforms
+from .transforms import make_transforms, resized_crop_transforms
 
 __all__ = ["DataSplits", "build_datasets", "carve_validation", "validation_count"]
 
@@ -107,15 +107,25 @@ def build_datasets(cfg: DataConfig) -> DataSplits:
         raise ConfigError(f"build_datasets needs a DataConfig, got {type(cfg).__name__}")
     source = SOURCES[check_name(cfg.name)](cfg)
     train_idx, val_idx = carve_validation(len(source.train), cfg.val_size, cfg.seed)
-    train_tf, eval_tf = make_transforms(
-        source.input_size[1:], source.mean, source.std, augment=cfg.augment, pad=source.pad, flip=source.flip
-    )
+    input_size = tuple(source.input_size)
+    if cfg.crop_size is not None:  # the standard ImageNet transforms; the model sees crop_size squares
+        if cfg.crop_size > min(source.input_size[1:]):
+            raise ConfigError(
+                f"crop_size={cfg.crop_size} is larger than the {cfg.name} images ({source.input_size[1]}x"
+                f"{source.input_size[2]}); use a crop_size <= {min(source.input_size[1:])} or a larger image_size"
+            )
+        train_tf, eval_tf = resized_crop_transforms(cfg.crop_size, source.mean, source.std, augment=cfg.augment)
+        input_size = (source.input_size[0], cfg.crop_size, cfg.crop_size)
+    else:
+        train_tf, eval_tf = make_transforms(
+            source.input_size[1:], source.mean, source.std, augment=cfg.augment, pad=source.pad, flip=source.flip
+        )
     splits = DataSplits(
         train=source.train.view(train_idx, train_tf),
         val=source.train.view(val_idx, eval_tf),
         test=source.test.view(None, eval_tf),
         num_classes=len(source.class_names),
-        input_size=source.input_size,
+        input_size=input_size,
         class_names=source.class_names,
         val_indices=val_idx.tolist(),
         mean=tuple(source.mean),

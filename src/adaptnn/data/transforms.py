@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-__all__ = ["ScaleNormalize", "jitter_batch", "lowpass_crop", "make_transforms", "resize_down"]
+__all__ = [
+    "ScaleNormalize",
+    "jitter_batch",
+    "lowpass_crop",
+    "make_transforms",
+    "resize_down",
+    "resized_crop_transforms",
+]
 
 
 class ScaleNormalize:
@@ -66,6 +73,34 @@ def make_transforms(
     if augment and flip:
         aug.append(v2.RandomHorizontalFlip())
     train_tf = v2.Compose([*aug, eval_tf]) if aug else eval_tf
+    return train_tf, eval_tf
+
+
+def resized_crop_transforms(
+    crop: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    augment: bool,
+    resize: int | None = None,
+    scale: tuple[float, float] = (0.08, 1.0),
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """The standard ImageNet (train, eval) transforms for [C, H, W] uint8 or [0, 1] float images of any size.
+
+    Training: a random crop of ``scale`` of the area and an aspect ratio in [3/4, 4/3], resized to
+    ``crop`` x ``crop`` (antialiased bilinear), then a random horizontal flip. Evaluation: resize the shorter
+    side to ``resize`` (default ``round(crop / 0.875)``, 256 for 224), then the central ``crop`` x ``crop``.
+    Both end in :class:`ScaleNormalize`. ``augment=False`` makes the train transform the eval transform.
+    """
+    crop = int(crop)
+    resize = round(crop / 0.875) if resize is None else int(resize)
+    if crop < 1 or resize < crop:
+        raise ValueError(f"resized_crop_transforms needs 1 <= crop <= resize, got crop={crop}, resize={resize}")
+    norm = ScaleNormalize(mean, std)
+    eval_tf = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop), norm])
+    if not augment:
+        return eval_tf, eval_tf
+    train_tf = v2.Compose([v2.RandomResizedCrop(crop, scale=scale, antialias=True), v2.RandomHorizontalFlip(), norm])
     return train_tf, eval_tf
 
 

@@ -132,11 +132,19 @@ class TrainConfig:
     Attributes:
         epochs: passes over the training split.
         batch_size: samples per step.
-        optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``.
+        optimizer: ``"sgd"`` (momentum, Nesterov by default) or ``"adamw"``.
         lr: peak learning rate (reached after warm-up).
         momentum: SGD momentum (AdamW uses its default betas).
-        weight_decay: decoupled for AdamW, L2 for SGD; not applied to biases and norm weights.
+        nesterov: SGD with Nesterov momentum (``true``, the default) or plain heavy-ball momentum (``false``, as
+            the MSDNet / BoostNet / L2W / IMTA reference recipes); ignored when ``momentum`` is 0 and for AdamW.
+        weight_decay: decoupled for AdamW, L2 for SGD.
+        weight_decay_norm_bias: also decay biases and norm weights (every parameter of dimension <= 1);
+            ``false`` (the default) decays only weight matrices and kernels; the reference recipes decay all.
         warmup_epochs: linear warm-up length in epochs (fractions allowed).
+        lr_schedule: after warm-up, ``"cosine"`` (decay to ``min_lr_ratio`` x ``lr`` at the end) or
+            ``"multistep"`` (multiply by ``lr_gamma`` at each epoch of ``lr_milestones``; ``min_lr_ratio`` unused).
+        lr_milestones: epochs (fractions allowed, increasing) at which the multistep schedule decays the lr.
+        lr_gamma: the multistep decay factor, in (0, 1].
         min_lr_ratio: final learning rate as a fraction of ``lr`` at the end of the cosine.
         exit_weights: ``"uniform"``, ``"linear"`` or a list: per-exit loss weights of the strategy (when it
             takes weights and ``strategy_options`` does not set them).
@@ -162,8 +170,13 @@ class TrainConfig:
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
+    nesterov: bool = True
     weight_decay: float = 5e-4
+    weight_decay_norm_bias: bool = False
     warmup_epochs: float = 1.0
+    lr_schedule: str = "cosine"
+    lr_milestones: list[float] = field(default_factory=list)
+    lr_gamma: float = 0.1
     min_lr_ratio: float = 0.0
     exit_weights: str | list[float] = "uniform"
     label_smoothing: float = 0.0
@@ -193,8 +206,15 @@ class TrainConfig:
         check_choice("train.optimizer", self.optimizer, ("sgd", "adamw"))
         check_number("train.lr", self.lr, 0, low_open=True)
         check_number("train.momentum", self.momentum, 0, 1, high_open=True)
+        check_flag("train.nesterov", self.nesterov)
         check_number("train.weight_decay", self.weight_decay, 0)
+        check_flag("train.weight_decay_norm_bias", self.weight_decay_norm_bias)
         check_number("train.warmup_epochs", self.warmup_epochs, 0)
+        check_choice("train.lr_schedule", self.lr_schedule, ("cosine", "multistep"))
+        _milestones("train.lr_milestones", self.lr_milestones, self.epochs)
+        check_number("train.lr_gamma", self.lr_gamma, 0, 1, low_open=True)
+        if self.lr_schedule == "multistep" and not self.lr_milestones:
+            raise ConfigError("train.lr_schedule='multistep' needs train.lr_milestones (epochs), got []")
         check_number("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
         _exit_weights("train.exit_weights", self.exit_weights)
         check_number("train.label_smoothing", self.label_smoothing, 0, 1, high_open=True)
@@ -313,6 +333,16 @@ def check_device(name: str, value: object) -> None:
             torch.device(value)
         except (RuntimeError, ValueError, TypeError):
             raise ConfigError(f"{name} must be 'auto', 'cpu' or 'cuda[:i]', got {value!r}") from None
+
+
+def _milestones(name: str, value: object, epochs: int) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a strictly increasing list of epochs in (0, ``epochs``)."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{name} must be a list of epochs, got {_show(value)}")
+    for i, epoch in enumerate(value):
+        check_number(f"{name}[{i}]", epoch, 0, epochs, low_open=True, high_open=True)
+    if any(b <= a for a, b in zip(value[:-1], value[1:], strict=True)):
+        raise ConfigError(f"{name} must be strictly increasing, got {value}")
 
 
 def _exit_weights(name: str, value: object) -> None:

@@ -1,4 +1,4 @@
-"""Trainer for staged models: any exit strategy, SGD/AdamW, warm-up + cosine, atomic checkpoints, resume.
+"""Trainer for staged models: any exit strategy, SGD/AdamW, warm-up + cosine or multistep, atomic checkpoints, resume.
 
 The Trainer owns one loop and stays the same for every strategy: the strategy is a callable
 ``(exit_logits, targets) -> loss`` with optional hooks (see :mod:`adaptnn.strategies`); its
@@ -70,7 +70,7 @@ from .device import resolve_device, seed_everything
 from .distributed import MicroBatchSampler, barrier, micro_batch_indices, process_group, process_layout
 from .metrics import EpochMeter
 from .rng import capture_rng_state, preserved_rng, restore_rng_state
-from .schedule import build_optimizer, cosine_warmup_factor
+from .schedule import build_optimizer, lr_factor
 from .teachers import ModelTeacher
 
 __all__ = ["Trainer", "commit_checkpoint"]
@@ -508,7 +508,7 @@ class Trainer:
                 leave=False,
             )
             for b in bar:
-                factor = cosine_warmup_factor(step, total_steps, warmup_steps, cfg.min_lr_ratio)
+                factor = lr_factor(cfg, step, total_steps, warmup_steps)
                 lr = cfg.lr * factor
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -547,7 +547,7 @@ class Trainer:
                 "epoch": epoch + 1,
                 "step": step,
                 "train_loss": train_loss,
-                "lr": cfg.lr * cosine_warmup_factor(step - 1, total_steps, warmup_steps, cfg.min_lr_ratio),
+                "lr": cfg.lr * lr_factor(cfg, step - 1, total_steps, warmup_steps),
                 "epoch_time_s": time.perf_counter() - started,
             }
             record.update(step_metrics)

@@ -1,0 +1,308 @@
+"""Issue 12's fidelity check: do BoostNet, L2W-DEN and IMTA beat joint training on the reference CIFAR recipe?
+
+The recipe: ``msdnet_cifar10`` with 5 blocks (step 2, base 4, even: exits at about 15 / 24 / 32 / 40 / 47 M MACs),
+CIFAR-10 as an image folder (``../shared/data/cifar10-jpg.tar.gz``, extracted once under /tmp), 5,000 training
+images held out for validation, SGD lr 0.1 momentum 0.9 weight decay 1e-4, batch 64, cosine, no warm-up,
+3 epochs. Every strategy is trained from the same initial weights with the same data order for each seed
+(:func:`strategies.run_strategy`, the one side-by-side engine of ``benchmarks/strategies.py``), evaluated on the
+test split, and scored by its budgeted curve (thresholds fitted on validation, :mod:`adaptnn.calibration.budgeted`)
+and ``auc_mean_acc``: the mean accuracy over [first exit MACs, last exit MACs] of the curve anchored at the first
+and last exits' accuracies (:func:`strategies.anchored_mean_accuracy`).
+
+Controlled runs change one thing against the defaults: ``--no-nesterov`` (plain momentum),
+``--wd_norm_bias`` (weight decay on norms and biases too), ``--rescale_scope`` (boost/imta), ``--r`` and
+``--gradient_rescaling`` (boost), ``--exit_weights``; ``--options`` passes any strategy option as JSON.
+Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
+
+Full run (3 seeds, all strategies; hours on a 2-core CPU, minutes on a GPU)::
+
+    python benchmarks/fidelity.py --seeds 0,1,2 --out benchmarks/results/fidelity_cifar10
+
+Smoke run (proves the pipeline only)::
+
+    python benchmarks/fidelity.py --strategies joint,boost --seeds 0 --epochs 1 --train_subset 256 \\
+        --test_subset 500 --out /tmp/fidelity_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import statistics
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import strategies as engine  # noqa: E402  (benchmarks/strategies.py: the side-by-side training engine)
+
+from adaptnn.io import write_json  # noqa: E402
+
+log = logging.getLogger("benchmarks.fidelity")
+
+STRATEGIES = ("joint", "boost", "l2w", "imta", "distill")
+MODEL_KWARGS = {"n_blocks": 5, "step": 2, "base": 4, "step_mode": "even"}
+ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+
+def ensure_extracted(root: Path, archive: Path) -> Path:
+    """``root`` holding ``train/`` and ``test/``: the archive is extracted there unless it already is."""
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return root
+    if not archive.is_file():
+        raise SystemExit(f"no image folder at {root} and no archive at {archive}; pass --root or --archive")
+    log.info("extracting %s into %s", archive, root)
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
+    return root
+
+
+def strategy_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The options of strategy ``name`` from the switches (unset switches keep the strategy's defaults)."""
+    options = dict(json.loads(args.options).get(name, {}))
+    if name in ("boost", "imta") and args.rescale_scope is not None:
+        options.setdefault("rescale_scope", args.rescale_scope)
+    if name == "boost":
+        if args.r is not None:
+            options.setdefault("r", args.r)
+        if args.gradient_rescaling is not None:
+            options.setdefault("gradient_rescaling", args.gradient_rescaling)
+    return options
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields of the recipe and of the controlled-run switches that are set."""
+    out: dict[str, Any] = {"momentum": args.momentum, "min_lr_ratio": 0.0}
+    if args.nesterov is not None:
+        out["nesterov"] = args.nesterov
+    if args.wd_norm_bias is not None:
+        out["weight_decay_norm_bias"] = args.wd_norm_bias
+    if args.exit_weights is not None:
+        text = args.exit_weights
+        out["exit_weights"] = text if text in ("uniform", "linear") else [float(w) for w in text.split(",")]
+    return out
+
+
+def record(result: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The per-(strategy, seed) entry of the JSON: exit accuracies, budgeted curve, ``auc_mean_acc``."""
+    cost, acc = engine._curve(result["budgeted"])
+    return {
+        "strategy": result["strategy"],
+        "seed": seed,
+        "options": result["options"],
+        "exit_macs": result["exit_macs"],
+        "exit_test_accuracy": result["anytime_accuracy"],
+        "raw_head_test_accuracy": result["raw_head_accuracy"],
+        "budgeted_curve": {"avg_macs": cost.tolist(), "test_accuracy": acc.tolist()},
+        "auc_mean_acc": engine.anchored_mean_accuracy(result),
+        "train_time_s": result["train_time_s"],
+        "train_loss": result["train_loss"],
+        "policy_check": result["policy_check"],
+    }
+
+
+def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per strategy: medians over seeds, and paired differences to ``joint`` on the same seed (points)."""
+    by_name: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in records:
+        by_name.setdefault(r["strategy"], {})[r["seed"]] = r
+    joint = by_name.get("joint", {})
+    rows = []
+    for name, runs in by_name.items():
+        row: dict[str, Any] = {"strategy": name, "seeds": sorted(runs)}
+        for key, pick in (
+            ("auc_mean_acc", lambda r: r["auc_mean_acc"]),
+            ("first_exit", lambda r: r["exit_test_accuracy"][0]),
+            ("last_exit", lambda r: r["exit_test_accuracy"][-1]),
+        ):
+            row[f"median_{key}"] = statistics.median(pick(r) for r in runs.values())
+            paired = [pick(r) - pick(joint[s]) for s, r in runs.items() if s in joint]
+            row[f"median_delta_{key}_vs_joint"] = statistics.median(paired) if paired and name != "joint" else None
+        row["auc_mean_acc_per_seed"] = {s: runs[s]["auc_mean_acc"] for s in sorted(runs)}
+        rows.append(row)
+    return rows
+
+
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 100:+.2f}" if signed else f"{value * 100:.2f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s, hw = report["setup"], report["hardware"]
+    macs = report["records"][0]["exit_macs"]
+    lines = [
+        "# Fidelity: strategies vs joint on the reference MSDNet CIFAR recipe (issue 12)",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"{s['model']} {s['model_kwargs']}; {s['dataset']} at {s['root']}; train {s['train_samples']}, val "
+        f"{s['val_samples']}, test {s['test_samples']}; SGD lr {s['lr']} momentum {s['momentum']} wd "
+        f"{s['weight_decay']}, batch {s['batch_size']}, cosine, warm-up {s['warmup_epochs']}, {s['epochs']} epochs; "
+        f"seeds {s['seeds']}; switches {s['train_overrides']}, options {s['strategy_options']}.",
+        "",
+        f"Hardware: {hw['summary']}; load average at the end {', '.join(f'{x:.2f}' for x in hw['loadavg'])}.",
+        "",
+        "Exit MACs: " + ", ".join(f"{c / 1e6:.1f}M" for c in macs),
+        "",
+        "Accuracies in %, medians over seeds; mean acc = area under the budgeted test curve (anchored at the first "
+        "and last exits) over [first, last exit MACs] / width; deltas are paired with joint on the same seed.",
+        "",
+        "| strategy | mean acc | first exit | last exit | delta mean acc | delta first exit | per seed mean acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report["summary"]:
+        per_seed = ", ".join(f"{k}: {_pct(v)}" for k, v in row["auc_mean_acc_per_seed"].items())
+        lines.append(
+            f"| {row['strategy']} | {_pct(row['median_auc_mean_acc'])} | {_pct(row['median_first_exit'])} | "
+            f"{_pct(row['median_last_exit'])} | {_pct(row['median_delta_auc_mean_acc_vs_joint'], True)} | "
+            f"{_pct(row['median_delta_first_exit_vs_joint'], True)} | {per_seed} |"
+        )
+    lines += ["", "Per run, test accuracy of every exit (the strategy's predictions):", ""]
+    for r in report["records"]:
+        accs = " / ".join(_pct(a) for a in r["exit_test_accuracy"])
+        lines.append(f"- {r['strategy']} seed {r['seed']}: {accs}; mean acc {_pct(r['auc_mean_acc'])}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours: dict[str, Any] = {}
+    for r in report["records"]:
+        colour = colours.setdefault(r["strategy"], f"C{len(colours)}")
+        curve = r["budgeted_curve"]
+        first = next(q for q in report["records"] if q["strategy"] == r["strategy"]) is r
+        label = r["strategy"] if first else None
+        ax.plot(np.array(curve["avg_macs"]) / 1e6, curve["test_accuracy"], color=colour, lw=1.2, label=label)
+        ax.scatter(np.array(r["exit_macs"]) / 1e6, r["exit_test_accuracy"], color=colour, s=12)
+    s = report["setup"]
+    ax.set_xlabel("average MACs per sample (millions)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"MSDNet CIFAR-10 recipe: budgeted curves ({s['epochs']} epochs, seeds {s['seeds']})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds (initial weights and data order)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train_subset", type=int, default=0, help="train on this many samples (0 = all 45,000)")
+    parser.add_argument("--test_subset", type=int, default=0, help="evaluate on this many test samples (0 = all)")
+    parser.add_argument("--root", default="/tmp/adaptnn-cifar10-jpg", help="extracted image folder (made if absent)")
+    parser.add_argument("--archive", default=str(ARCHIVE), help="the cifar10-jpg.tar.gz to extract into --root")
+    parser.add_argument("--val_size", type=int, default=5000)
+    parser.add_argument("--split_seed", type=int, default=0, help="seed of the validation split (fixed across seeds)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--weight_decay", type=float, default=1e-4)
+    parser.add_argument("--warmup_epochs", type=float, default=0.0)
+    # controlled-run switches (unset: the library's defaults)
+    parser.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--wd_norm_bias", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--rescale_scope", choices=("state", "head_inputs"), default=None)
+    parser.add_argument("--r", type=float, default=None, help="boost's r")
+    parser.add_argument("--gradient_rescaling", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--exit_weights", default=None, help="'uniform', 'linear' or comma-separated weights")
+    parser.add_argument("--options", default="{}", help="JSON {strategy: {option: value}}")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch's default)")
+    parser.add_argument("--out", default="benchmarks/results/fidelity_cifar10")
+    parser.add_argument("--work_dir", default=None, help="run directories (default: a temporary directory)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    root = ensure_extracted(Path(args.root), Path(args.archive))
+    splits, train_set = engine.load_data("image_folder", str(root), args.val_size, args.split_seed, True, 0)
+    if args.test_subset and args.test_subset < len(splits.test):
+        perm = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(args.split_seed))
+        splits.test = torch.utils.data.Subset(splits.test, perm[: args.test_subset].tolist())
+    tmp = tempfile.TemporaryDirectory(prefix="adaptnn-fidelity-") if args.work_dir is None else None
+    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    overrides = train_overrides(args)
+    records = []
+    for seed in seeds:
+        subset = train_set
+        if args.train_subset and args.train_subset < len(train_set):  # the same subset for every strategy
+            perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
+            subset = torch.utils.data.Subset(train_set, perm[: args.train_subset].tolist())
+        for name in names:
+            run_args = argparse.Namespace(
+                **vars(args),
+                seed=seed,
+                model="msdnet_cifar10",
+                model_kwargs=json.dumps(MODEL_KWARGS),
+                optimizer="sgd",
+            )
+            run_args.work_dir = str(Path(args.work_dir or tmp.name) / f"seed{seed}")
+            log.info("seed %d: training %s", seed, name)
+            result = engine.run_strategy(name, strategy_options(name, args), splits, subset, run_args, overrides)
+            records.append(record(result, seed))
+            log.info("%s seed %d: mean acc %.4f", name, seed, records[-1]["auc_mean_acc"])
+    report = {
+        "command": command,
+        "setup": {
+            "dataset": "image_folder (CIFAR-10 JPEG)",
+            "root": str(root),
+            "model": "msdnet_cifar10",
+            "model_kwargs": MODEL_KWARGS,
+            "epochs": args.epochs,
+            "seeds": seeds,
+            "split_seed": args.split_seed,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "momentum": args.momentum,
+            "weight_decay": args.weight_decay,
+            "warmup_epochs": args.warmup_epochs,
+            "schedule": "cosine",
+            "train_overrides": overrides,
+            "strategy_options": {n: strategy_options(n, args) for n in names},
+            "train_samples": min(args.train_subset or len(train_set), len(train_set)),
+            "val_samples": len(splits.val),
+            "test_samples": len(splits.test),
+        },
+        "hardware": engine._hardware(),
+        "records": records,
+        "summary": summarise(records),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out.with_suffix(".json"), report)
+    out.with_suffix(".md").write_text(markdown(report))
+    plot(report, out.with_suffix(".png"))
+    print(markdown(report))
+    if tmp is not None:
+        tmp.cleanup()
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Issue 12's recipe pieces: the standard ImageNet transforms and the shipped published-recipe configs."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adaptnn.data import DataConfig, build_datasets
+from adaptnn.data.transforms import resized_crop_transforms
+from adaptnn.errors import ConfigError
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def _gradient_image(h: int, w: int) -> torch.Tensor:
+    """A uint8 [3, h, w] image whose red channel grows left to right (shows flips and crops)."""
+    x = torch.linspace(0, 255, w).round().to(torch.uint8)
+    img = torch.zeros(3, h, w, dtype=torch.uint8)
+    img[0] = x.expand(h, w)
+    img[1] = 128
+    return img
+
+
+def test_eval_transform_is_resize_then_center_crop():
+    _, eval_tf = resized_crop_transforms(24, MEAN, STD, augment=True)  # resize 27 (24 / 0.875)
+    img = _gradient_image(40, 80)
+    out = eval_tf(img)
+    assert out.shape == (3, 24, 24) and out.dtype == torch.float32
+    # the shorter side goes to 27, the long side to 54: the centre crop keeps the middle of the gradient
+    red = out[0] * STD[0] + MEAN[0]
+    assert red.mean().item() == pytest.approx(0.5, abs=0.03)
+    assert (red[:, -1] > red[:, 0]).all()  # never flipped
+    assert torch.equal(eval_tf(img), out)  # deterministic
+    green = out[1] * STD[1] + MEAN[1]
+    assert torch.allclose(green, torch.full_like(green, 128 / 255), atol=1e-3)
+
+
+def test_train_transform_random_resized_crop_and_flip():
+    train_tf, _ = resized_crop_transforms(16, MEAN, STD, augment=True)
+    img = _gradient_image(48, 64)
+    torch.manual_seed(0)
+    outs = [train_tf(img) for _ in range(40)]
+    assert all(o.shape == (3, 16, 16) for o in outs)
+    red = [o[0] * STD[0] + MEAN[0] for o in outs]
+    flipped = sum(bool((r[:, 0] > r[:, -1]).all()) for r in red)
+    assert 5 <= flipped <= 35  # about half are mirrored
+    spans = [float(r[:, -1].mean() - r[:, 0].mean()) for r in red]
+    assert max(abs(s) for s in spans) - min(abs(s) for s in spans) > 0.2  # crops of different widths
+    torch.manual_seed(0)
+    assert torch.equal(train_tf(img), outs[0])  # seeded
+
+
+def test_no_augment_makes_train_the_eval_transform():
+    train_tf, eval_tf = resized_crop_transforms(16, MEAN, STD, augment=False)
+    img = _gradient_image(20, 30)
+    assert torch.equal(train_tf(img), eval_tf(img))
+    with pytest.raises(ValueError, match="crop <= resize"):
+        resized_crop_transforms(32, MEAN, STD, augment=True, resize=16)
+
+
+def _write_tree(root, size=(40, 30)) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+
+
+def test_crop_size_option_builds_imagenet_splits(tmp_path):
+    _write_tree(tmp_path)
+    cfg = DataConfig(name="image_folder", root=str(tmp_path), val_size=2, image_size=32, crop_size=24)
+    splits = build_datasets(cfg)
+    assert splits.input_size == (3, 24, 24)
+    x, _ = splits.train[0]
+    v, _ = splits.val[0]
+    t, _ = splits.test[0]
+    assert x.shape == v.shape == t.shape == (3, 24, 24)
+    assert torch.equal(splits.test[0][0], t)  # evaluation is deterministic
+    with pytest.raises(ConfigError, match="crop_size=64 is larger"):
+        build_datasets(DataConfig(name="image_folder", root=str(tmp_path), val_size=2, image_size=32, crop_size=64))
+    with pytest.raises(ConfigError, match="crop_size must be a positive integer"):
+        DataConfig(name="image_folder", crop_size=0)
+
+
+# ----------------------------------------------------------------------------- shipped configs
+
+
+def _shipped_configs() -> list[str]:
+    return sorted(p.name for p in resources.files("adaptnn").joinpath("configs").iterdir() if p.name.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("name", _shipped_configs())
+def test_every_shipped_config_loads_and_validates(name):
+    from adaptnn.runs.config import load_config
+
+    with resources.as_file(resources.files("adaptnn").joinpath("configs", name)) as path:
+        cfg = load_config(path)  # strict keys and every value checked; builds the strategy once
+    assert cfg.model.name
+
+
+@pytest.mark.parametrize("strategy", ["joint", "boost", "l2w", "imta"])
+def test_msdnet_cifar100_recipes_are_the_published_one(strategy):
+    from adaptnn.runs.config import load_config
+
+    with resources.as_file(resources.files("adaptnn").joinpath("configs", f"msdnet_cifar100_{strategy}.yaml")) as p:
+        cfg = load_config(p)
+    t = cfg.train
+    assert (cfg.data.name, cfg.data.val_size, cfg.model.name) == ("cifar100", 5000, "msdnet_cifar100")
+    assert (t.optimizer, t.lr, t.momentum, t.nesterov, t.weight_decay, t.weight_decay_norm_bias) == (
+        "sgd", 0.1, 0.9, False, 1e-4, True,
+    )  # fmt: skip
+    assert (t.batch_size, t.epochs, t.lr_schedule, t.lr_milestones, t.lr_gamma, t.warmup_epochs) == (
+        64, 300, "multistep", [150, 225], 0.1, 0.0,
+    )  # fmt: skip
+    assert t.strategy == strategy
+    if strategy in ("boost", "imta"):
+        assert t.strategy_options["rescale_scope"] == "head_inputs"
+
+
+@pytest.mark.parametrize("step", [4, 7])
+def test_msdnet_imagenet_recipes(step):
+    from adaptnn.runs.config import load_config
+
+    with resources.as_file(resources.files("adaptnn").joinpath("configs", f"msdnet_imagenet_step{step}.yaml")) as p:
+        cfg = load_config(p)
+    assert cfg.model.name == f"msdnet_imagenet_step{step}"
+    assert (cfg.data.name, cfg.data.image_size, cfg.data.crop_size) == ("image_folder", 256, 224)
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.lr_milestones) == (256, 90, [30, 60])
+
+
+# ----------------------------------------------------------------------------- the benchmark's score
+
+
+def _strategies_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "strategies.py"
+    spec = importlib.util.spec_from_file_location("_bench_strategies", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_anchored_mean_accuracy():
+    """Mean accuracy over [first, last exit MACs]: the curve anchored at both exits, points outside clipped."""
+    bench = _strategies_benchmark()
+    result = {
+        "exit_macs": [10.0, 20.0, 30.0],
+        "anytime_accuracy": [0.5, 0.6, 0.7],
+        "budgeted": [  # unsorted on purpose; one point beyond the last exit is ignored
+            {"avg_cost": 20.0, "test_accuracy": 0.7},
+            {"avg_cost": 12.0, "test_accuracy": 0.6},
+            {"avg_cost": 31.0, "test_accuracy": 0.1},
+        ],
+    }
+    # anchored curve: (10, .5) (12, .6) (20, .7) (30, .7): area = 2*.55 + 8*.65 + 10*.7 = 13.3 over width 20
+    assert bench.anchored_mean_accuracy(result) == pytest.approx(13.3 / 20, abs=1e-4)
+    flat = dict(result, budgeted=[], anytime_accuracy=[0.4, 0.0, 0.8])
+    assert bench.anchored_mean_accuracy(flat) == pytest.approx(0.6, abs=1e-4)  # the straight line between anchors
