@@ -15,8 +15,11 @@ In-process (default) the load generator and the server share one thread: arrival
 them, so time a request waits while a batch computes counts in its latency, and nothing else competes for the
 GIL. Admission control sheds arrivals beyond ``--max-inflight`` rows. Saturation throughput is the closed-loop
 rate (repeated, interleaved across servers); open-loop runs at multiples of the stage engine's saturation give
-p50/p99 latency per exit. ``--http`` adds runs over loopback HTTP against ``adaptnn.serve.app`` (uvicorn), which
-measure the shed answer's latency and the admitted p99 at 2x capacity.
+p50/p99 latency per exit. ``--http`` (or ``--http-only``) adds runs over loopback HTTP: ``adaptnn.serve.app`` under
+uvicorn in its own process (torch threads ``--threads``), this process the load client on raw keep-alive connections;
+per server config (``--http-configs``: stage-level ``fill``, request-level ``oldest``, GIL switch interval) the
+closed-loop capacity, then Poisson runs at ``--http-loads`` times it: client-side latency per exit, the server's own
+queue/compute/latency times from the answers, the shed answers' latency.
 
 Models (random weights, thresholds set on random inputs so that about ``--exit-rate`` of the rows still running
 stop at each early exit): ``msdnet_cifar10`` (3x32x32) and a timm ResNet-50 staged at its stages (3x64x64 input
@@ -26,6 +29,8 @@ Usage::
 
     python benchmarks/serve_load.py                         # both models, writes benchmarks/results/serve_cpu.*
     python benchmarks/serve_load.py --models msdnet --count 100 --loads 0.5 2   # quick look
+    python benchmarks/serve_load.py --models mecnn --http-only --max-inflight 16 --max-wait-ms 20 \
+        --out benchmarks/results/serve_cpu_http                                 # over HTTP
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ import random
 import socket
 import statistics
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -216,98 +220,267 @@ def summarise(run: dict, num_exits: int) -> dict:
     }
 
 
-def http_runs(model, policy, inputs, args, capacity: float) -> dict:
-    """Loopback HTTP (uvicorn) against the stage engine: its closed-loop capacity over HTTP, then admitted latency
-    at 0.8x and 2x that capacity and the shed answers' latency."""
-    import httpx
+def _serve_child(args) -> None:
+    """The server process of the HTTP runs: the same model, policy and limits as the parent builds, on loopback."""
     import uvicorn
 
     from adaptnn.serve.app import ServeConfig, create_app
 
-    sys.setswitchinterval(args.switch_interval_ms / 1e3)  # see --switch-interval-ms
-    app = create_app(
-        TorchBackend(model, policy),
-        ServeConfig(
-            max_batch=args.max_batch, max_inflight=args.max_inflight, max_rows=1, scheduler="fill", max_wait_ms=20.0
-        ),
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, shape = build(args.models[0])
+    policy = calibrate(model, torch.randn(128, *shape), args.exit_rate)
+    config = ServeConfig(
+        max_batch=args.max_batch, max_inflight=args.max_inflight, max_rows=1, scheduler=args.serve_scheduler,
+        max_wait_ms=args.serve_wait_ms, switch_interval_ms=args.serve_switch_ms,
+    )  # fmt: skip
+    uvicorn.run(create_app(TorchBackend(model, policy), config), host="127.0.0.1", port=args.serve_port,
+                log_level="warning", backlog=4096)  # fmt: skip
+
+
+class _Conn:
+    """One keep-alive HTTP/1.1 connection of the load client (raw asyncio streams: little client CPU per request)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> _Conn:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(reader, writer)
+
+    async def send(self, payload: bytes) -> tuple[int, bytes]:
+        self.writer.write(payload)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        return int(head[9:12]), await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _request_bytes(inputs: torch.Tensor) -> list[bytes]:
+    shape = ",".join(str(s) for s in (1, *inputs.shape[1:]))
+    out = []
+    for x in inputs:
+        body = x.unsqueeze(0).numpy().tobytes()
+        head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+                f"X-Dtype: float32\r\nX-Shape: {shape}\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+        out.append(head.encode() + body)
+    return out
+
+
+async def _closed_http(port: int, payloads: list[bytes], clients: int, count: int, max_s: float) -> dict:
+    """Closed loop: ``clients`` keep-alive connections, each sending its next request as soon as answered."""
+    conns = [await _Conn.open(port) for _ in range(clients)]
+    sent, answered, shed = 0, 0, 0
+    t0 = time.perf_counter()
+
+    async def worker(conn: _Conn) -> None:
+        nonlocal sent, answered, shed
+        while sent < count and time.perf_counter() - t0 < max_s:
+            sent += 1
+            status, _ = await conn.send(payloads[sent % len(payloads)])
+            answered += status == 200
+            shed += status == 503
+
+    await asyncio.gather(*(worker(c) for c in conns))
+    elapsed = time.perf_counter() - t0
+    for c in conns:
+        c.close()
+    return {"clients": clients, "answered": answered, "shed": shed, "elapsed_s": elapsed,
+            "throughput_rps": answered / elapsed}  # fmt: skip
+
+
+async def _open_http(
+    port: int, payloads: list[bytes], rate: float, count: int, seed: int, pool: int, num_exits: int
+) -> dict:
+    """Open loop: Poisson arrivals at ``rate``; each request takes an idle keep-alive connection (a new one if none
+    is idle, its connect time counted). Latency: from the write of the request to the last byte of the answer."""
+    rng = random.Random(seed)
+    idle = [await _Conn.open(port) for _ in range(pool)]
+    ok: list[tuple[float, int, float, float, float]] = []  # client ms, exit, server queue, compute, latency ms
+    shed_ms: list[float] = []
+    lag_ms: list[float] = []
+    failed = 0
+    opened = 0
+
+    async def one(i: int) -> None:
+        nonlocal failed, opened
+        t = time.perf_counter()
+        if idle:
+            conn = idle.pop()
+        else:
+            opened += 1
+            conn = await _Conn.open(port)
+        try:
+            status, body = await conn.send(payloads[i % len(payloads)])
+        except (OSError, asyncio.IncompleteReadError):
+            failed += 1
+            conn.close()
+            return
+        ms = 1e3 * (time.perf_counter() - t)
+        idle.append(conn)
+        if status == 200:
+            a = json.loads(body)
+            ok.append((ms, a["exits"][0], a["queue_ms"], a["compute_ms"], a["latency_ms"]))
+        elif status == 503:
+            shed_ms.append(ms)
+        else:
+            failed += 1
+
+    tasks, t0, t = [], time.perf_counter(), 0.0
+    for i in range(count):
+        t += rng.expovariate(rate)
+        delay = t - (time.perf_counter() - t0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        lag_ms.append(1e3 * max(0.0, -delay))
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - t0
+    for c in idle:
+        c.close()
+    lat = [(m, e) for m, e, *_ in ok]
+    out = summarise({"lat": lat, "shed": len(shed_ms), "elapsed_s": elapsed, "unfinished": 0}, num_exits)
+    out.update(
+        rate_rps=rate,
+        offered=count,
+        transport_errors=failed,
+        connections_opened_during_run=opened,
+        shed_p50_ms=_pct(shed_ms, 0.5),
+        shed_p99_ms=_pct(shed_ms, 0.99),
+        shed_max_ms=max(shed_ms) if shed_ms else None,
+        send_lag_p99_ms=_pct(lag_ms, 0.99),
+        server_queue_p50_ms=_pct([q for _, _, q, _, _ in ok], 0.5),
+        server_compute_p50_ms=_pct([c for _, _, _, c, _ in ok], 0.5),
+        server_latency_p50_ms=_pct([s for *_, s in ok], 0.5),
+        server_latency_p99_ms=_pct([s for *_, s in ok], 0.99),
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    bodies = [x.unsqueeze(0).numpy().tobytes() for x in inputs]
-    headers = {"content-type": "application/octet-stream", "x-dtype": "float32",
-               "x-shape": ",".join(str(s) for s in (1, *inputs.shape[1:]))}  # fmt: skip
+    return out
 
-    async def run(rate: float, seed: int) -> dict:
-        rng = random.Random(seed)
-        count = max(20, min(args.count, int(rate * args.max_seconds)))
-        ok: list[tuple[float, int]] = []
-        shed_ms: list[float] = []
-        failed = 0
-        limits = httpx.Limits(max_connections=args.max_inflight * 2)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits) as client:
 
-            async def one(i: int) -> None:
-                nonlocal failed
-                t = time.perf_counter()
-                try:
-                    r = await client.post("/v1/predict", content=bodies[i % len(bodies)], headers=headers)
-                except httpx.HTTPError:  # connection refused/reset under overload: counted, not fatal
-                    failed += 1
-                    return
-                ms = 1e3 * (time.perf_counter() - t)
-                if r.status_code == 200:
-                    ok.append((ms, r.json()["exits"][0]))
-                elif r.status_code == 503:
-                    shed_ms.append(ms)
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
 
-            tasks, t0, t = [], time.perf_counter(), 0.0
-            for i in range(count):
-                t += rng.expovariate(rate)
-                delay = t - (time.perf_counter() - t0)
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(i)))
-            await asyncio.gather(*tasks)
-            elapsed = time.perf_counter() - t0
-        out = summarise({"lat": ok, "shed": len(shed_ms), "elapsed_s": elapsed, "unfinished": 0}, model.num_exits)
-        shed_ms.sort()
-        out["transport_errors"] = failed
-        out["shed_p50_ms"] = shed_ms[len(shed_ms) // 2] if shed_ms else None
-        out["shed_p99_ms"] = shed_ms[min(len(shed_ms) - 1, int(0.99 * len(shed_ms)))] if shed_ms else None
-        return out
 
-    async def closed(clients: int, count: int) -> float:
-        """Closed-loop requests/s over HTTP (the HTTP capacity: client, server and engine share this machine)."""
-        done = 0
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+HTTP_CONFIGS = {  # name: (scheduler, GIL switch interval in the server in ms; 5 is Python's default)
+    "stage_fill_default_switch": ("fill", 5.0),
+    "stage_fill": ("fill", 0.5),
+    "req_ee_own_exit": ("oldest", 0.5),
+}
 
-            async def worker() -> None:
-                nonlocal done
-                while done < count:
-                    done += 1
-                    await client.post("/v1/predict", content=bodies[done % len(bodies)], headers=headers)
 
-            t0 = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(clients)))
-            return count / (time.perf_counter() - t0)
+def http_runs(name: str, inputs: torch.Tensor, num_exits: int, args) -> dict:
+    """Loopback HTTP, the server (uvicorn, ``adaptnn.serve.app``) in its own process, this process the load client.
+
+    Per repeat and config (order rotating): the closed-loop capacity, then Poisson runs at multiples of it (order
+    alternating)."""
+    import subprocess
 
     try:
-        asyncio.run(closed(8, 40))  # warm-up
-        http_capacity = asyncio.run(closed(args.clients // 4, min(args.count, 300)))
-        print(f"  http closed loop ({args.clients // 4} clients): {http_capacity:.1f} req/s", flush=True)
-        out: dict = {"capacity_rps": http_capacity, "in_process_capacity_rps": capacity}
-        for load in (0.8, 2.0):
-            out[f"{load}x"] = {"rate_rps": load * http_capacity, **asyncio.run(run(load * http_capacity, 7))}
-        return out
-    finally:
-        server.should_exit = True
-        thread.join(30)
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    payloads = _request_bytes(inputs)
+    configs = [c for c in args.http_configs]
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
+    for rep in range(args.repeats):
+        order = configs[rep % len(configs) :] + configs[: rep % len(configs)]
+        for cfg in order:
+            scheduler, switch = HTTP_CONFIGS[cfg]
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            cmd = [sys.executable, __file__, "--serve-port", str(port), "--models", name, "--max-batch",
+                   str(args.max_batch), "--max-inflight", str(args.max_inflight), "--exit-rate", str(args.exit_rate),
+                   "--threads", str(args.threads), "--serve-scheduler", scheduler, "--serve-wait-ms",
+                   str(args.max_wait_ms), "--serve-switch-ms", str(switch)]  # fmt: skip
+            child = subprocess.Popen(cmd)
+            try:
+                _wait_ready(port, child)
+                record: dict = {"config": cfg, "repeat": rep, "loadavg_before": [round(v, 2) for v in os.getloadavg()]}
+                asyncio.run(_closed_http(port, payloads, 4, 60, 3.0))  # warm-up
+                closed = asyncio.run(_closed_http(port, payloads, args.http_clients, args.count, args.max_seconds))
+                record["closed"] = closed
+                cap = closed["throughput_rps"]
+                loads = args.http_loads if rep % 2 == 0 else args.http_loads[::-1]
+                for load in loads:
+                    count = max(20, min(args.count, int(load * cap * args.max_seconds)))
+                    pool = min(4 * args.max_inflight, 256)
+                    record[f"{load}x"] = asyncio.run(
+                        _open_http(port, payloads, load * cap, count, 100 * rep + 7, pool, num_exits)
+                    )
+                record["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+            finally:
+                child.terminate()
+                child.wait(30)
+            runs[cfg].append(record)
+            r2 = record.get("2.0x", {})
+            print(f"  http {cfg:<26} rep {rep}: capacity {cap:6.1f} req/s; " + "; ".join(
+                f"{ld}x p50 {record[f'{ld}x']['p50_ms']:.1f} p99 {record[f'{ld}x']['p99_ms']:.1f} ms"
+                for ld in args.http_loads) + f"; 2x shed {r2.get('shed')} p50/p99 {r2.get('shed_p50_ms')}/"
+                f"{r2.get('shed_p99_ms')} ms; load {record['loadavg_after']}", flush=True)  # fmt: skip
+    return {"configs": {c: {"scheduler": HTTP_CONFIGS[c][0], "server_switch_interval_ms": HTTP_CONFIGS[c][1]}
+                        for c in configs}, "runs": runs, "summary": _http_summary(runs, args)}  # fmt: skip
+
+
+def _wait_ready(port: int, child) -> None:
+    deadline = time.perf_counter() + 120
+    while time.perf_counter() < deadline:
+        if child.poll() is not None:
+            raise RuntimeError(f"the server process exited with {child.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+                if b" 200 " in s.recv(1024):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server process did not become ready in 120 s")
+
+
+def _http_summary(runs: dict[str, list[dict]], args) -> dict:
+    """Medians over repeats of the figures the issue's targets name."""
+
+    def med(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    out: dict = {}
+    for cfg, records in runs.items():
+        s: dict = {"capacity_rps": med([r["closed"]["throughput_rps"] for r in records])}
+        for load in args.http_loads:
+            key = f"{load}x"
+            rs = [r[key] for r in records]
+            s[key] = {m: med([r[m] for r in rs]) for m in ("p50_ms", "p99_ms", "shed", "answered", "shed_p50_ms",
+                      "shed_p99_ms", "shed_max_ms", "server_latency_p99_ms", "server_queue_p50_ms", "send_lag_p99_ms",
+                      "transport_errors")}  # fmt: skip
+            per = [r["per_exit"] for r in rs]
+            exits = sorted({int(k) for p in per for k in p})
+            s[key]["per_exit_p50_ms"] = {str(k): med([_get(p, str(k), "p50_ms") for p in per]) for k in exits}
+        half = s.get("0.5x", {}).get("per_exit_p50_ms", {})
+        if half and len(half) > 1:
+            deepest = max(half, key=int)
+            s["first_vs_deepest_exit_p50_at_half_load"] = half["0"] / half[deepest] if half.get("0") else None
+            s["deepest_exit_at_half_load"] = deepest
+        ratios = [r["2.0x"]["p99_ms"] / r["0.8x"]["p99_ms"] for r in records if "2.0x" in r and "0.8x" in r]
+        s["p99_2x_vs_p99_0.8x"] = med(ratios)
+        s["p99_2x_vs_p99_0.8x_runs"] = ratios
+        out[cfg] = s
+    if "stage_fill" in out and "req_ee_own_exit" in out:
+        out["stage_vs_request_ee_capacity"] = out["stage_fill"]["capacity_rps"] / out["req_ee_own_exit"]["capacity_rps"]
+    return out
 
 
 def bench_model(name: str, args) -> dict:
@@ -322,7 +495,7 @@ def bench_model(name: str, args) -> dict:
     ideal = costs[-1] / (sum(c * m for c, m in zip(costs, mix, strict=True)) / len(inputs))
     print(f"{name}: exits {model.num_exits}, mix on 64 inputs {mix}, MACs-ideal speedup {ideal:.2f}x", flush=True)
     if args.http_only:
-        http = http_runs(model, policy, inputs, args, None)
+        http = http_runs(name, inputs, model.num_exits, args)
         return {"model": name, "input_shape": list(shape), "exit_macs": costs, "thresholds": policy.thresholds,
                 "exit_mix_64": mix, "macs_ideal_speedup": ideal, "http": http}  # fmt: skip
     for system in SYSTEMS:  # warm-up: every server on a short closed loop
@@ -368,12 +541,7 @@ def bench_model(name: str, args) -> dict:
         "open_loop": open_loop,
     }
     if args.http:
-        out["http"] = http_runs(model, policy, inputs, args, capacity)
-        for load, summary in out["http"].items():
-            if not isinstance(summary, dict):
-                continue
-            print(f"  http {load}: p50 {summary['p50_ms']} p99 {summary['p99_ms']} shed {summary['shed']} "
-                  f"shed p50 {summary['shed_p50_ms']} ms", flush=True)  # fmt: skip
+        out["http"] = http_runs(name, inputs, model.num_exits, args)
     return out
 
 
@@ -390,11 +558,15 @@ def acceptance(entry: dict) -> dict:
     if "saturation_rps" in entry:
         out.update(_in_process_acceptance(entry))
     if "http" in entry:
-        http = entry["http"]
-        out["http_shed_p50_ms_at_2x"] = http["2.0x"]["shed_p50_ms"]
-        out["http_shed_p99_ms_at_2x"] = http["2.0x"]["shed_p99_ms"]
-        h80, h2 = http["0.8x"]["p99_ms"], http["2.0x"]["p99_ms"]
-        out["http_p99_2x_vs_p99_0.8x"] = h2 / h80 if h2 and h80 else None
+        summary = entry["http"]["summary"]
+        out["http_stage_vs_request_ee_capacity"] = summary.get("stage_vs_request_ee_capacity")
+        for cfg, s in summary.items():
+            if not isinstance(s, dict):
+                continue
+            out[f"http_{cfg}_first_vs_deepest_exit_p50_at_half_load"] = s.get("first_vs_deepest_exit_p50_at_half_load")
+            out[f"http_{cfg}_p99_2x_vs_p99_0.8x"] = s.get("p99_2x_vs_p99_0.8x")
+            out[f"http_{cfg}_shed_p50_ms_at_2x"] = _get(s, "2.0x", "shed_p50_ms")
+            out[f"http_{cfg}_shed_p99_ms_at_2x"] = _get(s, "2.0x", "shed_p99_ms")
     return out
 
 
@@ -433,19 +605,80 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += ["", "Acceptance figures: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
                                                           for k, v in acc.items()), ""]  # fmt: skip
         if "http" in entry:
-            http = entry["http"]
-            cap = http["capacity_rps"]
-            lines.append(f"Loopback HTTP (uvicorn, client in the same process): closed-loop capacity {cap:.1f} req/s")
-            for load, s in http.items():
-                if not isinstance(s, dict):
-                    continue
-                lines.append(
-                    f"- HTTP {load} ({s['rate_rps']:.1f} req/s): answered {s['answered']}, shed {s['shed']}, "
-                    f"transport errors {s['transport_errors']}, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, "
-                    f"shed answer p50/p99 {s['shed_p50_ms']}/{s['shed_p99_ms']} ms"
-                )
-            lines.append("")
+            _http_markdown(entry["http"], lines)
     path.write_text("\n".join(lines) + "\n")
+
+
+def _http_markdown(http: dict, lines: list[str]) -> None:
+    def f(v, nd: int = 1) -> str:
+        return "-" if v is None else f"{v:.{nd}f}"
+
+    lines += [
+        "Loopback HTTP: uvicorn serving `adaptnn.serve.app` in its own process (torch threads as above), the load "
+        "client (raw asyncio keep-alive connections, uvloop) in another; median over repeats. Latency is client-side, "
+        "from writing the request to the last byte of the answer; server latency is the answer's own `latency_ms`.",
+        "",
+        "| server config | capacity req/s | load | answered | shed | p50 ms | p99 ms | server p99 ms | "
+        "shed answer p50 / p99 / max ms | p50 per exit ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cfg, s in http["summary"].items():
+        if not isinstance(s, dict):
+            continue
+        for load in [k for k, v in s.items() if isinstance(v, dict) and "per_exit_p50_ms" in v]:
+            r = s[load]
+            per = ", ".join(f"{k}: {f(v)}" for k, v in r["per_exit_p50_ms"].items())
+            lines.append(
+                f"| {cfg} | {f(s['capacity_rps'])} | {load} | {f(r['answered'], 0)} | {f(r['shed'], 0)} | "
+                f"{f(r['p50_ms'])} | {f(r['p99_ms'])} | {f(r['server_latency_p99_ms'])} | "
+                f"{f(r['shed_p50_ms'], 2)} / {f(r['shed_p99_ms'], 2)} / {f(r['shed_max_ms'], 2)} | {per} |"
+            )
+    lines.append("")
+    loads = [r[k][0] for rs in http["runs"].values() for r in rs for k in ("loadavg_before", "loadavg_after")]
+    lines += [
+        f"1-minute load average during the HTTP runs: {min(loads):.2f} to {max(loads):.2f} on {os.cpu_count()} "
+        "cores (the server's two threads, the client and other jobs on the host share them: tails above a few ms "
+        "are mostly waiting for a core, see `send_lag_p99_ms`, the client's own lateness, in the JSON).",
+        "",
+        "Targets over HTTP (medians over repeats):",
+        "",
+        *_http_verdicts(http["summary"]),
+        "",
+    ]
+    configs = http["configs"].items()
+    lines.append("Configs: " + "; ".join(f"{c}: scheduler {v['scheduler']}, server GIL switch interval "
+                 f"{v['server_switch_interval_ms']} ms" for c, v in configs))  # fmt: skip
+    lines.append("")
+
+
+def _http_verdicts(summary: dict) -> list[str]:
+    """The issue's targets over HTTP, each with its measured figure and met / not met."""
+
+    def yes(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    out = []
+    ratio = summary.get("stage_vs_request_ee_capacity")
+    if ratio is not None:
+        out.append(f"- stage-level capacity >= 1.3x request-level early exit (own-exit answers, same server): "
+                   f"{ratio:.2f}x, {yes(ratio >= 1.3)}")  # fmt: skip
+    for cfg, s in summary.items():
+        if not isinstance(s, dict):
+            continue
+        first = s.get("first_vs_deepest_exit_p50_at_half_load")
+        if first is not None:
+            out.append(f"- {cfg}: half-load p50 of exit-0 requests <= 0.5x that of the deepest exit "
+                       f"({s['deepest_exit_at_half_load']}): {first:.2f}x, {yes(first <= 0.5)}")  # fmt: skip
+        p99 = s.get("p99_2x_vs_p99_0.8x")
+        shed = s.get("2.0x", {})
+        if p99 is not None:
+            out.append(f"- {cfg}: admitted p99 at 2x <= 2x p99 at 0.8x: {p99:.2f}x (runs "
+                       f"{', '.join(f'{r:.2f}' for r in s['p99_2x_vs_p99_0.8x_runs'])}), {yes(p99 <= 2)}")  # fmt: skip
+        if shed.get("shed_p99_ms") is not None:
+            out.append(f"- {cfg}: shed answers < 5 ms at 2x: p50 {shed['shed_p50_ms']:.2f} ms, p99 "
+                       f"{shed['shed_p99_ms']:.2f} ms: p50 {yes(shed['shed_p50_ms'] < 5)}, "
+                       f"p99 {yes(shed['shed_p99_ms'] < 5)}")  # fmt: skip
+    return out
 
 
 def _in_process_markdown(entry: dict, lines: list[str]) -> None:
@@ -502,6 +735,16 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["msdnet", "resnet50"])
@@ -516,23 +759,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--http", action="store_true", help="Also run over loopback HTTP (uvicorn).")
-    parser.add_argument(
-        "--switch-interval-ms",
-        type=float,
-        default=5.0,
-        help="HTTP runs: Python's GIL switch interval (client, uvicorn loop and engine thread share one GIL).",
-    )
     parser.add_argument("--http-only", action="store_true", help="Only the HTTP runs (no in-process comparison).")
+    parser.add_argument("--http-configs", nargs="+", default=list(HTTP_CONFIGS), choices=list(HTTP_CONFIGS))
+    parser.add_argument("--http-loads", type=float, nargs="+", default=[0.5, 0.8, 2.0])
+    parser.add_argument("--http-clients", type=int, default=16, help="HTTP closed-loop clients (keep <= inflight).")
+    parser.add_argument("--serve-port", type=int, default=None, help=argparse.SUPPRESS)  # the server process
+    parser.add_argument("--serve-scheduler", type=str, default="fill", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-wait-ms", type=float, default=20.0, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-switch-ms", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=str, default=str(RESULTS / "serve_cpu"))
     args = parser.parse_args()
+    if args.serve_port is not None:
+        _serve_child(args)
+        return
     torch.set_num_threads(args.threads)
     result = {
-        "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}",
+        "machine": f"{_cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}",
         "threads": args.threads,
         "loadavg_before": [round(v, 2) for v in os.getloadavg()],
         "command": "python benchmarks/serve_load.py " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k not in ("http", "http_only", "out"))
+            for k, v in vars(args).items() if k not in ("http", "http_only", "out") and not k.startswith("serve_"))
             + (" --http" if args.http else "") + (" --http-only" if args.http_only else "") + f" --out {args.out}",
         "args": vars(args),
         "models": [],

@@ -233,3 +233,15 @@ def test_real_uvicorn_on_loopback_finishes_admitted_requests_on_shutdown(model_a
         server.should_exit = True
         thread.join(30)
     assert not thread.is_alive() and app.state.front.inflight == 0
+
+
+def test_switch_interval_applies_while_serving_and_is_restored(model_and_policy) -> None:
+    import sys
+
+    model, policy = model_and_policy
+    before = sys.getswitchinterval()
+    app = create_app(TorchBackend(model, policy), ServeConfig(max_rows=8, max_inflight=16, switch_interval_ms=0.5))
+    with TestClient(app) as client:
+        assert abs(sys.getswitchinterval() - 0.0005) < 1e-9
+        assert client.get("/health").status_code == 200
+    assert sys.getswitchinterval() == before

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -51,6 +52,11 @@ class ServeConfig:
         scheduler: the engine's scheduler (see :class:`~adaptnn.serve.Engine`); ``"fill"`` (default) pools the
             survivors of many batches into deep-stage batches, ``"oldest"`` answers each batch's rows first.
         max_wait_ms: ``"fill"``: the longest a row waits in one stage queue for a fuller batch.
+        switch_interval_ms: Python's GIL switch interval while the app runs (process-wide, restored at shutdown;
+            ``None``, the default, leaves Python's 5 ms). The event loop and the engine thread share the GIL, so an
+            arriving request may wait up to one interval while a stage's Python code runs. On a loaded 2-core
+            loopback benchmark 0.5 ms did not change the shed answers' latency measurably (noise from CPU
+            contention dominated; ``benchmarks/results/serve_cpu_http_switch.md``); a knob for quieter hosts.
     """
 
     max_batch: int = 32
@@ -60,6 +66,7 @@ class ServeConfig:
     retry_after_s: int = 1
     scheduler: str = "fill"
     max_wait_ms: float = 20.0
+    switch_interval_ms: float | None = None
 
     def body_cap(self, sample_numel: int) -> int:
         if self.max_body_bytes is not None:
@@ -297,11 +304,15 @@ def create_app(backend: StageBackend, config: ServeConfig | None = None, *, mode
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        switch = sys.getswitchinterval()
+        if handler.config.switch_interval_ms is not None:
+            sys.setswitchinterval(handler.config.switch_interval_ms / 1e3)
         handler.start()
         try:
             yield
         finally:
             await asyncio.to_thread(handler.stop)  # admits nothing new, answers every admitted request
+            sys.setswitchinterval(switch)
 
     app = Starlette(
         routes=[
