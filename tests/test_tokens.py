@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
+import adaptnn
 from adaptnn.adapters.vit_tokens import token_vit, tokenize_staged
 from adaptnn.errors import ConfigError
 from adaptnn.layers.tokens import (
+    KeepRateWarmup,
     TokenKnob,
     TokenState,
     bipartite_merge,
     evit_fuse,
+    keep_rate_warmup,
     set_token_knob,
+    token_blocks,
     tome_schedule,
     unmerge,
 )
@@ -204,3 +210,22 @@ def test_tokenize_refuses_what_it_cannot_reduce() -> None:
     staged = set_token_knob(token_vit(avg), TokenKnob("tome", 8))
     with pytest.raises(ConfigError):  # EViT ranks by class attention: no class token, no EViT
         set_token_knob(staged, TokenKnob("evit", 0.5))(torch.randn(1, 3, 32, 32))
+
+
+def test_keep_rate_warmup_goes_from_one_to_the_target() -> None:
+    rates = [keep_rate_warmup(s, 10, 0.5) for s in range(14)]
+    assert rates[0] == 1.0 and rates[10:] == [0.5] * 4
+    assert all(a > b for a, b in zip(rates[:10], rates[1:11], strict=True))  # strictly decreasing during warm-up
+    assert rates[5] == pytest.approx(0.75)  # cosine: half way at half the warm-up
+    assert keep_rate_warmup(0, 0, 0.7) == 0.7  # no warm-up: the target at once
+    with pytest.raises(ConfigError):
+        keep_rate_warmup(0, 10, 1.5)
+    torch.manual_seed(0)
+    model = adaptnn.create_model("vit_tiny_conv_fmnist", embed_dim=32, depth=3, exits=[0])
+    warm = KeepRateWarmup(0.5, warmup_steps=4, locations=(1,))
+    assert warm(model, 0) == 1.0 and all(b.action is None for b in token_blocks(model))  # keep 1: nothing reduced
+    assert warm(model, 4) == 0.5 and [b.action for b in token_blocks(model)] == [None, ("evit", 0.5), None]
+    with torch.no_grad():
+        state = model.segments[0](torch.randn(2, 1, 28, 28))
+        state = model.segments[1](state)
+    assert state.tokens.shape[1] == 1 + math.ceil(0.5 * 49) + 1  # class + kept + fused

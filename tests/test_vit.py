@@ -151,3 +151,77 @@ def test_shipped_vit_recipe_is_a_valid_run_config() -> None:
     path = Path(adaptnn.__file__).parent / "configs" / "vit_fmnist.yaml"
     config = load_config(path)
     assert config.model.name == "vit_tiny_conv_fmnist" and config.data.name == "fashion_mnist"
+
+
+def test_other_input_sizes_interpolate_the_patch_positions() -> None:
+    """Smaller/larger inputs (curriculum stages) work; the native size computes exactly what it did before."""
+    from adaptnn.models.vit import resize_pos_embed
+    from adaptnn.training.curriculum import spatially_relaxed
+
+    model = _small_vit()
+    embed = model.segments[0][0]
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        before = model.forward_all(x)
+        # the pre-change computation at the native size: stem + class token + learned positions, unresized
+        feat = embed.stem(x).flatten(2).transpose(1, 2)
+        plain = torch.cat([embed.cls_token.expand(2, -1, -1), feat], dim=1) + embed.pos_embed
+        assert (embed(x).tokens - plain).abs().max().item() == 0.0
+        with spatially_relaxed(model):
+            small = model.forward_all(torch.randn(2, 1, 16, 16))
+            large = model.forward_all(torch.randn(2, 1, 36, 36))
+            again = model.forward_all(x)
+    assert all(lg.shape == (2, 10) and torch.isfinite(lg).all() for lg in small + large)
+    assert all((a - b).abs().max().item() == 0.0 for a, b in zip(before, again, strict=True))
+    assert embed(torch.randn(1, 1, 16, 16)).tokens.shape[1] == 1 + 4 * 4
+    pos = embed.pos_embed
+    resized = resize_pos_embed(pos, (7, 7), (4, 4), prefix=1)
+    assert resized.shape == (1, 17, pos.shape[-1]) and torch.equal(resized[:, :1], pos[:, :1])  # class token untouched
+    assert torch.allclose(resize_pos_embed(pos, (7, 7), (7, 7), prefix=1), pos, atol=1e-6)
+    with pytest.raises(adaptnn.errors.InputError):  # outside training the fixed input size is still checked
+        model(torch.randn(1, 1, 16, 16))
+
+
+def test_dvt_cascade_exits_reuse_and_realised_equals_simulated() -> None:
+    torch.manual_seed(0)
+    model = adaptnn.create_model("dvt_vit_tiny_conv_fmnist", embed_dim=32, depth=2).eval()
+    assert "dvt_vit_tiny_conv_fmnist" in adaptnn.list_models("dvt_*") and model.num_exits == 2
+    macs = exit_macs(model, (1, 28, 28))
+    assert macs[0] < 0.5 * (macs[1] - macs[0])  # the coarse stage (16 tokens) is far cheaper than the fine (49)
+    x = torch.randn(12, 1, 28, 28)
+    fine = model.segments[1]
+    with torch.no_grad():
+        cascade = model.segments[0](x)
+        assert cascade.coarse.tokens.shape == (12, 1 + 16, 32)
+        plain = model.heads[1](fine(cascade))
+        other = cascade._replace(coarse=cascade.coarse._replace(tokens=torch.randn_like(cascade.coarse.tokens)))
+        assert torch.equal(model.heads[1](fine(other)), plain)  # zero-initialised reuse: the plain fine ViT
+        torch.nn.init.normal_(fine.reuse[1].weight, std=0.1)
+        assert not torch.allclose(model.heads[1](fine(other)), model.heads[1](fine(cascade)))  # features reused
+        cached = model.forward_all(x)
+    for knob in (TokenKnob(), TokenKnob("tome", 3)):
+        set_token_knob(model, knob)
+        with torch.no_grad():
+            cached = model.forward_all(x)
+        policy = ConfidencePolicy([float(cached[0].softmax(-1).amax(-1).median())])
+        sim_exit, sim_pred = simulate_exits(policy, cached)
+        for batch in (1, 5, 12):
+            for start in range(0, 12, batch):
+                out = model.run_dynamic(x[start : start + batch], policy)
+                assert torch.equal(out.exit_index, sim_exit[start : start + batch])
+                assert torch.allclose(out.logits, sim_pred[start : start + batch], atol=1e-5)
+        assert 0 < int((sim_exit == 0).sum()) < 12
+
+
+def test_dvt_round_trips_through_a_checkpoint(tmp_path) -> None:
+    from adaptnn.io import save_checkpoint
+    from adaptnn.models import load_model
+
+    torch.manual_seed(0)
+    model = adaptnn.create_model("dvt_vit_tiny_conv_fmnist", embed_dim=32, depth=1).eval()
+    torch.nn.init.normal_(model.segments[1].reuse[1].weight, std=0.1)
+    path = save_checkpoint(tmp_path / "m.safetensors", model, {"model_spec": model.model_spec})
+    loaded = load_model(path).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model.forward_all(x), loaded.forward_all(x), strict=True))

@@ -18,6 +18,11 @@ state passed between ViT segments is a :class:`TokenState`: the tokens plus what
   keep the ``ceil(keep * n)`` patch tokens the class token attends to most (attention averaged over heads) and
   fuse the rest into one token (their average weighted by that attention).
 
+* **DynamicViT** (Rao et al., NeurIPS 2021): a learned :class:`KeepPredictor` before chosen blocks; training
+  carries Gumbel-softmax keep masks in ``TokenState.mask`` (dropped tokens hidden from attention by an additive
+  mask, :func:`keep_mask_bias`), inference keeps a fixed top-k (:func:`drop_tokens`); trained by the
+  ``dynamicvit`` strategy. :func:`keep_rate_warmup` lowers EViT's keep rate gradually when fine-tuning.
+
 A :class:`TokenBlock` runs a transformer block by calling the block's *own* modules (``norm1``, ``attn.qkv``,
 ``attn.q_norm``/``k_norm``, ``attn.norm``, ``attn.gate``, ``attn.proj``, ``ls1``, ``drop_path1``, ``norm2``,
 ``mlp``, ``ls2``, ``drop_path2``) with the reduction between attention and MLP. It works for timm's
@@ -60,6 +65,12 @@ __all__ = [
     "tome_schedule",
     "TOKEN_METHODS",
     "knob_grid",
+    "keep_rate_warmup",
+    "KeepRateWarmup",
+    "KeepPredictor",
+    "keep_mask_bias",
+    "drop_tokens",
+    "attach_keep_predictors",
 ]
 
 TOKEN_METHODS = ("none", "tome", "evit")
@@ -73,12 +84,15 @@ class TokenState(NamedTuple):
         size: ``[B, N, 1]`` float, input patches (or prefix tokens) each token stands for; ``None``: all 1.
         source: ``[B, N0]`` long, current index of each of the ``N0`` original tokens; ``None``: identity.
         prefix: leading protected tokens (class, distillation, registers): never merged or dropped.
+        mask: ``[B, N]`` keep decisions of DynamicViT training (1 kept, 0 dropped; straight-through Gumbel
+            values): dropped tokens are carried but masked out of attention; ``None``: all kept.
     """
 
     tokens: Tensor
     size: Tensor | None = None
     source: Tensor | None = None
     prefix: int = 1
+    mask: Tensor | None = None
 
 
 def as_token_state(x: Tensor | TokenState, prefix: int) -> TokenState:
@@ -102,6 +116,86 @@ def proportional_bias(size: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if size is None:
         return None
     return size.log().to(dtype).squeeze(-1)[:, None, None, :]
+
+
+def keep_mask_bias(mask: Tensor, dtype: torch.dtype, eps: float = 1e-6) -> Tensor:
+    """Additive attention mask ``[B, 1, N, N]`` hiding dropped keys: ``log(eps + (1 - eps) * G)``.
+
+    ``G[i, j]`` is the keep decision of key ``j`` (1 on the diagonal, so every query still sees itself): the
+    masked softmax of DynamicViT, ``exp(a_ij) G_ij / sum_k exp(a_ik) G_ik``, as a bias, so the fused
+    ``scaled_dot_product_attention`` is kept. The ``eps`` keeps the gradient to ``G`` finite (it is the masked
+    softmax's, up to ``O(eps)``); kept keys get exactly 0.
+    """
+    n = mask.shape[1]
+    g = mask[:, None, :].expand(-1, n, -1)
+    eye = torch.eye(n, dtype=torch.bool, device=mask.device)
+    g = torch.where(eye, torch.ones_like(g), g)
+    return torch.log1p((1.0 - eps) * (g - 1.0)).to(dtype).unsqueeze(1)
+
+
+def drop_tokens(state: TokenState, score: Tensor, keep: int, track_source: bool = True) -> TokenState:
+    """DynamicViT at inference: keep the ``keep`` patch tokens of highest ``score [B, N - prefix]``, drop the rest.
+
+    Kept tokens stay in spatial order; the prefix is always kept. Dropped originals' sources point to token 0
+    (they have no token any more: un-merging them is not meaningful, so pooling heads are refused by the strategy).
+    """
+    x, p = state.tokens, state.prefix
+    batch, n_tok, dim = x.shape
+    n = n_tok - p
+    keep = max(int(keep), 1)
+    if keep >= n:
+        return state
+    kept = score.argsort(dim=-1, descending=True, stable=True)[:, :keep].sort(dim=-1).values
+    tokens = torch.cat([x[:, :p], x[:, p:].gather(1, kept.unsqueeze(-1).expand(-1, -1, dim))], dim=1)
+    size = None
+    if state.size is not None:
+        size = torch.cat([state.size[:, :p], state.size[:, p:].gather(1, kept.unsqueeze(-1))], dim=1)
+    if not track_source:
+        return TokenState(tokens, size, None, p)
+    pos = torch.zeros((batch, n), dtype=torch.long, device=x.device)
+    pos.scatter_(1, kept, torch.arange(p, p + keep, device=x.device).expand(batch, -1))
+    new_pos = torch.cat([torch.arange(p, device=x.device).expand(batch, -1), pos], dim=1)
+    return TokenState(tokens, size, _new_source(state, new_pos), p)
+
+
+class KeepPredictor(nn.Module):
+    """DynamicViT's keep-score predictor: an MLP on each token's local feature and the sample's global feature.
+
+    ``LayerNorm -> Linear -> GELU`` gives per-token features; half of them are the local part, the other half is
+    averaged over the sample's kept tokens (the global part) and appended to every token; an MLP
+    (``d -> d/2 -> d/4 -> 2``) gives log-probabilities of keep / drop (Rao et al., "DynamicViT", NeurIPS 2021).
+    The last layer starts biased to keep (about 98%), so fine-tuning a trained ViT starts from the unreduced
+    model and the ratio loss (with its warm-up) lowers the keep fractions gradually.
+
+    Attributes:
+        keep_rate: fraction of the patch tokens entering this block kept at inference (top-k by keep score).
+    """
+
+    def __init__(self, dim: int, keep_rate: float) -> None:
+        super().__init__()
+        if not 0.0 < float(keep_rate) <= 1.0:
+            raise ConfigError(f"DynamicViT keep rate must be in (0, 1], got {keep_rate!r}")
+        self.keep_rate = float(keep_rate)
+        self.local_dim = dim // 2
+        self.in_proj = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.out = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, max(dim // 4, 1)), nn.GELU())
+        self.out.append(nn.Linear(max(dim // 4, 1), 2))
+        with torch.no_grad():  # start by keeping almost everything (keep odds ~e^4): fine-tuning starts unreduced
+            self.out[-1].bias.copy_(torch.tensor([2.0, -2.0]))
+
+    def forward(self, patches: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``[B, n, 2]`` log-probabilities (keep, drop) of the patch tokens ``[B, n, D]`` (``mask [B, n]``: kept)."""
+        h = self.in_proj(patches)
+        local, glob = h[..., : self.local_dim], h[..., self.local_dim :]
+        if mask is None:
+            g = glob.mean(dim=1, keepdim=True)
+        else:
+            w = mask.unsqueeze(-1).to(glob.dtype)
+            g = (glob * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        return self.out(torch.cat([local, g.expand(-1, h.shape[1], -1)], dim=-1)).log_softmax(dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"keep_rate={self.keep_rate}"
 
 
 def _sizes(state: TokenState) -> Tensor:
@@ -251,7 +345,7 @@ def _cls_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> T
     """``[B, N]`` attention of token 0 to every token, averaged over heads (one query row, so cheap)."""
     logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
     if bias is not None:
-        logits = logits + bias
+        logits = logits + bias[..., :1, :]
     return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
 
 
@@ -266,6 +360,10 @@ class TokenBlock(nn.Module):
         action: ``None``, ``("tome", r)`` (merge r tokens) or ``("evit", keep_rate)``; set by :func:`set_token_knob`.
         proportional: add ``log(size)`` to the attention logits once tokens were merged.
         track_source: keep ``TokenState.source`` current (for un-merging; class-token models can skip it).
+        predictor: DynamicViT's :class:`KeepPredictor` run on the tokens entering the block (``None``: none);
+            training draws Gumbel-softmax keep masks (carried in ``TokenState.mask``), inference keeps the top
+            ``ceil(keep_rate * n)`` patch tokens. Set by :func:`attach_keep_predictors`.
+        last_keep: the ``[B, n]`` training mask this block's predictor drew last (read by the ratio loss).
     """
 
     def __init__(self, block: nn.Module, proportional: bool = True, track_source: bool = True) -> None:
@@ -275,11 +373,43 @@ class TokenBlock(nn.Module):
         self.action: tuple[str, float] | None = None
         self.proportional = bool(proportional)
         self.track_source = bool(track_source)
+        self.predictor: KeepPredictor | None = None
+        self.last_keep: Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out :attr:`last_keep` (a tensor of the last training graph)."""
+        state = self.__dict__.copy()
+        state["last_keep"] = None
+        return state
+
+    def _predict(self, state: TokenState) -> TokenState:
+        """DynamicViT's decision before the block: a Gumbel mask (training) or top-k dropping (inference)."""
+        p, x = state.prefix, state.tokens
+        if self.training:
+            prev = state.mask if state.mask is not None else x.new_ones(x.shape[:2])
+            logp = self.predictor(x[:, p:], prev[:, p:])
+            keep = F.gumbel_softmax(logp, hard=True, dim=-1)[..., 0] * prev[:, p:]
+            self.last_keep = keep
+            return state._replace(mask=torch.cat([prev[:, :p], keep], dim=1))
+        if state.mask is not None:
+            raise ConfigError("a token state with training keep masks reached a block in eval mode")
+        n = x.shape[1] - p
+        keep = math.ceil(self.predictor.keep_rate * n)
+        if keep >= n:
+            return state
+        return drop_tokens(state, self.predictor(x[:, p:])[..., 0], keep, self.track_source)
 
     def forward(self, state: TokenState) -> TokenState:
         blk = self.block
+        if self.predictor is not None:
+            state = self._predict(state)
         x = state.tokens
         bias = proportional_bias(state.size, x.dtype) if self.proportional else None
+        if state.mask is not None:
+            if self.action is not None:
+                raise ConfigError("DynamicViT training masks do not combine with ToMe/EViT; set the token knob off")
+            masked = keep_mask_bias(state.mask, x.dtype)
+            bias = masked if bias is None else bias + masked
         out, q, k = block_attention(blk.attn, blk.norm1(x), bias, self.training)
         x = x + blk.drop_path1(blk.ls1(out))
         state = state._replace(tokens=x)
@@ -300,6 +430,37 @@ class TokenBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"action={self.action}"
+
+
+def attach_keep_predictors(
+    model: nn.Module, keep_rate: float, locations: Sequence[int] | None = None
+) -> list[TokenBlock]:
+    """Give the token blocks at ``locations`` a DynamicViT :class:`KeepPredictor` keeping ``keep_rate``.
+
+    ``locations`` default to EViT's (the 4th, 7th and 10th of 12 blocks, scaled to the depth); each predictor
+    keeps ``keep_rate`` of the patch tokens entering its block. Blocks that already have one keep it (its
+    weights) and get the new ``keep_rate``. To load a DynamicViT model's weights, build the model and make the
+    same call first. Returns the blocks with predictors.
+    """
+    blocks = token_blocks(model)
+    if not blocks:
+        raise ConfigError(f"{type(model).__name__} has no token blocks: wrap it with adaptnn.adapters.token_vit first")
+    where = tuple(locations) if locations is not None else _evit_locations(len(blocks))
+    if not where or any(not 0 <= i < len(blocks) for i in where):
+        raise ConfigError(f"DynamicViT locations {list(where)} out of range for {len(blocks)} blocks")
+    chosen = []
+    for i in sorted(set(where)):
+        blk = blocks[i]
+        if blk.predictor is None:
+            dim = blk.block.attn.num_heads * blk.block.attn.head_dim
+            ref = next(blk.block.parameters())
+            blk.predictor = KeepPredictor(dim, keep_rate).to(ref.device, ref.dtype)
+        blk.predictor.keep_rate = float(keep_rate)
+        chosen.append(blk)
+    cache = getattr(model, "_cost_cache", None)
+    if isinstance(cache, dict):
+        cache.clear()
+    return chosen
 
 
 class TokenEmbed(nn.Module):
@@ -450,3 +611,43 @@ def knob_grid(methods: Sequence[str], tome_r: Sequence[int], evit_keep: Sequence
     if "evit" in methods:
         knobs += [TokenKnob("evit", k) for k in evit_keep]
     return knobs
+
+
+def keep_rate_warmup(step: int, warmup_steps: int, target: float, start: float = 1.0) -> float:
+    """Keep rate at optimizer ``step`` of a fine-tuning run: ``start`` (1, nothing dropped) -> ``target``.
+
+    EViT fine-tunes with the keep rate lowered gradually, not at once, so the early, still unadapted network is not
+    starved of tokens: a cosine from ``start`` at step 0 to ``target`` at ``warmup_steps``, then ``target``.
+    """
+    if warmup_steps < 0 or not 0.0 < target <= 1.0 or not target <= start <= 1.0:
+        raise ConfigError(
+            f"keep-rate warm-up needs warmup_steps >= 0 and 0 < target <= start <= 1, got "
+            f"warmup_steps={warmup_steps}, target={target}, start={start}"
+        )
+    if step >= warmup_steps:
+        return float(target)
+    t = max(int(step), 0) / warmup_steps
+    return float(target + (start - target) * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
+@dataclass(frozen=True)
+class KeepRateWarmup:
+    """Sets a model's EViT keep rate for each training step (:func:`keep_rate_warmup`); call it before the step.
+
+    ``KeepRateWarmup(0.7, warmup_steps=3 * steps_per_epoch)(model, step)`` from a strategy's ``training_step`` (or
+    any per-step hook) fine-tunes with the keep rate going from 1 to 0.7 over the first three epochs.
+    """
+
+    target: float
+    warmup_steps: int
+    locations: tuple[int, ...] | None = None
+
+    def rate(self, step: int) -> float:
+        """The keep rate at ``step``."""
+        return keep_rate_warmup(step, self.warmup_steps, self.target)
+
+    def __call__(self, model: nn.Module, step: int) -> float:
+        """Set the keep rate of ``step`` on ``model`` (all its token blocks); returns it."""
+        rate = self.rate(step)
+        set_token_knob(model, TokenKnob("evit", rate, locations=self.locations))
+        return rate

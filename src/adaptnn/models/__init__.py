@@ -29,6 +29,8 @@ for _name in list_models("msdnet_*"):
     declare_checkpoint_args(_name, args_like=msdnet.msdnet, checkpoint_args=_MSDNET_LAYOUT, build_on_meta=True)
 for _name in list_models("vit_*_conv_*"):
     declare_checkpoint_args(_name, args_like=vit.vit_staged, build_on_meta=True)
+for _name in list_models("dvt_*"):
+    declare_checkpoint_args(_name, args_like=vit.dvt_staged, build_on_meta=True)
 del _name
 
 __all__ = [

@@ -9,23 +9,37 @@ drop_path1, norm2, mlp, ls2, drop_path2``). Every block runs as a :class:`~adapt
 segments is a :class:`~adaptnn.layers.tokens.TokenState`. Exit heads (LayerNorm + linear on the class token) sit
 after chosen blocks; the last one follows the final LayerNorm.
 
+Inputs of other sizes (an EfficientTrain curriculum's small stages) get their patch positions resized bicubically
+(:func:`resize_pos_embed`; the class token's untouched, the native size exact). :func:`dvt_staged` is the DVT
+cascade: a coarse-grid ViT as exit 0, then a full-grid ViT reusing its features.
+
 For real pretrained ViTs (online), use :func:`adaptnn.adapters.vit_tokens.token_vit` on a timm name instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..layers.heads import TokenHead
-from ..layers.tokens import TokenBlock, TokenMap, TokenState, TokenStateHead
+from ..layers.tokens import TokenBlock, TokenMap, TokenState, TokenStateHead, attach_keep_predictors, unmerge
 from ..runtime.staged import InputSpec, StagedModel
 from ._registry import register_model
 
-__all__ = ["vit_staged", "vit_tiny_conv_fmnist", "vit_tiny_conv_cifar"]
+__all__ = [
+    "CascadeState",
+    "dvt_staged",
+    "dvt_vit_tiny_conv_fmnist",
+    "resize_pos_embed",
+    "vit_staged",
+    "vit_tiny_conv_fmnist",
+    "vit_tiny_conv_cifar",
+]
 
 
 class DropPath(nn.Module):
@@ -110,15 +124,42 @@ class ConvStemEmbed(nn.Module):
             nn.GELU(),
             nn.Conv2d(dim, dim, 1),
         )
+        self.grid = (int(grid[0]), int(grid[1]))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def forward(self, x: Tensor) -> TokenState:
-        tokens = self.stem(x).flatten(2).transpose(1, 2)  # [b, n, d]
-        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
+        feat = self.stem(x)  # [b, d, h, w]
+        pos = self.pos_embed_for((int(feat.shape[-2]), int(feat.shape[-1])))
+        tokens = feat.flatten(2).transpose(1, 2)  # [b, n, d]
+        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + pos
         return TokenState(tokens, None, None, 1)
+
+    def pos_embed_for(self, grid: tuple[int, int]) -> Tensor:
+        """Position embeddings ``[1, 1 + h * w, d]`` for a ``grid`` of patch tokens.
+
+        The learned ones at the native grid, else their patch-grid part resized bicubically (the class token's
+        embedding untouched).
+
+        Lets the model take smaller or larger inputs than it was built for (e.g. an EfficientTrain curriculum's
+        low-resolution stages) while computing exactly the same at the native size.
+        """
+        if tuple(grid) == self.grid:
+            return self.pos_embed
+        return resize_pos_embed(self.pos_embed, self.grid, grid, prefix=1)
+
+
+def resize_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], prefix: int) -> Tensor:
+    """``pos_embed [1, prefix + h*w, d]`` on a ``new_grid``: the patch part resized bicubically, special tokens kept."""
+    special, patches = pos_embed[:, :prefix], pos_embed[:, prefix:]
+    dim = patches.shape[-1]
+    if patches.shape[1] != old_grid[0] * old_grid[1]:
+        raise ConfigError(f"pos_embed holds {patches.shape[1]} patch positions, not a {old_grid[0]}x{old_grid[1]} grid")
+    grid = patches.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    return torch.cat([special, grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -147,6 +188,8 @@ def vit_staged(
     init_values: float | None = None,
     drop_path_rate: float = 0.0,
     exits: Sequence[int] | None = None,
+    keep_rate: float | None = None,
+    keep_locations: Sequence[int] | None = None,
 ) -> StagedModel:
     """A conv-stem ViT with class-token exits after the blocks ``exits`` (0-based; the last block always has one).
 
@@ -155,6 +198,9 @@ def vit_staged(
         embed_dim, depth, num_heads, mlp_ratio, qk_norm, init_values: the transformer (DeiT-Tiny: 192, 12, 3).
         drop_path_rate: stochastic depth, increasing linearly to this rate at the last block.
         exits: blocks followed by an exit (default: after each quarter of the depth).
+        keep_rate, keep_locations: DynamicViT keep-score predictors (``None``: none) keeping ``keep_rate`` of the
+            patch tokens entering the blocks ``keep_locations`` (see the ``dynamicvit`` strategy, which records
+            them in the model spec so a trained model's checkpoint rebuilds with its predictors).
     """
     if len(input_size) != 2 or input_size[0] % 4 or input_size[1] % 4:
         raise ConfigError(f"input_size is (height, width), multiples of 4 (stride-4 stem); got {list(input_size)}")
@@ -184,6 +230,8 @@ def vit_staged(
         segments, heads, input_spec=InputSpec((in_chans, *map(int, input_size))), num_classes=num_classes
     )
     _init_weights(model)
+    if keep_rate is not None:
+        attach_keep_predictors(model, keep_rate, keep_locations)
     return model
 
 
@@ -202,3 +250,126 @@ def vit_tiny_conv_cifar(**kwargs) -> StagedModel:
     """DeiT-Tiny shape (dim 192, 12 blocks, 3 heads) with a conv stem for 32x32 RGB: 64 patch tokens, 4 exits."""
     args = dict(in_chans=3, num_classes=10, input_size=(32, 32), embed_dim=192, depth=12, num_heads=3)
     return vit_staged(**dict(args, **kwargs))
+
+
+class CascadeState(NamedTuple):
+    """The state between the two ViTs of a DVT cascade: the input image and the coarse ViT's final token state."""
+
+    image: Tensor
+    coarse: TokenState
+
+
+class CoarseStage(nn.Module):
+    """DVT's first stage: the image resized to ``size`` (a coarse token grid), a ViT, its final norm."""
+
+    def __init__(self, embed: ConvStemEmbed, blocks: Sequence[nn.Module], norm: nn.Module, size: tuple[int, int]):
+        super().__init__()
+        self.size = (int(size[0]), int(size[1]))
+        self.embed = embed
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = norm
+
+    def forward(self, x: Tensor) -> CascadeState:
+        small = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        state = self.blocks(self.embed(small))
+        return CascadeState(x, state._replace(tokens=self.norm(state.tokens)))
+
+
+class FineStage(nn.Module):
+    """DVT's second stage: a ViT on the full token grid that reuses the coarse stage's features.
+
+    Feature reuse: the coarse ViT's final tokens (un-merged back to their grid, so token reduction in the coarse
+    stage is allowed) go through ``LayerNorm -> Linear`` (zero-initialised, so training starts from the plain fine
+    ViT), are upsampled to the fine grid and added to the fine tokens after the embedding (the class token gets
+    the coarse class token's).
+    """
+
+    def __init__(self, embed: ConvStemEmbed, blocks: Sequence[nn.Module], norm: nn.Module, coarse_dim: int):
+        super().__init__()
+        dim = embed.pos_embed.shape[-1]
+        self.embed = embed
+        self.reuse = nn.Sequential(nn.LayerNorm(coarse_dim), nn.Linear(coarse_dim, dim))
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = norm
+        self.coarse_grid: tuple[int, int] | None = None  # set by dvt_staged
+
+    def forward(self, cascade: CascadeState) -> TokenState:
+        state = self.embed(cascade.image)
+        ctx = self.reuse(unmerge(cascade.coarse))  # [b, 1 + hc * wc, d]
+        b, _, d = ctx.shape
+        hc, wc = self.coarse_grid
+        n_fine = state.tokens.shape[1] - 1
+        grid = ctx[:, 1:].transpose(1, 2).reshape(b, d, hc, wc)
+        fine_hw = _fine_grid(cascade.image, n_fine)
+        up = F.interpolate(grid, size=fine_hw, mode="nearest").flatten(2).transpose(1, 2)
+        tokens = state.tokens + torch.cat([ctx[:, :1], up], dim=1)
+        state = self.blocks(state._replace(tokens=tokens))
+        return state._replace(tokens=self.norm(state.tokens))
+
+
+def _fine_grid(image: Tensor, n: int) -> tuple[int, int]:
+    h, w = (int(image.shape[-2]) + 3) // 4, (int(image.shape[-1]) + 3) // 4  # the stride-4 stem's output grid
+    if h * w != n:
+        raise ConfigError(f"fine token grid {h}x{w} does not match {n} tokens")
+    return h, w
+
+
+class _CoarseHead(nn.Module):
+    """The exit after the coarse stage: a class-token head on the coarse tokens."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, cascade: CascadeState) -> Tensor:
+        return self.head(cascade.coarse.tokens)
+
+
+def dvt_staged(
+    *,
+    in_chans: int = 1,
+    num_classes: int = 10,
+    input_size: Sequence[int] = (28, 28),
+    coarse_size: Sequence[int] = (16, 16),
+    embed_dim: int = 64,
+    depth: int = 6,
+    num_heads: int = 2,
+    mlp_ratio: float = 4.0,
+    drop_path_rate: float = 0.0,
+) -> StagedModel:
+    """The DVT cascade (Wang et al., "Not All Images are Worth 16x16 Words", NeurIPS 2021) as a 2-exit model.
+
+    Exit 0: a conv-stem ViT on the image resized to ``coarse_size`` (few tokens: cheap); exit 1: a second ViT on
+    the full-size token grid that reuses the coarse stage's final features (:class:`FineStage`). Confident
+    samples stop after the coarse stage under any early-exit policy; every block is a token block, so ToMe/EViT
+    knobs and DynamicViT apply to both stages. Relationship (attention-map) reuse is not implemented.
+    """
+    sizes = [tuple(map(int, input_size)), tuple(map(int, coarse_size))]
+    if any(len(sz) != 2 or sz[0] % 4 or sz[1] % 4 for sz in sizes):
+        raise ConfigError(f"input_size and coarse_size are (height, width), multiples of 4; got {sizes}")
+    if depth < 1 or num_classes < 2:
+        raise ConfigError(f"need depth >= 1 and num_classes >= 2; got {depth}, {num_classes}")
+    rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+
+    def blocks() -> list[TokenBlock]:
+        return [TokenBlock(Block(embed_dim, num_heads, mlp_ratio, drop_path=rates[i])) for i in range(depth)]
+
+    fine_grid = (sizes[0][0] // 4, sizes[0][1] // 4)
+    coarse_grid = (sizes[1][0] // 4, sizes[1][1] // 4)
+    coarse = CoarseStage(ConvStemEmbed(in_chans, embed_dim, coarse_grid), blocks(), nn.LayerNorm(embed_dim), sizes[1])
+    fine = FineStage(ConvStemEmbed(in_chans, embed_dim, fine_grid), blocks(), nn.LayerNorm(embed_dim), embed_dim)
+    fine.coarse_grid = coarse_grid
+    heads = [
+        _CoarseHead(TokenHead(embed_dim, num_classes, pool="cls", norm=False)),
+        TokenStateHead(TokenHead(embed_dim, num_classes, pool="cls", norm=False), False),
+    ]
+    model = StagedModel([coarse, fine], heads, input_spec=InputSpec((in_chans, *sizes[0])), num_classes=num_classes)
+    _init_weights(model)
+    nn.init.zeros_(fine.reuse[1].weight)  # start from the plain fine ViT
+    return model
+
+
+@register_model
+def dvt_vit_tiny_conv_fmnist(**kwargs) -> StagedModel:
+    """DVT cascade for Fashion-MNIST: a 4x4-token ViT (16x16 input) then a 7x7-token ViT (28x28), dim 64, 6 blocks."""
+    return dvt_staged(**kwargs)

@@ -15,6 +15,7 @@ l2w        L2W-DEN: per-sample exit weights from a meta-trained weight network
 imta       IMTA gradient equilibrium (optionally with one-for-all distillation)
 frozen     train only the exit heads of a frozen (pretrained) backbone
 sorted     sandwich-rule training of every member of an elastic family (+ in-place distillation)
+dynamicvit DynamicViT: learned token dropping in a token ViT (ratio + distillation losses)
 ========== ====================================================================================
 """
 
@@ -26,6 +27,7 @@ from ..errors import ConfigError
 from .base import StepContext, StepOutput, Strategy, as_strategy, per_exit_cross_entropy
 from .boost import BoostLoss, boosted_logits
 from .distill import SelfDistillation
+from .dynamicvit import DynamicViT
 from .frozen import FrozenBackbone, fit_heads_cached
 from .imta import GradientEquilibrium
 from .joint import JointLoss, exit_weights
@@ -56,6 +58,7 @@ _STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (JointLoss, SelfDistillation, BoostLoss, L2WLoss, GradientEquilibrium, FrozenBackbone, SortedLoss)
 }
+_STRATEGIES[DynamicViT.name] = DynamicViT  # token ViTs: learned token dropping (issue 15)
 
 
 def available() -> list[str]:
