@@ -18,13 +18,7 @@ from adaptnn.strategies import StepContext, get
 from adaptnn.strategies.dynamicvit import DynamicViT, ratio_loss, staged_forward
 from adaptnn.training import TrainConfig, Trainer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two on a loaded box
 
 
 def _vit(depth: int = 4, exits: tuple[int, ...] = (0, 1, 2)) -> adaptnn.StagedModel:

@@ -13,14 +13,7 @@ from adaptnn.training.config import TeacherConfig
 from adaptnn.training.teachers import ema_update, load_teacher
 from adaptnn.training.trainer import commit_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two on a loaded machine (and the results are the same)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two on a loaded box
 
 
 def _model(seed=0):

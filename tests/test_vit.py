@@ -16,14 +16,7 @@ from adaptnn.layers.tokens import TokenKnob, TokenState, set_token_knob, token_b
 from adaptnn.policies import ConfidencePolicy, simulate_exits
 from adaptnn.runtime.cost import exit_macs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is much faster than several on a shared machine (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two on a loaded box
 
 
 KNOBS = [TokenKnob(), TokenKnob("tome", 3), TokenKnob("tome", 4, "decreasing"), TokenKnob("evit", 0.5)]

@@ -26,6 +26,7 @@ from ..layers.elastic import (
 from ..layers.heads import PoolLinearHead
 from ..runtime.staged import InputSpec
 from ._registry import register_model
+from .multi_exit_cnn import _init_weights  # the same initialisation as the plain CNN family
 
 __all__ = ["elastic_cnn", "elastic_cnn_digits", "elastic_cnn_mnist", "elastic_cnn_cifar"]
 
@@ -42,15 +43,6 @@ def _head(in_features: int, num_classes: int, dropout: float) -> PoolLinearHead:
     head = PoolLinearHead(in_features, num_classes, dropout=dropout)
     head.fc = ElasticLinear(in_features, num_classes, fixed_out=True)  # reads the member's pooled features
     return head
-
-
-def _init_weights(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.01)
-            nn.init.zeros_(m.bias)
 
 
 def elastic_cnn(
