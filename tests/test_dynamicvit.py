@@ -263,3 +263,40 @@ def test_a_model_that_drew_masks_can_still_be_copied() -> None:
     assert token_blocks(model)[1].last_keep is not None
     clone = copy.deepcopy(model)
     assert token_blocks(clone)[1].last_keep is None and token_blocks(model)[1].last_keep is not None
+
+
+def test_resume_equals_uninterrupted_with_the_predictors_own_optimizer(tmp_path) -> None:
+    """The predictors' Adam state and their pending (one-step-late) gradient are checkpointed: resume is exact."""
+    data = TensorDataset(torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,)))
+    cfg = TrainConfig(
+        epochs=3,
+        batch_size=8,
+        lr=0.01,
+        device="cpu",
+        progress=False,
+        seed=1,
+        strategy="dynamicvit",
+        strategy_options={"keep_rate": 0.5, "locations": [1, 2], "warmup_steps": 2},
+    )
+    model_a = _vit()
+    Trainer(model_a, data, cfg, tmp_path / "a").fit()
+
+    trainer = Trainer(_vit(), data, TrainConfig(**cfg.__dict__), tmp_path / "b")
+    original_save, calls = trainer._save, {"n": 0}
+
+    def save_then_stop(optimizer, epoch, step, record=None):
+        original_save(optimizer, epoch, step, record)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    trainer._save = save_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    model_c = _vit()
+    history = Trainer(model_c, data, TrainConfig(**cfg.__dict__), tmp_path / "b").fit(resume=True)
+    assert [h["epoch"] for h in history] == [3]
+    state_a, state_c = model_a.state_dict(), model_c.state_dict()
+    assert state_a.keys() == state_c.keys() and any("predictor" in name for name in state_a)
+    for name, value in state_a.items():
+        torch.testing.assert_close(state_c[name], value, rtol=0, atol=0, msg=name)

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..layers.tokens import (
     TokenBlock,
     TokenState,
@@ -82,9 +82,10 @@ class DynamicViT(Strategy):
         label_smoothing: of the cross-entropy.
         predictor_lr_scale: the predictors learn with their own Adam at this multiple of the backbone's current
             learning rate (DynamicViT trains the backbone at 1/100 of the predictors' rate); their step is taken
-            at the start of the next optimizer step (one step late; the run's last gradient is not used, and the
-            predictors' Adam moments are not checkpointed). ``0``: the Trainer's optimizer trains them with the
-            backbone, at its rate (needed under DDP, which syncs only what its optimizer trains).
+            at the start of the next optimizer step (one step late; the run's last gradient is not used). Their
+            Adam state and pending gradient are part of :meth:`state_dict`, so a resumed run is exact. ``0``: the
+            Trainer's optimizer trains them with the backbone, at its rate (needed under DDP, which syncs only what
+            its optimizer trains).
     """
 
     name = "dynamicvit"
@@ -163,6 +164,34 @@ class DynamicViT(Strategy):
         if self._teacher is not None:
             self._teacher.to(device)
         return self
+
+    def _predictor_params(self) -> list[torch.nn.Parameter]:
+        return [p for blk in self._blocks for p in blk.predictor.parameters()]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The predictors' own optimizer: its Adam state, the step it last took and the gradient not yet applied."""
+        if self._pred_opt is None:
+            return {}
+        grads = [None if p.grad is None else p.grad.detach().clone() for p in self._predictor_params()]
+        return {"step": self._pred_step, "optimizer": self._pred_opt.state_dict(), "pending_grads": grads}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (after :meth:`setup` attached the predictors)."""
+        if not state:
+            return
+        params = self._predictor_params()
+        grads = state.get("pending_grads") or []
+        if len(grads) != len(params):
+            raise CheckpointError(
+                f"dynamicvit: the checkpoint holds the optimizer state of {len(grads)} predictor tensors, "
+                f"the model has {len(params)}"
+            )
+        for p, grad in zip(params, grads, strict=True):
+            p.requires_grad_(True)
+            p.grad = None if grad is None else grad.to(p.device, p.dtype).clone()
+        self._pred_opt = torch.optim.Adam(params)
+        self._pred_opt.load_state_dict(state["optimizer"])
+        self._pred_step = int(state["step"])
 
     def ratio_targets(self, step: int) -> list[float]:
         """Kept fraction of the original patch tokens aimed at after each predictor, at optimizer ``step``."""
