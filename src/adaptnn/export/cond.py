@@ -9,52 +9,39 @@ as :func:`adaptnn.export.graph.export_graph` (``x`` [1, ...], ``thresholds`` [K-
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from ..errors import ConfigError
-from ..policies.base import ThresholdPolicy
 from ..runtime.staged import StagedModel
 from ..runtime.state import State
 from .graph import (
     DEFAULT_OPSET,
     _check_model,
+    _ExitProgram,
     exit_costs,
     policy_thresholds,
-    register_costs,
     runtime_policy,
     verify_onnx_file,
     write_exit_graph,
 )
-from .stages import _longer, _macs_by_length, _variable_dim, check_exportable_policy, policy_modules
+from .stages import _longer, _macs_by_length, _variable_dim, check_exportable_policy
 
 __all__ = ["export_cond"]
 
 
-class _CondExit(nn.Module):
+class _CondExit(_ExitProgram):
     """Stage k, then ``If(score >= T_k, exit k, rest)``, nested down to the last exit."""
-
-    def __init__(
-        self, model: StagedModel, policy: ThresholdPolicy, costs: Tensor, by_length: dict[str, Any] | None
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.policy = policy
-        self.policy_modules = policy_modules(policy)
-        register_costs(self, costs, by_length)
 
     def _from(
         self, k: int, carried: State, thresholds: Tensor, temperatures: Tensor | None, costs: Tensor
     ) -> tuple[Tensor, ...]:
         model = self.model
         state, policy_state = carried
-        for j in model.stages[k]:
-            state = model.segments[j](state)
         policy = runtime_policy(self.policy, temperatures)
-        score, prediction, policy_state = policy.step(k, model.heads[k](state), policy_state)
+        state, score, prediction, policy_state = self.stage(k, state, policy, policy_state)
         exit_k = torch.full((1,), k, dtype=torch.long, device=prediction.device)
         macs_k = costs.index_select(0, exit_k)
         if k == model.num_exits - 1:

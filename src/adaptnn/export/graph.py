@@ -97,8 +97,8 @@ def exit_costs(module: nn.Module, x: Tensor) -> Tensor:
     return torch.round(module.length_coeffs @ torch.stack([torch.ones_like(n), n, n * n]))
 
 
-class _InGraphExit(nn.Module):
-    """The unrolled dynamic loop: shrink the batch after every exit, scatter finished rows into the outputs."""
+class _ExitProgram(nn.Module):
+    """What an exported exit program holds (the model, the exit rule with its modules, the exit costs) and its step."""
 
     def __init__(
         self, model: StagedModel, policy: ThresholdPolicy, costs: Tensor, by_length: dict[str, Any] | None
@@ -108,6 +108,19 @@ class _InGraphExit(nn.Module):
         self.policy = policy
         self.policy_modules = policy_modules(policy)
         register_costs(self, costs, by_length)
+
+    def stage(
+        self, k: int, state: State, policy: ThresholdPolicy, policy_state: State
+    ) -> tuple[State, Tensor, Tensor, State]:
+        """Stage ``k`` (its segments, then head ``k`` and the rule): ``(state, score, prediction, policy_state)``."""
+        for j in self.model.stages[k]:
+            state = self.model.segments[j](state)
+        score, prediction, policy_state = policy.step(k, self.model.heads[k](state), policy_state)
+        return state, score, prediction, policy_state
+
+
+class _InGraphExit(_ExitProgram):
+    """The unrolled dynamic loop: shrink the batch after every exit, scatter finished rows into the outputs."""
 
     def _run(self, x: Tensor, thresholds: Tensor, temperatures: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         model = self.model
@@ -120,9 +133,7 @@ class _InGraphExit(nn.Module):
         state: State = x
         policy_state: State = None
         for k in range(num_exits):
-            for j in model.stages[k]:
-                state = model.segments[j](state)
-            score, prediction, policy_state = policy.step(k, model.heads[k](state), policy_state)
+            state, score, prediction, policy_state = self.stage(k, state, policy, policy_state)
             if out is None:
                 out = prediction.new_zeros((batch, *prediction.shape[1:]))
             if k == num_exits - 1:  # the last exit takes everyone still running
