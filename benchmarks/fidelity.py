@@ -43,8 +43,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import strategies as engine  # noqa: E402  (benchmarks/strategies.py: the side-by-side training engine)
 
-from adaptnn.io import write_json  # noqa: E402
-
 log = logging.getLogger("benchmarks.fidelity")
 
 STRATEGIES = ("joint", "boost", "l2w", "imta", "distill")
@@ -293,12 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "records": records,
         "summary": summarise(records),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out.with_suffix(".json"), report)
-    out.with_suffix(".md").write_text(markdown(report))
-    plot(report, out.with_suffix(".png"))
-    print(markdown(report))
+    engine.save_report(report, args.out, markdown, plot)
     if tmp is not None:
         tmp.cleanup()
     return report

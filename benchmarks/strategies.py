@@ -293,6 +293,18 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def save_report(report: dict[str, Any], out: str | Path, to_markdown: Any, to_png: Any) -> None:
+    """Write ``<out>.json``, ``<out>.md`` (``to_markdown(report)``) and ``<out>.png`` (``to_png(report, path)``);
+    print the markdown. Shared by this script and ``fidelity.py``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out.with_suffix(".json"), report)
+    text = to_markdown(report)
+    out.with_suffix(".md").write_text(text)
+    to_png(report, out.with_suffix(".png"))
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion_mnist")
@@ -358,12 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         "results": results,
         "summary": summarise(results, budgets),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out.with_suffix(".json"), report)
-    out.with_suffix(".md").write_text(markdown(report))
-    plot(report, out.with_suffix(".png"))
-    print(markdown(report))
+    save_report(report, args.out, markdown, plot)
     if tmp is not None:
         tmp.cleanup()
 
