@@ -18,6 +18,10 @@ Full run (3 seeds, all strategies; hours on a 2-core CPU, minutes on a GPU)::
 
     python benchmarks/fidelity.py --seeds 0,1,2 --out benchmarks/results/fidelity_cifar10
 
+Controlled-run table (merges reports, trains nothing)::
+
+    python benchmarks/fidelity.py --controlled A.json B.json --out benchmarks/results/fidelity_cifar10_controlled
+
 Smoke run (proves the pipeline only)::
 
     python benchmarks/fidelity.py --strategies joint,boost --seeds 0 --epochs 1 --train_subset 256 \\
@@ -198,6 +202,80 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def run_label(setup: dict[str, Any], strategy: str) -> str:
+    """What a run changed against adaptnn's defaults: its recipe switches and the strategy's options."""
+    switches = {k: v for k, v in setup["train_overrides"].items() if k not in ("momentum", "min_lr_ratio")}
+    parts = [f"{k}={v}" for k, v in sorted(switches.items())]
+    parts += [f"{k}={v}" for k, v in sorted(setup["strategy_options"].get(strategy, {}).items())]
+    return ", ".join(parts) or "defaults"
+
+
+def controlled(paths: list[str]) -> dict[str, Any]:
+    """One table of every (report, strategy, seed) in the ``paths`` reports: the controlled runs side by side."""
+    rows, hardware = [], []
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        hardware.append(report["hardware"]["summary"] + f" (load {report['hardware']['loadavg'][0]:.2f})")
+        for r in report["records"]:
+            rows.append({
+                "report": Path(path).stem,
+                "label": run_label(report["setup"], r["strategy"]),
+                "strategy": r["strategy"],
+                "seed": r["seed"],
+                "epochs": report["setup"]["epochs"],
+                "train_samples": report["setup"]["train_samples"],
+                "auc_mean_acc": r["auc_mean_acc"],
+                "exit_test_accuracy": r["exit_test_accuracy"],
+                "raw_head_test_accuracy": r["raw_head_test_accuracy"],
+                "train_time_s": r["train_time_s"],
+            })  # fmt: skip
+    return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "reports": paths,
+            "hardware": sorted(set(hardware)), "rows": rows}  # fmt: skip
+
+
+def controlled_markdown(table: dict[str, Any]) -> str:
+    lines = [
+        "# Fidelity controlled runs (issue 12): one switch at a time against adaptnn's defaults",
+        "",
+        f"Command: `{table['command']}`; hardware: {'; '.join(table['hardware'])}.",
+        "",
+        "Accuracies in %; mean acc = area under the budgeted test curve over [first, last exit MACs] / width; "
+        "exits = the strategy's predictions (boost: the additive ensemble); raw heads = each head alone.",
+        "",
+        "| report | strategy | seed | switches | mean acc | first exit | last exit | exits | raw heads | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table["rows"]:
+        exits = " / ".join(_pct(a) for a in r["exit_test_accuracy"])
+        raw = " / ".join(_pct(a) for a in r["raw_head_test_accuracy"])
+        lines.append(
+            f"| {r['report']} | {r['strategy']} | {r['seed']} | {r['label']} | {_pct(r['auc_mean_acc'])} | "
+            f"{_pct(r['exit_test_accuracy'][0])} | {_pct(r['exit_test_accuracy'][-1])} | {exits} | {raw} | "
+            f"{r['train_time_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def controlled_plot(table: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(table["rows"]) + 1.5))
+    labels = [f"{r['strategy']} s{r['seed']} [{r['label']}]" for r in table["rows"]]
+    ax.barh(range(len(labels)), [r["auc_mean_acc"] * 100 for r in table["rows"]], color="C0")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    lo = min(r["auc_mean_acc"] for r in table["rows"]) * 100
+    ax.set_xlim(max(0.0, lo - 3), None)
+    ax.set_xlabel("mean test accuracy over the budget range (%)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
@@ -228,11 +306,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--out", default="benchmarks/results/fidelity_cifar10")
     parser.add_argument("--work_dir", default=None, help="run directories (default: a temporary directory)")
+    parser.add_argument(
+        "--controlled", nargs="+", default=None, metavar="JSON",
+        help="train nothing: merge these reports into one controlled-run table at --out",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.controlled:
+        table = controlled(args.controlled)
+        engine.save_report(table, args.out, controlled_markdown, controlled_plot)
+        return table
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -164,3 +164,47 @@ def test_anchored_mean_accuracy():
     assert bench.anchored_mean_accuracy(result) == pytest.approx(13.3 / 20, abs=1e-4)
     flat = dict(result, budgeted=[], anytime_accuracy=[0.4, 0.0, 0.8])
     assert bench.anchored_mean_accuracy(flat) == pytest.approx(0.6, abs=1e-4)  # the straight line between anchors
+
+
+def _fidelity_benchmark():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))  # fidelity.py imports its sibling strategies.py
+    try:
+        spec = importlib.util.spec_from_file_location("_bench_fidelity", bench / "fidelity.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+    return module
+
+
+def test_controlled_table_labels_each_run_by_what_it_changed(tmp_path):
+    """``--controlled`` merges reports; a run's label names its recipe switches and strategy options only."""
+    import json
+    from pathlib import Path
+
+    fidelity = _fidelity_benchmark()
+    record = {"exit_test_accuracy": [0.5, 0.7], "raw_head_test_accuracy": [0.5, 0.6], "auc_mean_acc": 0.6,
+              "train_time_s": 10.0, "seed": 0}  # fmt: skip
+    reports = [
+        {"setup": {"train_overrides": {"momentum": 0.9, "min_lr_ratio": 0.0}, "strategy_options": {"joint": {}},
+                   "epochs": 3, "train_samples": 100},
+         "hardware": {"summary": "cpu", "loadavg": [1.0, 1.0, 1.0]}, "records": [dict(record, strategy="joint")]},
+        {"setup": {"train_overrides": {"momentum": 0.9, "min_lr_ratio": 0.0, "nesterov": False},
+                   "strategy_options": {"boost": {"rescale_scope": "head_inputs", "r": 0.5}},
+                   "epochs": 3, "train_samples": 100},
+         "hardware": {"summary": "cpu", "loadavg": [2.0, 1.0, 1.0]}, "records": [dict(record, strategy="boost")]},
+    ]  # fmt: skip
+    paths = []
+    for i, report in enumerate(reports):
+        paths.append(str(tmp_path / f"r{i}.json"))
+        Path(paths[-1]).write_text(json.dumps(report))
+    table = fidelity.controlled(paths)
+    assert [r["label"] for r in table["rows"]] == ["defaults", "nesterov=False, r=0.5, rescale_scope=head_inputs"]
+    assert [r["report"] for r in table["rows"]] == ["r0", "r1"]
+    text = fidelity.controlled_markdown(table)
+    assert "| r1 | boost | 0 | nesterov=False, r=0.5, rescale_scope=head_inputs | 60.00 | 50.00 | 70.00 |" in text
