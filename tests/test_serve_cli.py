@@ -77,3 +77,22 @@ def test_serve_command_builds_the_app(quick_run, monkeypatch, capsys) -> None:
     with TestClient(seen["app"]) as client:
         answer = client.post("/v1/predict", json={"inputs": x[:5].tolist()}).json()
     assert answer["exits"] == ref.exit_index[:5].tolist()
+
+
+def test_serve_switch_interval_flag_reaches_the_app_and_bad_values_are_one_line(quick_run, monkeypatch, capsys) -> None:
+    import sys
+
+    import uvicorn
+    from starlette.testclient import TestClient
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    before = sys.getswitchinterval()
+    assert main(["serve", str(quick_run), "--switch_interval_ms", "0.5"]) == 0
+    with TestClient(seen["app"]):
+        assert sys.getswitchinterval() == 0.0005
+    assert sys.getswitchinterval() == before
+    capsys.readouterr()
+    assert main(["serve", str(quick_run), "--switch_interval_ms", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "switch_interval_ms" in err[0] and "-1" in err[0]

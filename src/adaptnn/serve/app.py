@@ -192,6 +192,8 @@ class ServeHandler:
                 f"need 1 <= max_rows <= max_inflight, got max_rows={config.max_rows}, "
                 f"max_inflight={config.max_inflight}"
             )
+        if config.switch_interval_ms is not None and not 0.0 < config.switch_interval_ms <= 1000.0:
+            raise ConfigError(f"switch_interval_ms must be in (0, 1000] ms, got {config.switch_interval_ms}")
         if backend.sample_shape is None:
             raise ConfigError("the served model's input shape is not fixed; serving needs one sample shape")
         self.backend, self.config, self.model_name = backend, config, model_name
