@@ -18,6 +18,7 @@ from adaptnn.layers.tokens import (
     TokenState,
     bipartite_merge,
     evit_fuse,
+    head_sum,
     keep_rate_warmup,
     set_token_knob,
     token_blocks,
@@ -222,3 +223,17 @@ def test_keep_rate_warmup_goes_from_one_to_the_target() -> None:
         state = model.segments[0](torch.randn(2, 1, 28, 28))
         state = model.segments[1](state)
     assert state.tokens.shape[1] == 1 + math.ceil(0.5 * 49) + 1  # class + kept + fused
+
+
+def test_tome_metric_head_sum_merges_like_the_mean_of_keys_over_heads() -> None:
+    """The keys summed by additions equal H x their mean over heads, on the strided qkv view the block makes, and
+    ToMe's cosine matching makes the same merges with either."""
+    torch.manual_seed(0)
+    batch, n, heads, hd = 5, 17, 3, 8
+    qkv = torch.randn(batch, n, 3 * heads * hd).reshape(batch, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    k = qkv[1]  # [B, H, N, hd], not contiguous
+    torch.testing.assert_close(head_sum(k), k.mean(dim=1) * heads, rtol=1e-6, atol=1e-6)
+    state = TokenState(torch.randn(batch, n, 12), None, None, 1)
+    by_sum, by_mean = bipartite_merge(state, head_sum(k), 5), bipartite_merge(state, k.mean(dim=1), 5)
+    assert torch.equal(by_sum.source, by_mean.source)
+    torch.testing.assert_close(by_sum.tokens, by_mean.tokens, rtol=0, atol=0)

@@ -207,6 +207,21 @@ def _new_source(state: TokenState, new_pos: Tensor) -> Tensor:
     return new_pos if state.source is None else new_pos.gather(1, state.source)
 
 
+def head_sum(k: Tensor) -> Tensor:
+    """``[B, N, d]`` sum of the keys ``[B, H, N, d]`` over heads: ToMe's metric (the mean up to a scale, which the
+    cosine similarity ignores).
+
+    Summed by ``H - 1`` additions: ``k`` is a strided view of the fused qkv projection, and a reduction over its
+    head axis runs 10-100x slower on CPU (measured: 11 ms vs 0.1 ms at ``[256, 2, 50, 32]``, about 6% of a
+    ToMe forward pass at batch 256).
+    """
+    heads = k.unbind(1)
+    out = heads[0]
+    for h in heads[1:]:
+        out = out + h
+    return out
+
+
 def bipartite_merge(state: TokenState, metric: Tensor, r: int, track_source: bool = True) -> TokenState:
     """ToMe's bipartite soft matching: merge ``r`` non-protected tokens into their most similar partners.
 
@@ -416,7 +431,7 @@ class TokenBlock(nn.Module):
         if self.action is not None:
             method, amount = self.action
             if method == "tome":
-                state = bipartite_merge(state, k.mean(dim=1), int(amount), self.track_source)
+                state = bipartite_merge(state, head_sum(k), int(amount), self.track_source)
             elif method == "evit":
                 if state.prefix < 1:
                     raise ConfigError("EViT ranks tokens by class-token attention: the model has no class token")
