@@ -44,7 +44,7 @@ from adaptnn.runs.config import load_config
 from adaptnn.runtime.cost import exit_macs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VIT_B_R = {2: 4, 4: 8, 6: 13, 8: 16}  # this model's r -> the ViT-B/16 r removing the same share of tokens
+VIT_B_R = {2: 4, 4: 8, 6: 13, 7: 14, 8: 16}  # this model's r -> the ViT-B/16 r removing the same share of tokens
 
 
 def knob_list() -> list[TokenKnob]:
