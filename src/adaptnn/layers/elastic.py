@@ -6,6 +6,8 @@ tensor it receives has (so layers need no bookkeeping of their neighbours and re
 chosen per segment by running only the leading blocks of an :class:`ElasticSequential` (trailing blocks skipped).
 
 * :class:`ElasticConv2d`, :class:`ElasticLinear`, :class:`ElasticLayerNorm`: prefix-sliced views of one weight;
+* :class:`ElasticQKV`: a fused query/key/value projection keeping its first attention heads (the attention module
+  owning it runs with as many heads; :mod:`adaptnn.layers.elastic_tokens` makes ViT blocks elastic with it);
 * :class:`ElasticBatchNorm2d`: shared affine parameters (prefix-sliced) and one row of running statistics per
   variant (switchable statistics), so every member normalises with statistics of its own activations;
   :func:`recalibrate_bn` recomputes one variant's row from data and changes nothing else;
@@ -38,6 +40,7 @@ __all__ = [
     "scaled",
     "ElasticConv2d",
     "ElasticLinear",
+    "ElasticQKV",
     "ElasticBatchNorm2d",
     "ElasticBatchNormAct2d",
     "ElasticLayerNorm",
@@ -47,8 +50,11 @@ __all__ = [
     "materialise",
     "recalibrate_bn",
     "elasticize",
+    "verify_full_member",
     "MatryoshkaHead",
+    "matryoshka_heads",
     "matryoshka_loss",
+    "record_nested",
     "least_squares_stitch",
     "stitch",
 ]
@@ -173,6 +179,64 @@ class ElasticLinear(nn.Linear):
         )
         _copy_params(linear, self.weight[:out, :in_features], None if self.bias is None else self.bias[:out])
         return linear
+
+
+class ElasticQKV(ElasticLinear):
+    """A fused query/key/value projection that keeps the first ``scaled(num_heads, width)`` attention heads.
+
+    Its rows are laid out ``(3, num_heads, head_dim)`` (timm's and the native ViT's layout), so a member with ``h``
+    heads keeps the first ``h * head_dim`` rows of each of the q, k and v blocks (a prefix per block, not one
+    prefix). :func:`apply_variant` sets the owning attention module's ``num_heads`` to :meth:`active_heads`; its
+    output projection (an :class:`ElasticLinear` with ``fixed_out``) then reads the first ``h * head_dim`` features,
+    which are exactly the kept heads' outputs.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_heads: int,
+        head_dim: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, 3 * num_heads * head_dim, bias=bias, device=device, dtype=dtype)
+        self.num_heads = int(num_heads)
+        self.head_dim = int(head_dim)
+
+    def active_heads(self) -> int:
+        """Heads kept at the current width."""
+        return scaled(self.num_heads, self.width)
+
+    def active_out(self) -> int:
+        return 3 * self.active_heads() * self.head_dim
+
+    def _rows(self, t: Tensor, heads: int) -> Tensor:
+        rest = t.shape[1:]
+        return t.view(3, self.num_heads, self.head_dim, *rest)[:, :heads].reshape(3 * heads * self.head_dim, *rest)
+
+    def sliced(self, in_features: int) -> tuple[Tensor, Tensor | None]:
+        """``(weight, bias)`` of the member's projection for inputs of ``in_features`` features."""
+        h = self.active_heads()
+        bias = None if self.bias is None else self._rows(self.bias, h)
+        return self._rows(self.weight[:, :in_features], h), bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] == self.in_features and self.active_heads() == self.num_heads:
+            return F.linear(x, self.weight, self.bias)
+        weight, bias = self.sliced(x.shape[-1])
+        return F.linear(x, weight, bias)
+
+    def to_plain(self, in_features: int) -> nn.Linear:
+        weight, bias = self.sliced(in_features)
+        linear = nn.Linear(
+            in_features, weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+        )
+        _copy_params(linear, weight, bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_heads={self.num_heads}, head_dim={self.head_dim}"
 
 
 class ElasticBatchNorm2d(nn.Module):
@@ -309,7 +373,10 @@ def _copy_params(module: nn.Module, weight: Tensor | None, bias: Tensor | None) 
 
 
 def apply_variant(module: nn.Module, variant: Variant, index: int) -> None:
-    """Set every elastic layer under ``module`` to ``variant`` (``index``: its row of batch-norm statistics)."""
+    """Set every elastic layer under ``module`` to ``variant`` (``index``: its row of batch-norm statistics).
+
+    An attention module whose ``qkv`` is an :class:`ElasticQKV` gets ``num_heads`` = the heads that projection keeps.
+    """
     for m in module.modules():
         if isinstance(m, (ElasticConv2d, ElasticLinear)):
             m.width = variant.width
@@ -317,6 +384,12 @@ def apply_variant(module: nn.Module, variant: Variant, index: int) -> None:
             m.variant_index = index
         elif isinstance(m, ElasticSequential):
             m.depth = variant.depth
+    for m in module.modules():
+        qkv = getattr(m, "qkv", None)
+        if isinstance(qkv, ElasticQKV):
+            m.num_heads = qkv.active_heads()
+            if hasattr(m, "attn_dim"):  # timm's Attention reshapes its output by it
+                m.attn_dim = m.num_heads * qkv.head_dim
 
 
 def _check_variants(variants: Iterable[Variant]) -> tuple[Variant, ...]:
@@ -690,19 +763,30 @@ def elasticize(
         num_classes=model.num_classes,
     )
     if verify:  # lossless: the full member computes what the source model computes
-        x = _example_input(model, example)
-        was = model.training, elastic.training
-        model.eval(), elastic.eval()
-        with torch.no_grad():
-            want, got = model.forward_all(x), elastic.forward_all(x)
-        model.train(was[0]), elastic.train(was[1])
-        for a, b in zip(want, got, strict=True):
-            if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
-                raise UnsupportedModelError(
-                    f"the elastic copy's full member differs from the model (max abs diff {(a - b).abs().max():.3g}): "
-                    "a layer's forward is not what elasticize assumes"
-                )
+        verify_full_member(model, elastic, example)
     return elastic
+
+
+def verify_full_member(model: StagedModel, elastic: ElasticStagedModel, example: Tensor | None = None) -> None:
+    """Check that ``elastic``'s largest member computes ``model``'s exits (rtol 1e-4) on ``example``.
+
+    ``example`` defaults to a zero sample of ``model.input_spec``; both models' modes and the active member are
+    restored. Raises :class:`~adaptnn.errors.UnsupportedModelError` with the largest difference.
+    """
+    x = _example_input(model, example)
+    was = model.training, elastic.training
+    model.eval(), elastic.eval()
+    try:
+        with torch.no_grad(), elastic.use_variant(elastic.largest):
+            want, got = model.forward_all(x), elastic.forward_all(x)
+    finally:
+        model.train(was[0]), elastic.train(was[1])
+    for a, b in zip(want, got, strict=True):
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+            raise UnsupportedModelError(
+                f"the elastic copy's full member differs from the model (max abs diff {(a - b).abs().max():.3g}): "
+                "a layer's forward is not what the elastic conversion assumes"
+            )
 
 
 class MatryoshkaHead(nn.Module):
@@ -732,6 +816,7 @@ class MatryoshkaHead(nn.Module):
         self.proj = nn.Linear(in_features, embed_dim)
         self.fc = nn.Linear(embed_dim, num_classes)
         self.dim = self.embed_dim
+        self._record: list[list[Tensor]] | None = None  # set by record_nested
 
     def set_dim(self, dim: int) -> None:
         """Make truncation ``dim`` active (one of :attr:`dims`)."""
@@ -752,12 +837,45 @@ class MatryoshkaHead(nn.Module):
         return F.linear(z[:, :m], self.fc.weight[:, :m], self.fc.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._classify(self.proj(self._features(x)), self.dim)
+        z = self.proj(self._features(x))
+        if self._record is not None:  # under record_nested: every truncation's logits, from this one projection
+            self._record.append([self._classify(z, m) for m in self.dims])
+        return self._classify(z, self.dim)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out a recording in progress."""
+        state = self.__dict__.copy()
+        state["_record"] = None
+        return state
 
     def forward_nested(self, x: Tensor) -> list[Tensor]:
         """Logits ``[b, C]`` of every truncation, smallest first (one projection shared by all)."""
         z = self.proj(self._features(x))
         return [self._classify(z, m) for m in self.dims]
+
+
+def matryoshka_heads(model: nn.Module) -> list[MatryoshkaHead]:
+    """Every :class:`MatryoshkaHead` of ``model`` in module order."""
+    return [m for m in model.modules() if isinstance(m, MatryoshkaHead)]
+
+
+@contextlib.contextmanager
+def record_nested(model: nn.Module) -> Iterator[list[list[Tensor]]]:
+    """Collect, in call order, every Matryoshka head's logits of all its truncations (one list per head call).
+
+    Lets a training loss see each exit's nested logits from the ordinary forward pass (no second pass, and the
+    same wrapped forward as the Trainer's): under ``model.forward_all(x)`` the i-th entry belongs to the i-th
+    Matryoshka exit.
+    """
+    records: list[list[Tensor]] = []
+    heads = matryoshka_heads(model)
+    for head in heads:
+        head._record = records
+    try:
+        yield records
+    finally:
+        for head in heads:
+            head._record = None
 
 
 def matryoshka_loss(nested_logits: Sequence[Tensor], targets: Tensor, weights: Sequence[float] | None = None) -> Tensor:

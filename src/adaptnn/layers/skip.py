@@ -82,7 +82,7 @@ class GatedBlock(nn.Module):
         keep = logit > self.threshold
         if self._record is not None:
             self._record.append(keep)
-        if self.mode == "dense":
+        if self.mode == "dense" or x.device.type == "meta":  # meta (cost counting): no data-dependent gather
             return torch.where(keep.view(shape), self.block(x), x)
         idx = keep.nonzero().squeeze(1)
         n = idx.numel()  # the host sync: the block's batch size depends on it

@@ -4,7 +4,7 @@ The adapters (:mod:`adaptnn.adapters`, a layer above) register their ``timm_stag
 ``hf_staged`` factories here when ``adaptnn`` is imported; this package never imports them.
 """
 
-from . import efficientnet_lite, elastic_cnn, msdnet, multi_exit_cnn, vit  # noqa: F401  (registers the variants)
+from . import efficientnet_lite, elastic_cnn, elastic_vit, msdnet, multi_exit_cnn, skip_cnn, vit  # noqa: F401  (registers the variants)
 from ._builder import load_model
 from ._registry import (
     CheckpointArg,

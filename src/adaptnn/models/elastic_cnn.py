@@ -21,6 +21,7 @@ from ..layers.elastic import (
     ElasticLinear,
     ElasticSequential,
     ElasticStagedModel,
+    MatryoshkaHead,
     Variant,
 )
 from ..layers.heads import PoolLinearHead
@@ -39,7 +40,11 @@ def _block(in_chans: int, out_chans: int, stride: int, num_variants: int) -> nn.
     )
 
 
-def _head(in_features: int, num_classes: int, dropout: float) -> PoolLinearHead:
+def _head(in_features: int, num_classes: int, dropout: float, nested: Sequence[int] | None) -> nn.Module:
+    if nested:  # a Matryoshka head: pooled features -> an embedding whose listed prefixes all classify
+        matryoshka = MatryoshkaHead(in_features, num_classes, embed_dim=max(nested), dims=nested)
+        matryoshka.proj = ElasticLinear(in_features, max(nested), fixed_out=True)  # reads the member's features
+        return matryoshka
     head = PoolLinearHead(in_features, num_classes, dropout=dropout)
     head.fc = ElasticLinear(in_features, num_classes, fixed_out=True)  # reads the member's pooled features
     return head
@@ -56,6 +61,7 @@ def elastic_cnn(
     width_mults: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
     depths: Sequence[int] | None = None,
     head_dropout: float = 0.0,
+    matryoshka_dims: Sequence[int] | None = None,
 ) -> ElasticStagedModel:
     """Build the elastic multi-exit CNN; its valid members are ``width_mults x depths``.
 
@@ -65,6 +71,9 @@ def elastic_cnn(
         depth: conv layers per stage in the full member.
         width_mults: width multipliers of the members, each in (0, 1]; must include 1.0 (the full member).
         depths: blocks per stage of the members, each in [1, depth] (default ``[depth]``: width-only family).
+        matryoshka_dims: nested embedding sizes of Matryoshka exit heads (``None``: plain linear heads): each
+            exit maps its pooled features to a ``max(matryoshka_dims)`` embedding whose listed prefixes classify
+            (train with ``strategy: matryoshka``, or ``sorted`` with ``exit_loss: matryoshka``).
     """
     if len(widths) != len(strides) or not widths:
         raise ConfigError(f"widths {list(widths)} and strides {list(strides)} must be non-empty and of equal length")
@@ -78,6 +87,9 @@ def elastic_cnn(
     mults = [float(w) for w in width_mults]
     if not mults or any(not 0.0 < w <= 1.0 for w in mults) or 1.0 not in mults:
         raise ConfigError(f"width_mults must lie in (0, 1] and include 1.0 (the full member), got {mults}")
+    nested = None if matryoshka_dims is None else [int(m) for m in matryoshka_dims]
+    if nested is not None and (not nested or min(nested) < 1):
+        raise ConfigError(f"matryoshka_dims must be positive embedding sizes, got {nested}")
     variants = sorted({Variant(w, d) for w, d in product(mults, depths)}, key=Variant.key)
     n = len(variants)
     segments, heads = [], []
@@ -85,7 +97,7 @@ def elastic_cnn(
     for width, stride in zip(widths, strides, strict=True):
         blocks = [_block(prev, width, stride, n)] + [_block(width, width, 1, n) for _ in range(depth - 1)]
         segments.append(ElasticSequential(*blocks))
-        heads.append(_head(width, num_classes, head_dropout))
+        heads.append(_head(width, num_classes, head_dropout, nested))
         prev = width
     model = ElasticStagedModel(
         segments,

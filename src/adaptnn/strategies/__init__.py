@@ -15,6 +15,8 @@ l2w        L2W-DEN: per-sample exit weights from a meta-trained weight network
 imta       IMTA gradient equilibrium (optionally with one-for-all distillation)
 frozen     train only the exit heads of a frozen (pretrained) backbone
 sorted     sandwich-rule training of every member of an elastic family (+ in-place distillation)
+matryoshka every listed truncation of Matryoshka (nested-embedding) exit heads classifies
+skip       per-sample layer skipping: Gumbel gates of GatedBlocks + a compute-cost penalty
 dynamicvit DynamicViT: learned token dropping in a token ViT (ratio + distillation losses)
 ========== ====================================================================================
 """
@@ -32,6 +34,8 @@ from .frozen import FrozenBackbone, fit_heads_cached
 from .imta import GradientEquilibrium
 from .joint import JointLoss, exit_weights
 from .l2w import L2WLoss
+from .matryoshka import MatryoshkaLoss
+from .skipgates import SkipGateLoss
 from .sortednet import SortedLoss
 
 __all__ = [
@@ -44,6 +48,8 @@ __all__ = [
     "BoostLoss",
     "L2WLoss",
     "SortedLoss",
+    "MatryoshkaLoss",
+    "SkipGateLoss",
     "GradientEquilibrium",
     "FrozenBackbone",
     "boosted_logits",
@@ -59,6 +65,8 @@ _STRATEGIES: dict[str, type[Strategy]] = {
     for cls in (JointLoss, SelfDistillation, BoostLoss, L2WLoss, GradientEquilibrium, FrozenBackbone, SortedLoss)
 }
 _STRATEGIES[DynamicViT.name] = DynamicViT  # token ViTs: learned token dropping (issue 15)
+_STRATEGIES[MatryoshkaLoss.name] = MatryoshkaLoss  # nested-embedding exit heads (issue 16)
+_STRATEGIES[SkipGateLoss.name] = SkipGateLoss  # per-sample layer skipping (issue 16)
 
 
 def available() -> list[str]:

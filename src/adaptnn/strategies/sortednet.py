@@ -2,7 +2,8 @@
 
 Each step trains the largest member, the smallest member and ``num_random`` members drawn from the others
 (the sandwich rule of universally slimmable networks; SortedNet's sorted sub-networks). Every member's loss is an
-exit loss over all its exits (``joint`` or ``distill``), so the whole width x exit grid is trained at once; with
+exit loss over all its exits (``joint``, ``distill``, or ``matryoshka`` for nested-embedding exit heads), so the
+whole width x exit grid (x truncation) is trained at once; with
 ``distill=True`` every member but the largest also learns the largest member's softened predictions, exit by exit
 (in-place distillation: the teacher is the same forward pass, detached). The member losses are summed, so each
 member's gradient is the one it would get trained alone.
@@ -18,14 +19,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..layers.elastic import ElasticStagedModel, Variant
+from ..layers.elastic import ElasticStagedModel, Variant, record_nested
 from .base import StepContext, StepOutput, Strategy
 from .distill import SelfDistillation
 from .joint import JointLoss
+from .matryoshka import MatryoshkaLoss
 
 __all__ = ["SortedLoss", "sandwich_members"]
 
-_EXIT_LOSSES: dict[str, type[Strategy]] = {"joint": JointLoss, "distill": SelfDistillation}
+_EXIT_LOSSES: dict[str, type[Strategy]] = {
+    "joint": JointLoss,
+    "distill": SelfDistillation,
+    "matryoshka": MatryoshkaLoss,
+}
 
 
 def sandwich_members(variants: Sequence[Variant], num_random: int, step: int, seed: int = 0) -> list[Variant]:
@@ -52,7 +58,8 @@ class SortedLoss(Strategy):
         distill: in-place distillation from the largest member (its exit k teaches the member's exit k).
         temperature: softening temperature of the distillation.
         alpha: weight of the distillation term for the members taught (``(1 - alpha) * exit loss + alpha * KD``).
-        exit_loss: ``"joint"`` or ``"distill"``: the loss over each member's exits.
+        exit_loss: ``"joint"``, ``"distill"`` or ``"matryoshka"`` (every truncation of Matryoshka exit heads):
+            the loss over each member's exits.
         exit_options: keyword options of that exit loss (e.g. ``{"weights": "linear"}``).
         seed: seeds the draw of the random members.
     """
@@ -92,8 +99,11 @@ class SortedLoss(Strategy):
     def setup(self, model: Any) -> None:
         if not isinstance(model, ElasticStagedModel):
             raise ConfigError(
-                f"strategy 'sorted' trains an elastic model (e.g. elastic_cnn_mnist), got {type(model).__name__}"
+                f"strategy 'sorted' trains an elastic model (e.g. elastic_cnn_mnist, elastic_vit_tiny_conv_fmnist), "
+                f"got {type(model).__name__}"
             )
+        if isinstance(self._exit_loss, MatryoshkaLoss):
+            self._exit_loss.setup(model)
 
     def __call__(self, exit_logits: list[Tensor], targets: Tensor) -> Tensor:
         """The exit loss of one member (what the Trainer would use for a single network)."""
@@ -108,6 +118,15 @@ class SortedLoss(Strategy):
             total = total + F.kl_div(log_student, F.softmax(q.detach().float() / t, dim=-1), reduction="batchmean")
         return total * t * t
 
+    def _member_loss(self, ctx: StepContext, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The active member's exit logits and exit loss (nested truncations recorded for ``matryoshka``)."""
+        if isinstance(self._exit_loss, MatryoshkaLoss):
+            with record_nested(ctx.model) as records:
+                logits = ctx.forward(x)
+            return logits, self._exit_loss.nested_loss(ctx.model, logits, records, y)
+        logits = ctx.forward(x)
+        return logits, self._exit_loss(logits, y)
+
     def training_step(self, ctx: StepContext, x: Tensor, y: Tensor) -> StepOutput:
         model = ctx.model
         if not isinstance(model, ElasticStagedModel):
@@ -118,8 +137,7 @@ class SortedLoss(Strategy):
         teacher: list[Tensor] | None = None
         for i, variant in enumerate(members):
             with model.use_variant(variant):
-                logits = ctx.forward(x)
-            loss = self._exit_loss(logits, y)
+                logits, loss = self._member_loss(ctx, x, y)
             if i == 0:
                 metrics["loss_largest"] = loss.detach()
                 teacher = [lg.detach() for lg in logits]
