@@ -6,6 +6,11 @@ exit by :class:`StagesRunner` (onnxruntime) or any server that reads the manifes
 and temperatures are runtime inputs). ``cond`` mode (:func:`export_cond`): batch 1, nested ``If`` branches, so
 onnxruntime runs only the taken branch. Every export is checked against ``run_dynamic`` before it is written.
 
+Typed states cross the stage boundary too: a NamedTuple registered with
+:func:`~adaptnn.runtime.state_types.register_state_type` (a ViT's ``TokenState``, DVT's ``CascadeState``) is
+recorded by name, its constant fields (``TokenState.prefix``) as range-checked numbers, its tensors as tensors;
+token knobs (ToMe, EViT) export, with fixed token counts per stage.
+
 Every threshold rule exports in every mode: confidence, entropy and margin, and the stateful ones (patience, the
 averaged and boosted ensembles, learned), whose state travels as tensors and is compacted with the model's. A
 rule that cannot be carried (one that starts with a per-sample state, or whose ``step`` does not trace, such as

@@ -47,6 +47,7 @@ from .stages import (
     _example_batch,
     _longer,
     _macs_by_length,
+    _translations,
     _variable_dim,
     check_exportable_policy,
     policy_label,
@@ -252,6 +253,7 @@ def write_exit_graph(
                 dynamo=True,
                 external_data=False,
                 verbose=False,
+                custom_translation_table=_translations(),
             )
     except Exception as err:  # noqa: BLE001 - the exporter raises many types; the user gets one line
         tmp.unlink(missing_ok=True)

@@ -15,6 +15,9 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..io import write_json
+from ..layers import tokens as _tokens  # noqa: F401  (registers TokenState, the ViTs' state)
+from ..models import vit as _vit  # noqa: F401  (registers CascadeState, DVT's state)
+from ..runtime.state_types import registered_state_type, state_type_of
 
 __all__ = [
     "MANIFEST_NAME",
@@ -38,7 +41,10 @@ def state_tree(state: Any) -> tuple[dict[str, Any], list[Any]]:
     """``(tree, tensors)``: a JSON description of a nested state and its tensors in tree order.
 
     Leaves are ``{"kind": "tensor", "index": i}``; containers ``tuple``/``list`` (``items``) and ``dict``
-    (``keys`` and ``items``); ``None`` is ``{"kind": "none"}``. Anything else cannot cross an ONNX boundary.
+    (``keys`` and ``items``); ``None`` is ``{"kind": "none"}``. A NamedTuple registered with
+    :func:`~adaptnn.runtime.state_types.register_state_type` is ``{"kind": "named", "type": name, "fields": [...],
+    "items": [...]}``, its constant fields (e.g. ``TokenState.prefix``) ``{"kind": "const", "value": n}``: numbers
+    baked into the traced graph, not tensors. Anything else cannot cross an ONNX boundary.
     """
     tensors: list[Any] = []
 
@@ -48,6 +54,23 @@ def state_tree(state: Any) -> tuple[dict[str, Any], list[Any]]:
             return {"kind": "tensor", "index": len(tensors) - 1}
         if node is None:
             return {"kind": "none"}
+        if hasattr(node, "_fields") and isinstance(node, tuple):
+            entry = state_type_of(node)
+            if entry is None:
+                raise ConfigError(
+                    f"the model's state holds a {type(node).__name__}, a NamedTuple no adaptnn module registered as "
+                    "an exportable state type (adaptnn.runtime.state_types.register_state_type)"
+                )
+            items = []
+            for name, value in zip(entry.fields, node, strict=True):
+                if name in entry.constants:
+                    try:
+                        items.append({"kind": "const", "value": entry.check_constant(name, value)})
+                    except ValueError as err:
+                        raise ConfigError(f"the model's state cannot be exported: {err}") from None
+                else:
+                    items.append(walk(value))
+            return {"kind": "named", "type": entry.name, "fields": list(entry.fields), "items": items}
         if isinstance(node, (tuple, list)):
             return {"kind": "tuple" if isinstance(node, tuple) else "list", "items": [walk(n) for n in node]}
         if isinstance(node, dict):
@@ -78,6 +101,13 @@ def rebuild_state(tree: dict[str, Any], tensors: list[Any]) -> Any:
         return [rebuild_state(t, tensors) for t in tree["items"]]
     if kind == "dict":
         return {k: rebuild_state(t, tensors) for k, t in zip(tree["keys"], tree["items"], strict=True)}
+    if kind == "named":
+        try:
+            _check_tree(tree, len(tensors), "state")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        entry = registered_state_type(tree["type"])
+        return entry.build([t["value"] if t["kind"] == "const" else rebuild_state(t, tensors) for t in tree["items"]])
     raise ConfigError(f"unknown state node kind {kind!r}")
 
 
@@ -99,6 +129,23 @@ def _check_tree(tree: Any, count: int, where: str) -> None:
                 raise ValueError(f"{where}: dict node keys must be strings, one per item")
         for item in items:
             _check_tree(item, count, where)
+    elif kind == "named":
+        entry = registered_state_type(tree.get("type"))
+        items = tree.get("items")
+        if tree.get("fields") != list(entry.fields) or not isinstance(items, list) or len(items) != len(entry.fields):
+            raise ValueError(f"{where}: {entry.name} node must list the fields {list(entry.fields)} and one item each")
+        for name, item in zip(entry.fields, items, strict=True):
+            is_const = isinstance(item, dict) and item.get("kind") == "const"
+            if name in entry.constants:
+                if not is_const:
+                    raise ValueError(f"{where}: {entry.name}.{name} must be a constant node")
+                entry.check_constant(name, item.get("value"))
+            elif is_const:
+                raise ValueError(f"{where}: {entry.name}.{name} is not a constant field")
+            else:
+                _check_tree(item, count, where)
+    elif kind == "const":
+        raise ValueError(f"{where}: a constant node outside a registered state type's constant field")
     elif kind != "none":
         raise ValueError(f"{where}: unknown state node kind {kind!r}")
 

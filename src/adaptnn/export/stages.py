@@ -126,6 +126,16 @@ def _onnx_dtype_name(t: Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
+def _translations() -> dict[Any, Any]:
+    """Extra ONNX translations for the dynamo exporter: ``aten.sort.stable`` (EViT's and DynamicViT's token
+    ranking) as TopK over the whole axis, which breaks ties by the lower index (the ONNX spec), i.e. a stable sort."""
+    try:
+        from onnxscript.function_libs.torch_lib.ops.core import aten_sort
+    except ImportError:  # another onnxscript layout: stable sorts then fall back to the TorchScript exporter
+        return {}
+    return {torch.ops.aten.sort.stable: aten_sort}
+
+
 def _export_one(
     module: nn.Module,
     inputs: tuple[Tensor, ...],
@@ -163,6 +173,7 @@ def _export_one(
                 optimize=True,
                 verbose=False,
                 report=False,
+                custom_translation_table=_translations(),
             )
         program.save(str(path))
         return "dynamo"

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..runtime.state_types import register_state_type
 
 __all__ = [
     "TokenState",
@@ -93,6 +94,10 @@ class TokenState(NamedTuple):
     source: Tensor | None = None
     prefix: int = 1
     mask: Tensor | None = None
+
+
+#: exports name the state ``token_state``; ``prefix`` is a constant of the traced graph, not a tensor
+register_state_type("token_state", TokenState, constants={"prefix": (0, 65536)})
 
 
 def as_token_state(x: Tensor | TokenState, prefix: int) -> TokenState:

@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..layers.heads import TokenHead
 from ..layers.tokens import TokenBlock, TokenMap, TokenState, TokenStateHead, attach_keep_predictors, unmerge
 from ..runtime.staged import InputSpec, StagedModel
+from ..runtime.state_types import register_state_type
 from ._registry import register_model
 
 __all__ = [
@@ -257,6 +258,9 @@ class CascadeState(NamedTuple):
 
     image: Tensor
     coarse: TokenState
+
+
+register_state_type("cascade_state", CascadeState)  # exports name it (adaptnn.runtime.state_types)
 
 
 class CoarseStage(nn.Module):
