@@ -45,7 +45,7 @@ def test_meta_model_has_the_targets_interfaces_and_is_shallow():
     assert meta.exit_after == target.exit_after
     count = lambda m: sum(p.numel() for p in m.segments.parameters())  # noqa: E731
     assert count(meta) < count(target)
-    with pytest.raises(ConfigError, match="tensor states"):
+    with pytest.raises(ConfigError, match="tensor or token states"):
         build_meta_model(create_model("msdnet_test_tiny").eval(), (3, 8, 8))  # multi-scale list states
 
 
@@ -151,3 +151,100 @@ def test_incubate_command_runs_stage_jobs_as_separate_processes(tmp_path):
         for key, value in stage.model_state.items():
             assert torch.equal(final[key], value), key
     assert sum(len(s.model_state) for s in stages) == len(final)
+
+
+def _vit(seed=0):
+    """The native ViT family (TokenState between segments), tiny: 8x8 input, 2x2 + 1 tokens, 3 segments."""
+    torch.manual_seed(seed)
+    return create_model(
+        "vit_tiny_conv_fmnist", num_classes=3, input_size=(8, 8), embed_dim=16, depth=3, num_heads=2, exits=(0, 1)
+    )
+
+
+def _vit_data(n=32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    return torch.utils.data.TensorDataset(x, (x[:, 0, :4].mean(dim=(1, 2)) > 0).long() + (x[:, 0, 4:].mean((1, 2)) > 0))
+
+
+def test_meta_model_of_the_native_vit_passes_token_states():
+    from adaptnn.layers.tokens import TokenKnob, TokenState, set_token_knob
+
+    target = _vit()
+    meta = build_meta_model(target, (1, 8, 8))
+    assert interface_shapes(meta, (1, 8, 8)) == interface_shapes(target, (1, 8, 8)) == [(1, 8, 8)] + [(5, 16)] * 3
+    assert meta.exit_after == target.exit_after == (0, 1, 2)
+    state = meta.segments[0](torch.zeros(2, 1, 8, 8))
+    assert isinstance(state, TokenState) and state.prefix == 1 and state.size is None
+    count = lambda m: sum(p.numel() for p in m.segments.parameters())  # noqa: E731
+    assert count(meta) < count(target)
+    assert meta.forward_all(torch.zeros(2, 1, 8, 8))[-1].shape == (2, 3)
+    set_token_knob(target, TokenKnob("tome", 1))  # merged tokens carry sizes: not an interface a meta model has
+    with pytest.raises(ConfigError, match="token reduction"):
+        build_meta_model(target, (1, 8, 8))
+    with pytest.raises(ConfigError, match="CascadeState"):
+        build_meta_model(create_model("dvt_vit_tiny_conv_fmnist", depth=1, embed_dim=16), (1, 28, 28))
+
+
+def test_native_vit_stage_jobs_train_their_segment_and_assemble_unchanged(tmp_path):
+    target = _vit()
+    meta = build_meta_model(target, (1, 8, 8), seed=1)
+    keys = [stage_keys(target, i) for i in range(3)]
+    assert sorted(k for part in keys for k in part) == sorted(target.state_dict())
+    meta_before = {k: v.clone() for k, v in meta.state_dict().items()}
+    cfg = TrainConfig(epochs=1, batch_size=16, device="cpu", progress=False, optimizer="adamw", lr=1e-3)
+    paths = []
+    for i in range(3):
+        job_target = _vit()
+        before = {k: v.clone() for k, v in job_target.state_dict().items()}
+        paths.append(
+            train_stage(meta, job_target, i, _vit_data(), cfg, tmp_path / f"r{i}", tmp_path / f"s{i}.safetensors", 1)
+        )
+        after = job_target.state_dict()
+        changed = {k for k in after if not torch.equal(after[k], before[k])}
+        assert changed and changed <= set(keys[i]), (i, changed - set(keys[i]))
+        assert set(load_checkpoint(paths[-1]).model_state) == set(keys[i])
+    for k, v in meta.state_dict().items():
+        assert torch.equal(v, meta_before[k]), k
+    assembled = assemble(_vit(seed=5), paths).eval()
+    state = assembled.state_dict()
+    for path in paths:
+        for key, value in load_checkpoint(path).model_state.items():
+            assert torch.equal(state[key], value), key
+    parts = []
+    for path in paths:
+        part = _vit(seed=9)
+        part.load_state_dict(load_checkpoint(path).model_state, strict=False)
+        parts.append(part.eval())
+    x = _vit_data().tensors[0][:4]
+    h, logits = x, []
+    with torch.no_grad():
+        for i in range(3):
+            h = parts[i].segments[i](h)
+            logits.append(parts[i].heads[i](h))
+        for got, want in zip(assembled.forward_all(x), logits, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_incubate_command_on_the_native_vit(tmp_path):
+    kwargs = {"in_chans": 1, "input_size": [8, 8], "embed_dim": 16, "depth": 3, "num_heads": 2, "exits": [0, 1]}
+    config = {
+        "model": {"name": "vit_tiny_conv_fmnist", "kwargs": kwargs},
+        "train": {"epochs": 1, "batch_size": 256, "progress": False, "device": "cpu", "optimizer": "adamw", "lr": 1e-3},
+        "incubate": {"meta_epochs": 1, "stage_epochs": 1, "finetune_epochs": 1, "jobs": 2},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "adaptnn.cli", "incubate", "--config", str(tmp_path / "run.yaml")]
+    proc = subprocess.run(
+        [*cmd, "--run_dir", str(tmp_path / "d")], env=env, capture_output=True, text=True, timeout=380
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    work = tmp_path / "d" / "incubate"
+    stages = [load_checkpoint(work / f"stage{i}.safetensors") for i in range(3)]
+    assert len({s.meta["pid"] for s in stages} | {os.getpid()}) == 4  # three jobs, three other processes
+    final = load_checkpoint(tmp_path / "d" / "model.safetensors").model_state
+    assert sum(len(s.model_state) for s in stages) == len(final)
+    assert any(not torch.equal(final[k], v) for s in stages for k, v in s.model_state.items())  # fine-tuned after

@@ -4,9 +4,12 @@ The recipe (Ni et al., "Deep Incubation", 2023), on a :class:`~adaptnn.runtime.S
 ``T_1..T_L``:
 
 1. :func:`build_meta_model`: a shallow model ``M`` with the *same interfaces*: meta segment ``M_i`` maps the
-   state shape entering ``T_i`` to the shape leaving it (one conv-BN-ReLU with the right stride for feature
-   maps; a patch embedding for a ViT's image-to-tokens segment; one pre-norm transformer block for token
-   states ``[B, N, D]``), with copies of ``T``'s heads; ``M`` is trained end to end (cheap: it is shallow).
+   state entering ``T_i`` to the state leaving it (one conv-BN-ReLU with the right stride for feature maps; a
+   patch embedding for a ViT's image-to-tokens segment; one pre-norm transformer block for tokens ``[B, N, D]``;
+   for :class:`~adaptnn.layers.tokens.TokenState` interfaces, as between the native ViT's segments, one block of
+   the target's own shape run as a token block, after a patch embedding in the image-to-tokens segment and
+   followed by a final LayerNorm where the target's segment ends with one), with copies of ``T``'s heads; ``M``
+   is trained end to end (cheap: it is shallow).
 2. :func:`hybrid_model` ``i``: ``M`` with ``M_i`` replaced by ``T_i`` (and ``T``'s heads after segment ``i``);
    the meta parts are frozen (eval mode, no gradients), so training the hybrid trains ``T_i`` alone. Each
    ``i`` is an independent job (:func:`train_stage`): it needs only ``M``'s weights and the data, writes its
@@ -14,9 +17,10 @@ The recipe (Ni et al., "Deep Incubation", 2023), on a :class:`~adaptnn.runtime.S
 3. :func:`assemble`: ``T``'s weights are the union of the jobs' tensors, taken unchanged; then fine-tune ``T``
    end to end with the ordinary Trainer.
 
-Tensor states only: the native CNN families, timm/torchvision CNNs and timm ViTs (tested with
-``timm_staged``; a native ViT family is being added separately); nested states (MSDNet's multi-scale lists, token
-dicts with masks) are refused.
+Interfaces: plain tensors (the native CNN families, timm/torchvision CNNs, timm ViTs via ``timm_staged``) and
+token states without token reduction (the native ViT family, ``vit_tiny_conv_*``); other nested states
+(MSDNet's multi-scale lists, DVT's cascade state, token states carrying merge sizes, sources or keep masks) are
+refused.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from torch.utils.data import Dataset
 
 from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from ..layers.tokens import TokenBlock, TokenEmbed, TokenMap, TokenState
+from ..models.vit import Block
 from ..runtime.staged import StagedModel
 from .config import TrainConfig, check_int
 from .trainer import Trainer
@@ -73,17 +79,33 @@ class IncubationConfig:
         check_int("incubate.jobs", self.jobs, 1)
 
 
-def interface_shapes(model: StagedModel, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Per-sample shapes of the state entering segment 0 and leaving every segment (``L + 1`` shapes)."""
-    shapes = [tuple(input_shape)]
+@dataclass(frozen=True)
+class _Interface:
+    """The per-sample state between two segments: a tensor's shape, or a TokenState's tokens shape and prefix."""
+
+    shape: tuple[int, ...]
+    prefix: int | None = None  # None: a plain tensor
+
+
+def _interfaces(model: StagedModel, input_shape: tuple[int, ...]) -> list[_Interface]:
+    found = [_Interface(tuple(input_shape))]
 
     def record(j: int, module: nn.Module, state: Any) -> Any:
         out = module(state)
-        if not isinstance(out, Tensor):
+        if isinstance(out, TokenState):
+            if out.size is not None or out.source is not None or out.mask is not None:
+                raise ConfigError(
+                    f"Deep Incubation needs token states without token reduction; segment {j} returns one with "
+                    "merge sizes, sources or keep masks (set the token knob off, drop DynamicViT predictors)"
+                )
+            found.append(_Interface(tuple(out.tokens.shape[1:]), int(out.prefix)))
+        elif isinstance(out, Tensor):
+            found.append(_Interface(tuple(out.shape[1:])))
+        else:
             raise ConfigError(
-                f"Deep Incubation needs tensor states between segments; segment {j} returns {type(out).__name__}"
+                "Deep Incubation needs tensor or token states between segments; "
+                f"segment {j} returns {type(out).__name__}"
             )
-        shapes.append(tuple(out.shape[1:]))
         return out
 
     was_training = model.training
@@ -91,7 +113,15 @@ def interface_shapes(model: StagedModel, input_shape: tuple[int, ...]) -> list[t
     with torch.no_grad():
         model.walk(torch.zeros(2, *input_shape), segment=record)
     model.train(was_training)
-    return shapes
+    return found
+
+
+def interface_shapes(model: StagedModel, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Per-sample shapes of the state entering segment 0 and leaving every segment (``L + 1`` shapes).
+
+    A :class:`~adaptnn.layers.tokens.TokenState`'s shape is its tokens' ``(N, D)``.
+    """
+    return [interface.shape for interface in _interfaces(model, input_shape)]
 
 
 class _MetaPatchEmbed(nn.Module):
@@ -138,12 +168,61 @@ def _meta_segment(shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> nn.M
     raise ConfigError(f"no meta segment for a segment mapping {list(shape_in)} to {list(shape_out)}")
 
 
+def _meta_token_block(segment: nn.Module, dim: int) -> TokenBlock:
+    """One pre-norm block shaped like the first token block of the target ``segment`` (heads, MLP width)."""
+    ref = next((m.block for m in segment.modules() if isinstance(m, TokenBlock)), None)
+    heads = getattr(getattr(ref, "attn", None), "num_heads", None)
+    if not isinstance(heads, int) or dim % heads:
+        heads = next(h for h in (max(1, dim // 64), 4, 2, 1) if dim % h == 0)
+    first = next((m for m in getattr(ref, "mlp", nn.Identity()).modules() if isinstance(m, nn.Linear)), None)
+    mlp_ratio = first.out_features / dim if first is not None and first.in_features == dim else 4.0
+    block = Block(dim, heads, mlp_ratio)
+    for module in block.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+    return TokenBlock(block)
+
+
+def _meta_token_segment(segment: nn.Module, entering: _Interface, leaving: _Interface) -> nn.Module:
+    """Meta segment for a segment leaving a TokenState: [patch embedding,] one token block [, final LayerNorm]."""
+    if leaving.prefix is None:
+        raise ConfigError(
+            f"no meta segment for a segment turning a token state into a plain {list(leaving.shape)} tensor"
+        )
+    n_tokens, dim = leaving.shape
+    units: list[nn.Module] = []
+    if entering.prefix is None and len(entering.shape) == 3:  # image to tokens
+        embed = _MetaPatchEmbed(entering.shape, n_tokens, dim)
+        if embed.extra.shape[1] != leaving.prefix:
+            raise ConfigError(
+                f"segment leaves {n_tokens} tokens with {leaving.prefix} prefix tokens; a patch embedding of the "
+                f"{list(entering.shape)} image gives {embed.extra.shape[1]} extra tokens"
+            )
+        units.append(TokenEmbed(embed, leaving.prefix))
+    elif entering.prefix != leaving.prefix or entering.shape != leaving.shape:
+        raise ConfigError(
+            f"no meta segment for a segment mapping {list(entering.shape)} (prefix {entering.prefix}) to "
+            f"tokens {list(leaving.shape)} (prefix {leaving.prefix})"
+        )
+    units.append(_meta_token_block(segment, dim))
+    children = list(segment.children())
+    if children and isinstance(children[-1], TokenMap) and isinstance(children[-1].module, nn.LayerNorm):
+        units.append(TokenMap(nn.LayerNorm(dim)))  # the target's final norm (its last head reads normed tokens)
+    return nn.Sequential(*units)
+
+
 def build_meta_model(target: StagedModel, input_shape: tuple[int, ...], seed: int = 0) -> StagedModel:
     """The shallow meta model: one small layer per target segment with the same interfaces, copies of its heads."""
-    shapes = interface_shapes(target, input_shape)
+    found = _interfaces(target, input_shape)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        segments = [_meta_segment(a, b) for a, b in zip(shapes[:-1], shapes[1:], strict=True)]
+        segments = [
+            _meta_token_segment(seg, a, b)
+            if a.prefix is not None or b.prefix is not None
+            else _meta_segment(a.shape, b.shape)
+            for seg, a, b in zip(target.segments, found[:-1], found[1:], strict=True)
+        ]
     meta = StagedModel(
         segments,
         [copy.deepcopy(h) for h in target.heads],
