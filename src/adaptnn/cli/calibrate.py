@@ -41,6 +41,30 @@ def build(parser: ArgumentParser) -> None:
     )
     parser.add_argument("--latency_batch_size", type=int, default=1, help="Batch size the latencies were measured at.")
     parser.add_argument(
+        "--knob",
+        type=str,
+        default="none",
+        help="Deployment knob chosen jointly with the exit thresholds for --budget_macs/--budget_ms: none, tome "
+        "(ToMe r) or evit (keep rate) on token ViTs (no reduction always competes), variant on elastic runs.",
+    )
+    parser.add_argument(
+        "--knob_values",
+        type=list[float | str] | None,
+        default=None,
+        help="Values to try: ToMe r (default [2,4,6,8]), EViT keep rates ([0.9,0.7,0.5]), variant names "
+        "(w0.5_d2; default every member of the checkpoint).",
+    )
+    parser.add_argument("--threads", type=int | None, default=None, help="torch threads while timing (--knob).")
+    parser.add_argument(
+        "--latency_repeats", type=int, default=10, help="Timed passes per piece of each setting's profile (--knob)."
+    )
+    parser.add_argument(
+        "--measure_samples",
+        type=int,
+        default=512,
+        help="Test inputs run for real to report predicted vs measured ms of the choice (--knob, ms; 0: skip).",
+    )
+    parser.add_argument(
         "--epsilon", type=float | None, default=None, help="Guarantee: accuracy drop vs the last exit <= epsilon..."
     )
     parser.add_argument("--delta", type=float, default=0.1, help="...with probability >= 1 - delta (Learn then Test).")
@@ -54,8 +78,18 @@ def build(parser: ArgumentParser) -> None:
 
 
 def run(args: Namespace) -> None:
+    from ..errors import ConfigError
     from ..runs import calibrate_run
+    from ..runs.calibrate import KnobTiming
+    from ..runs.knobs import KNOBS
 
+    if args.knob not in KNOBS:
+        raise ConfigError(f"--knob must be one of {list(KNOBS)}, got {args.knob!r}")
+    if args.latency_repeats < 1 or args.measure_samples < 0:
+        raise ConfigError(
+            f"--latency_repeats must be >= 1 and --measure_samples >= 0; got {args.latency_repeats}, "
+            f"{args.measure_samples}"
+        )
     calibration = calibrate_run(
         args.run_dir,
         tolerance=args.tolerance,
@@ -68,6 +102,9 @@ def run(args: Namespace) -> None:
         epsilon=args.epsilon,
         delta=args.delta,
         legacy=args.legacy,
+        knob=args.knob,
+        knob_values=args.knob_values,
+        timing=KnobTiming(repeats=args.latency_repeats, threads=args.threads, measure_samples=args.measure_samples),
         **run_access(args),
     )
     point = calibration["operating_point"]
@@ -84,7 +121,36 @@ def run(args: Namespace) -> None:
             f"certified: accuracy drop <= {cal['epsilon']} with probability >= {1 - cal['delta']:.3f} "
             f"({cal['certified']}/{cal['candidates']} candidates certified on {cal['n_test']} samples)"
         )
+    if "knob" in calibration:
+        print(knob_summary(calibration))
     print(f"wrote {Path(args.run_dir) / 'calibration.json'}")
+
+
+def knob_summary(calibration: dict) -> str:
+    """The chosen knob setting, every setting's best point, and for ms budgets predicted vs measured ms."""
+    cal = calibration["calibrator"]
+    ms = "latency_batch_size" in cal
+    word = "avg_latency_ms" if ms else "avg_macs"
+    scale, unit = (1.0, "ms/sample") if ms else (1e-6, "M MACs")
+    per = ", ".join(
+        f"{p['knob']} {100 * p['accuracy']:.2f}% at {scale * p[word]:.4g}" if "accuracy" in p else f"{p['knob']} -"
+        for p in cal["per_knob"]
+    )
+    lines = [f"knob {cal['knob']}: chose {calibration['knob']['label']} (best per setting, {unit}: {per})"]
+    check = calibration.get("latency_check")
+    if check:
+        lines.append(
+            f"batch {check['batch_size']}: predicted {check['predicted_ms_per_batch']:.3f} ms, measured "
+            f"{check['measured_ms_per_batch']:.3f} ms per batch ({100 * check['error']:+.1f}%; latency model with "
+            f"the exit counts {100 * check['latency_model_error']:+.1f}%) on {check['samples']} test samples"
+            + (
+                ""
+                if check.get("drift") is None
+                else f"; the machine is {check['drift']:.2f}x as slow as when profiled: "
+                f"{100 * check['error_drift_corrected']:+.1f}% corrected"
+            )
+        )
+    return "\n".join(lines)
 
 
 def interrupted(args: Namespace, argv: Sequence[str]) -> str:

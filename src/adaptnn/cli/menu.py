@@ -5,9 +5,10 @@ member's plain forward pass (``adaptnn.runtime.cost``), and milliseconds per bat
 measured on its materialised (plain, smaller) network with the timing engine (all members interleaved, medians).
 Writes ``RUN_DIR/menu.json`` and ``RUN_DIR/menu.png`` (accuracy vs ms and vs MACs, Pareto members marked).
 ``--budget_ms`` / ``--budget_macs`` pick the most accurate member that fits; with ``--joint`` the member and its
-early-exit thresholds are chosen together by the knob engine (:func:`~adaptnn.calibration.calibrate_knob_and_exits`,
-each member one knob setting), for average MACs or for measured ms (each member's per-exit latency profile at
-``--budget_batch``, :func:`~adaptnn.measure.latency.profile_variants`).
+early-exit thresholds are chosen together by the knob engine (:func:`adaptnn.runs.knobs.joint_choice`, each member
+one knob setting, as ``adaptnn calibrate --knob variant`` does), for average MACs or for measured ms (each member's
+per-exit latency profile at ``--budget_batch``, anchored to interleaved full passes:
+:func:`adaptnn.runs.knobs.settings_exit_ms`).
 """
 
 from __future__ import annotations
@@ -156,40 +157,38 @@ def joint_choice(
 ) -> dict[str, Any]:
     """The member and confidence-exit thresholds with the best validation accuracy within an average ``budget``.
 
-    Each member is one knob setting of :func:`~adaptnn.calibration.calibrate_knob_and_exits` (THE joint engine).
-    Without ``exit_ms`` the budget is average MACs per sample (each member's exit MACs); with it, ``exit_ms`` is
-    each member's cumulative ms per sample of each exit at batch ``batch`` and ``budget`` the ms per batch of
-    ``batch`` allowed. The returned dict is JSON-ready: member, thresholds, policy, validation accuracy, average
-    cost, every member's best point (or why it could not meet the budget) and a one-line summary.
+    The choice is :func:`adaptnn.runs.knobs.joint_choice` (THE knob engine, each member one setting; shared with
+    ``adaptnn calibrate --knob variant``). Without ``exit_ms`` the budget is average MACs per sample (each member's
+    exit MACs); with it, ``exit_ms`` is each member's cumulative ms per sample of each exit at batch ``batch`` and
+    ``budget`` the ms per batch of ``batch`` allowed. Returns the menu's JSON: member, thresholds, policy,
+    validation accuracy, average cost, every member's best point (or why it could not meet the budget), a summary.
     """
-    from ..calibration import calibrate_knob_and_exits
     from ..errors import ConfigError
     from ..policies import make_policy
+    from ..runs.knobs import joint_choice as choose
+    from ..runs.knobs import shown_thresholds
 
     options = logits.options
-    per_sample, unit = float(budget), "MACs"
+    per_sample = float(budget)
     if exit_ms is not None:
         if batch is None or batch < 1:
             raise ConfigError(f"joint_choice: exit_ms needs the batch size it was measured at (>= 1), got {batch!r}")
         options = {name: (lg, exit_ms[name]) for name, (lg, _) in logits.options.items()}
-        per_sample, unit = float(budget) / batch, f"ms per sample at batch {batch}"
+        per_sample = float(budget) / batch
     num_exits = len(next(iter(options.values()))[1])
-    result = calibrate_knob_and_exits(
-        make_policy("confidence", num_exits), options, logits.labels, per_sample, unit=unit
+    policy = make_policy("confidence", num_exits)
+    result, choice = choose(
+        policy, options, logits.labels, per_sample, unit="MACs" if exit_ms is None else "ms", batch=batch
     )
-    member = result.details["knob"]
+    member = choice["knob"]
     row = next(r for r in rows if r["variant"] == member)
-    per_member = [
-        {"variant": p["knob"], **{k: p[k] for k in ("accuracy", "avg_cost", "thresholds") if k in p}}
-        if p["feasible"]
-        else {"variant": p["knob"], "reason": p["reason"]}
-        for p in result.details["per_knob"]
-    ]
-    shown = [None if t == float("inf") else round(t, 4) for t in result.thresholds]
+    per_member = [{"variant": p.pop("knob"), **p} for p in choice["per_knob"]]
     member_alone = f"{100 * row['accuracy']:.2f}% at {row['macs'] / 1e6:.3f} M"
     if exit_ms is None:
+        unit = "MACs"
         cost = f"{result.val['avg_cost'] / 1e6:.3f} M average MACs (budget {budget / 1e6:.3f} M"
     else:
+        unit = f"ms per sample at batch {batch}"
         cost = (
             f"{result.val['avg_cost'] * batch:.3f} ms per batch of {batch} predicted from the exits' latencies "
             f"(budget {budget:.3f} ms"
@@ -201,33 +200,32 @@ def joint_choice(
         "width": row.get("width"),
         "depth": row.get("depth"),
         "thresholds": result.thresholds,
-        "policy": result.policy.to_dict(),
-        "accuracy": result.val["accuracy"],
-        "avg_cost": result.val["avg_cost"],
-        "exit_fractions": result.val.get("exit_fractions"),
+        "policy": choice["policy"],
+        "accuracy": choice["accuracy"],
+        "avg_cost": choice["avg_cost"],
+        "exit_fractions": choice["exit_fractions"],
         "full_accuracy": row["accuracy"],
         "full_macs": row["macs"],
         "unit": unit,
         **({"budget_macs": float(budget)} if exit_ms is None else {"budget_ms": float(budget), "budget_batch": batch}),
-        **({} if exit_ms is None else {"predicted_ms": result.val["avg_cost"] * batch, "exit_ms": exit_ms[member]}),
+        **({} if exit_ms is None else {"predicted_ms": choice["predicted_ms_per_batch"], "exit_ms": exit_ms[member]}),
         "per_member": per_member,
-        "summary": f"chosen: {member} with exit thresholds {shown}: validation accuracy "
-        f"{100 * result.val['accuracy']:.2f}% at {cost}; the member alone: {member_alone})",
+        "summary": f"chosen: {member} with exit thresholds {shown_thresholds(result.thresholds)}: validation "
+        f"accuracy {100 * result.val['accuracy']:.2f}% at {cost}; the member alone: {member_alone})",
     }
 
 
 def _member_exit_ms(args: Namespace, model: Any, dataset: Any) -> dict[str, list[float]]:
-    """Each member's cumulative ms per sample of each exit at ``--budget_batch`` (its materialised network)."""
-    import torch
-
-    from ..measure.latency import profile_variants
+    """Each member's cumulative ms per sample of each exit at ``--budget_batch`` (materialised, anchored)."""
+    from ..runs.knobs import settings_exit_ms, stack_inputs
 
     b = int(args.budget_batch)
-    pool = torch.stack([torch.as_tensor(dataset[i % len(dataset)][0]) for i in range(min(4 * b, max(b, 256)))])
-    profiles = profile_variants(
-        model, pool, batch_sizes=[b], repeats=max(3, args.rounds), warmup_s=args.warmup_s, num_threads=args.threads
+    pool = stack_inputs(dataset, min(4 * b, max(b, 256)))
+    members = {v.name: model.materialise(v).eval() for v in model.variants}
+    exit_ms, _ = settings_exit_ms(
+        members, pool, b, repeats=max(3, args.rounds), warmup_s=args.warmup_s, num_threads=args.threads
     )
-    return {name: [t / b for t in p.exit_latency_ms(b)] for name, p in profiles.items()}
+    return exit_ms
 
 
 def _choose(args: Namespace, rows: list[dict[str, Any]], logits: MemberLogits, model: Any, dataset: Any) -> dict | None:

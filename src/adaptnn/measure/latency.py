@@ -50,12 +50,14 @@ from ..policies import ConfidencePolicy
 from ..runtime.execution import split_finished, stage_segments
 from ..runtime.staged import StagedModel
 from ..runtime.state import State, index_state
-from .timing import Timer, machine_info, median_ms, pinned_threads, to_model, warm_up
+from .timing import Timer, interleaved_medians, machine_info, median_ms, pinned_threads, to_model, warm_up
 
 __all__ = [
     "PiecewiseLinear",
     "LatencyModel",
     "profile_latency",
+    "exit_policy",
+    "profile_settings",
     "profile_variants",
     "validate_latency_model",
     "alive_per_segment",
@@ -197,6 +199,30 @@ class LatencyModel:
             counts[k] = batch_size
             out.append(self.predict(counts))
         return out
+
+    def scaled(self, factor: float) -> LatencyModel:
+        """A copy with every piece's time multiplied by ``factor`` (recorded as ``info["anchor_scale"]``)."""
+        if not math.isfinite(factor) or factor <= 0:
+            raise ConfigError(f"a latency scale must be a finite number > 0, got {factor!r}")
+
+        def times(curves: list[PiecewiseLinear] | None) -> list[PiecewiseLinear] | None:
+            return (
+                None if curves is None else [PiecewiseLinear(c.knots, [factor * v for v in c.values]) for c in curves]
+            )
+
+        scale = factor * float(self.info.get("anchor_scale", 1.0))
+        return LatencyModel(
+            exit_after=list(self.exit_after),
+            segment_ms=times(self.segment_ms) or [],
+            head_ms=times(self.head_ms) or [],
+            exit_overhead_ms=times(self.exit_overhead_ms) or [],
+            info={**self.info, "anchor_scale": scale},
+            segment_gpu_ms=times(self.segment_gpu_ms),
+            head_gpu_ms=times(self.head_gpu_ms),
+            exit_gpu_ms=times(self.exit_gpu_ms),
+            compaction_ms=times(self.compaction_ms),
+            compaction_gpu_ms=times(self.compaction_gpu_ms),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -437,14 +463,78 @@ def validate_latency_model(
     return rows
 
 
+def exit_policy(num_exits: int, k: int) -> ConfidencePolicy:
+    """A confidence rule that sends every sample out at exit ``k`` (thresholds 0 there, ``inf`` before)."""
+    return ConfidencePolicy([0.0 if i == k else math.inf for i in range(num_exits - 1)])
+
+
+def profile_settings(
+    models: dict[str, StagedModel],
+    sample: torch.Tensor,
+    *,
+    anchor_batch: int | None = None,
+    anchor_rounds: int = 5,
+    **options: Any,
+) -> dict[str, LatencyModel]:
+    """A :class:`LatencyModel` per deployment setting of one model (the setting as one more axis of the model).
+
+    A setting is anything that changes what runs: a token knob (ToMe ``r``, EViT keep rate), an elastic member
+    (materialised), ... ``models`` maps its label to the staged model as deployed; each is profiled with
+    :func:`profile_latency` (``options`` go there). Settings are profiled one after the other, and the pieces are
+    timed apart from the engine's per-call work, so load drift between settings and the engine's overhead would
+    skew a choice between them. With ``anchor_batch`` the cumulative time to each exit is also *measured* at that
+    batch size: ``run_dynamic`` with every sample leaving at exit k (:func:`exit_policy`), for every setting and
+    exit, interleaved on the same batches (:func:`~adaptnn.measure.timing.interleaved_medians`); it is kept as
+    ``info["anchor"]["exit_ms"]`` (ms per batch) and each profile is scaled so its last-exit prediction equals the
+    measured one (``info["anchor_scale"]``).
+    """
+    if not models:
+        raise ConfigError("profile_settings needs at least one model (label -> staged model)")
+    profiles = {label: profile_latency(model, sample, **options) for label, model in models.items()}
+    if anchor_batch is None:
+        return profiles
+    b = int(anchor_batch)
+    if b < 1:
+        raise ConfigError(f"anchor_batch must be >= 1, got {anchor_batch!r}")
+    device = options.get("device", "cpu")
+    n_pool = sample.shape[0]
+    batches = [sample[(torch.arange(b) + i * b) % n_pool].to(device) for i in range(max(1, min(8, n_pool // b)))]
+
+    def leave_at(model: StagedModel, k: int) -> Callable[[torch.Tensor], Any]:
+        policy = exit_policy(model.num_exits, k)
+
+        def call(x: torch.Tensor) -> Any:
+            with torch.inference_mode():
+                return model.run_dynamic(to_model(model, x), policy, check_finite=False)
+
+        return call
+
+    calls = {(label, k): leave_at(m, k) for label, m in models.items() for k in range(m.num_exits)}
+    with pinned_threads(options.get("num_threads")):
+        medians = interleaved_medians(
+            {f"{label}|{k}": fn for (label, k), fn in calls.items()},
+            batches,
+            rounds=anchor_rounds,
+            warmup_s=float(options.get("warmup_s", 0.5)),
+            timer=Timer(device),
+        )
+    out = {}
+    for label, profile in profiles.items():
+        exit_ms = [statistics.fmean(medians[f"{label}|{k}"]) for k in range(models[label].num_exits)]
+        predicted = profile.exit_latency_ms(b)[-1]
+        out[label] = profile.scaled(exit_ms[-1] / predicted) if predicted > 0 else profile
+        out[label].info["anchor"] = {"batch_size": b, "exit_ms": exit_ms}
+    return out
+
+
 def profile_variants(model: Any, sample: torch.Tensor, **options: Any) -> dict[str, LatencyModel]:
     """A :class:`LatencyModel` per member of an elastic model (variants as an axis of the latency model).
 
     Each member is profiled as it is deployed: materialised into a plain, smaller staged model
-    (:meth:`adaptnn.layers.elastic.ElasticStagedModel.materialise`). ``options`` go to :func:`profile_latency`.
+    (:meth:`adaptnn.layers.elastic.ElasticStagedModel.materialise`). ``options`` go to :func:`profile_settings`.
     Returns variant name -> latency model.
     """
     variants = getattr(model, "variants", None)
     if variants is None or not hasattr(model, "materialise"):
         raise ConfigError(f"profile_variants needs an elastic model (with variants), got {type(model).__name__}")
-    return {v.name: profile_latency(model.materialise(v), sample, **options) for v in variants}
+    return profile_settings({v.name: model.materialise(v) for v in variants}, sample, **options)

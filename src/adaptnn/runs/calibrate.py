@@ -7,9 +7,11 @@ The budgeted-batch sweep of the policy is always computed; the operating point c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +23,16 @@ from ..errors import ConfigError
 from ..evaluation import collect_logits
 from ..io import RunLock, write_json
 from ..measure.latency import LatencyModel
-from ..policies import make_policy
+from ..policies import ThresholdPolicy, make_policy
 from ..runtime.cost import cost_breakdown
 from ..training import build_strategy
-from .calibrators import CALIBRATORS, CalibrationInputs, CalibrationOptions, select_calibrator
+from .calibrators import CALIBRATORS, CalibrationInputs, CalibrationOptions, point_from_result, select_calibrator
 from .config import RunConfig
+from .knobs import joint_choice, knob_settings, measure_choice, settings_exit_ms, stack_inputs
 from .naming import named_by_unit
 from .rundir import LoadedRun, load_run, recover_run_dir, require_trained
 
-__all__ = ["calibrate_run", "strategy_policy", "read_calibration"]
+__all__ = ["KnobTiming", "calibrate_run", "strategy_policy", "read_calibration"]
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +75,31 @@ def _validation_logits(run: LoadedRun, progress: bool, legacy: bool) -> tuple[Te
 
 
 def _fit_inputs(
-    run: LoadedRun, family_name: str, family_kwargs: dict[str, Any], *, temperature: bool, legacy: bool, progress: bool
+    run: LoadedRun,
+    family_name: str,
+    family_kwargs: dict[str, Any],
+    *,
+    temperature: bool,
+    legacy: bool,
+    progress: bool,
+    val: tuple[Tensor, Tensor] | None = None,
+    family: ThresholdPolicy | None = None,
 ) -> CalibrationInputs:
-    """Logits of both splits, the policy family (temperatures fitted on validation) and its budgeted sweep."""
+    """Logits of both splits, the policy family (temperatures fitted on validation) and its budgeted sweep.
+
+    ``val`` and ``family``: validation logits and a fitted family computed already (the knob path) to reuse.
+    """
     exit_macs = cost_breakdown(run.model, run.splits.input_size).exit_macs
-    val_logits, val_labels = _validation_logits(run, progress, legacy)
+    val_logits, val_labels = val if val is not None else _validation_logits(run, progress, legacy)
     test_logits, test_labels = collect_logits(
         run.model, run.splits.test, batch_size=run.config.eval.batch_size, device=run.device, progress=progress,
         desc="test",
     )  # fmt: skip
-    family = make_policy(
-        family_name, run.model.num_exits, val_logits=val_logits, val_labels=val_labels, temperature=temperature,
-        **family_kwargs,
-    )  # fmt: skip
+    if family is None:
+        family = make_policy(
+            family_name, run.model.num_exits, val_logits=val_logits, val_labels=val_labels, temperature=temperature,
+            **family_kwargs,
+        )  # fmt: skip
     sweep = policy_sweep(
         family, val_logits, val_labels, test_logits, test_labels, exit_macs, run.config.calibration.p_values,
         legacy=legacy,
@@ -109,6 +124,9 @@ def calibrate_run(
     legacy: bool = False,
     trust_code: bool = False,
     allow_data_change: bool = False,
+    knob: str | None = None,
+    knob_values: Sequence[Any] | None = None,
+    timing: KnobTiming | None = None,
 ) -> dict[str, Any]:
     """Fit an exit policy's thresholds on the validation split and pick the operating point.
 
@@ -118,6 +136,14 @@ def calibrate_run(
     (accuracy drop vs the last exit at most ``epsilon`` with probability ``>= 1 - delta``, Learn then Test),
     or by default the cheapest sweep point within ``tolerance`` of the last exit's validation accuracy.
 
+    With ``knob`` (``tome``, ``evit`` or ``variant``; :mod:`.knobs`) a deployment setting of the model is chosen
+    *jointly* with the thresholds for ``budget_macs`` or ``budget_ms``: every setting (no token reduction and each
+    of ``knob_values``; or the elastic members named, default all) gets its validation logits and its exit costs
+    (MACs, or ms per sample at ``latency_batch_size`` measured per setting as deployed), and the knob engine
+    (:func:`~adaptnn.calibration.calibrate_knob_and_exits`) picks the most accurate within the budget. The choice
+    is kept as ``knob`` in ``calibration.json`` (``adaptnn evaluate`` runs it); for ms budgets the chosen point is
+    then run for real on the test split and ``latency_check`` records predicted vs measured ms (``timing``).
+
     Args:
         policy: exit-rule family, one of :data:`adaptnn.policies.POLICY_NAMES`; default: the rule the run's
             training strategy predicts with (:func:`strategy_policy`).
@@ -125,6 +151,9 @@ def calibrate_run(
         legacy: reproduce the reference code: validation read with training augmentation and the test
             curve post-processed into its upper envelope (see :mod:`adaptnn.calibration.sweep`).
         trust_code, allow_data_change: how the run is read (:func:`~adaptnn.runs.rundir.load_run`).
+        knob, knob_values: the deployment knob chosen with the thresholds, and its values (default: see
+            :func:`~adaptnn.runs.knobs.knob_settings`).
+        timing: how the per-setting latencies are profiled and the choice measured (:class:`KnobTiming`).
 
     Writes ``calibration.json`` (exit MACs, the policy, the sweep, the calibrator's figures, the operating
     point, all choices made on validation figures only) atomically, holding the run directory's lock, and
@@ -133,6 +162,8 @@ def calibrate_run(
     Raises:
         RunLockedError: another process is writing ``run_dir``.
     """
+    if knob not in (None, "none"):
+        _check_knob_options(budget_macs, budget_ms, epsilon, exit_latency_ms, tolerance)
     if tolerance is not None and any(v is not None for v in (budget_macs, budget_ms, epsilon)):
         raise ConfigError(
             "tolerance only applies to the default calibrator (the cheapest sweep point within tolerance); "
@@ -144,6 +175,12 @@ def calibrate_run(
         recover_run_dir(run_dir)
         require_trained(run_dir)
         run = load_run(run_dir, trust_code=trust_code, allow_data_change=allow_data_change)
+        if knob not in (None, "none"):
+            return _calibrate_knob(
+                run_dir, run, str(knob), knob_values, timing or KnobTiming(), progress=progress, policy=policy,
+                temperature=temperature, budget_macs=budget_macs, budget_ms=budget_ms,
+                latency_batch_size=latency_batch_size, legacy=legacy,
+            )  # fmt: skip
         return _calibrate(
             run_dir, run, tolerance, progress, policy, temperature, budget_macs, budget_ms, exit_latency_ms,
             latency_batch_size, epsilon, delta, legacy,
@@ -201,6 +238,138 @@ def _calibrate(
     return calibration
 
 
+@dataclass
+class KnobTiming:
+    """How ``calibrate_run(knob=...)`` times settings for an ms budget and measures the chosen point.
+
+    Attributes:
+        repeats: timed passes per piece of each setting's latency profile (:func:`profile_latency`).
+        warmup_s: warm-up seconds before each measurement.
+        threads: torch CPU threads while timing (``None``: as is).
+        measure_samples: test inputs timed through ``run_dynamic`` for predicted vs measured (0: skip).
+        rounds: timed calls per batch of that measurement (median).
+    """
+
+    repeats: int = 10
+    warmup_s: float = 0.5
+    threads: int | None = None
+    measure_samples: int = 512
+    rounds: int = 5
+
+
+def _check_knob_options(
+    budget_macs: float | None,
+    budget_ms: float | None,
+    epsilon: float | None,
+    exit_latency_ms: Sequence[float] | None,
+    tolerance: float | None,
+) -> None:
+    """A knob is chosen for a budget (one of budget_macs, budget_ms) from latencies measured per setting."""
+    if epsilon is not None or tolerance is not None:
+        raise ConfigError("a knob is chosen for a budget: give budget_macs or budget_ms, not epsilon or tolerance")
+    if (budget_macs is None) == (budget_ms is None):
+        raise ConfigError("a knob is chosen with the exit thresholds for one budget: give budget_macs or budget_ms")
+    if exit_latency_ms is not None:
+        raise ConfigError("with a knob the exit latencies are measured per setting: drop exit_latency_ms")
+
+
+def _calibrate_knob(
+    run_dir: Path,
+    run: LoadedRun,
+    kind: str,
+    values: Sequence[Any] | None,
+    timing: KnobTiming,
+    *,
+    progress: bool,
+    policy: str | None,
+    temperature: bool,
+    budget_macs: float | None,
+    budget_ms: float | None,
+    latency_batch_size: int,
+    legacy: bool,
+) -> dict[str, Any]:
+    """The knob setting and thresholds for the budget (see :func:`calibrate_run`); writes calibration.json."""
+    settings = {s.label: s for s in knob_settings(run.model, kind, values)}
+    labels = None
+    val: dict[str, Tensor] = {}
+    for label, setting in settings.items():
+        val[label], labels = _validation_logits(dataclasses.replace(run, model=setting.model), progress, legacy)
+    assert labels is not None
+    base = next(iter(settings))
+    family_name, family_kwargs = (policy, {}) if policy is not None else strategy_policy(run.config)
+    family = make_policy(
+        family_name, run.model.num_exits, val_logits=val[base], val_labels=labels, temperature=temperature,
+        **family_kwargs,
+    )  # fmt: skip
+    b = int(latency_batch_size)
+    profiles = {}
+    if budget_ms is not None:
+        pool = stack_inputs(run.splits.val, max(8 * b, 64))
+        exit_ms, profiles = settings_exit_ms(
+            {label: s.deployed for label, s in settings.items()}, pool, b, repeats=timing.repeats,
+            warmup_s=timing.warmup_s, num_threads=timing.threads,
+        )  # fmt: skip
+        costs = exit_ms
+    else:
+        costs = {label: list(cost_breakdown(s.model, run.splits.input_size).exit_macs) for label, s in settings.items()}
+    unit, budget = ("ms", float(budget_ms)) if budget_ms is not None else ("MACs", float(budget_macs))  # type: ignore[arg-type]
+    options = {label: (val[label], costs[label]) for label in settings}
+    result, choice = joint_choice(family, options, labels, budget, unit=unit, batch=b if unit == "ms" else None)
+    chosen = settings[choice["knob"]]
+    check = None
+    if unit == "ms" and timing.measure_samples > 0:  # right away: the machine's load moves, the profiles are fresh
+        check = measure_choice(
+            chosen.deployed, profiles[chosen.label], costs[chosen.label],
+            stack_inputs(run.splits.test, max(b, min(timing.measure_samples, len(run.splits.test)))),
+            result.policy, b, rounds=timing.rounds, warmup_s=timing.warmup_s, num_threads=timing.threads,
+        )  # fmt: skip
+    chosen_run = dataclasses.replace(run, model=chosen.model)
+    inputs = _fit_inputs(
+        chosen_run, family_name, family_kwargs, temperature=temperature, legacy=legacy, progress=progress,
+        val=(val[chosen.label], labels), family=family,
+    )  # fmt: skip
+    point, _ = point_from_result(inputs, result)
+    calibrator = {
+        **named_by_unit(result.to_dict(), unit),
+        "method": "joint_knob_budget",
+        "knob": kind,
+        "per_knob": named_by_unit(choice["per_knob"], unit),
+        # every setting's exit costs (the knob as one more axis of the cost/latency model) and last-exit accuracy
+        "settings": [
+            named_by_unit(
+                {
+                    "knob": label,
+                    "exit_costs": costs[label],
+                    "last_exit_val_accuracy": float((val[label][-1].argmax(-1) == labels).double().mean()),
+                },
+                unit,
+            )
+            for label in settings
+        ],
+    }
+    if unit == "ms":
+        calibrator["latency_batch_size"] = b
+        calibrator["predicted_ms_per_batch"] = choice["predicted_ms_per_batch"]
+    calibration = {
+        "exit_macs": inputs.exit_macs,
+        "policy": family_name,
+        "policy_spec": inputs.family.with_thresholds(point["thresholds"]).to_dict(),
+        "temperature": temperature,
+        "legacy": legacy,
+        "last_exit_val_accuracy": float((val[base][-1].argmax(-1) == labels).double().mean()),
+        "tolerance": run.config.calibration.tolerance,
+        "calibrator": calibrator,
+        "operating_point": point,
+        "budgeted": named_by_unit(inputs.sweep),
+        "knob": chosen.record,
+    }
+    if check is not None:
+        calibration["latency_check"] = check
+    write_json(run_dir / "calibration.json", calibration)
+    log.info("knob %s: chose %s, thresholds %s", kind, chosen.label, point["thresholds"])
+    return calibration
+
+
 def _check_calibration(data: dict[str, Any], point: Any) -> None:
     """Raise ``TypeError`` unless the parts every reader uses have their types."""
     macs = data.get("exit_macs")
@@ -212,6 +381,8 @@ def _check_calibration(data: dict[str, Any], point: Any) -> None:
         raise TypeError("'budgeted' is not a list of sweep points")
     if not isinstance(data.get("policy_spec", {}) or {}, dict):
         raise TypeError("'policy_spec' is not an object")
+    if not isinstance(data.get("knob", {}) or {}, dict):
+        raise TypeError("'knob' is not an object")
 
 
 def read_calibration(path: str | Path) -> dict[str, Any]:

@@ -27,7 +27,15 @@ from ..errors import ConfigError
 from ..policies import ThresholdPolicy
 from .naming import named_by_unit
 
-__all__ = ["CALIBRATORS", "CalibrationInputs", "CalibrationOptions", "Calibrator", "Choice", "select_calibrator"]
+__all__ = [
+    "CALIBRATORS",
+    "CalibrationInputs",
+    "CalibrationOptions",
+    "Calibrator",
+    "Choice",
+    "point_from_result",
+    "select_calibrator",
+]
 
 
 @dataclass
@@ -71,7 +79,7 @@ def _compute_budget(inputs: CalibrationInputs, options: CalibrationOptions) -> C
     result = calibrate_to_budget(
         inputs.family, inputs.val_logits, inputs.val_labels, inputs.exit_macs, float(options.budget_macs)
     )
-    return _from_result(inputs, result)
+    return point_from_result(inputs, result)
 
 
 def _latency_budget(inputs: CalibrationInputs, options: CalibrationOptions) -> Choice:
@@ -84,7 +92,7 @@ def _latency_budget(inputs: CalibrationInputs, options: CalibrationOptions) -> C
         float(options.budget_ms),
         batch_size=options.latency_batch_size,
     )
-    return _from_result(inputs, result)
+    return point_from_result(inputs, result)
 
 
 def _accuracy_guarantee(inputs: CalibrationInputs, options: CalibrationOptions) -> Choice:
@@ -92,10 +100,10 @@ def _accuracy_guarantee(inputs: CalibrationInputs, options: CalibrationOptions) 
     result = calibrate_accuracy_guarantee(
         inputs.family, inputs.val_logits, inputs.val_labels, inputs.exit_macs, float(options.epsilon), options.delta
     )
-    return _from_result(inputs, result)
+    return point_from_result(inputs, result)
 
 
-def _from_result(inputs: CalibrationInputs, result: CalibrationResult) -> Choice:
+def point_from_result(inputs: CalibrationInputs, result: CalibrationResult) -> Choice:
     """Operating point (``p`` is ``None``: no sweep point) and calibrator JSON of a calibrator's result."""
     macs = split_figures(
         exit_scores(inputs.family, inputs.val_logits, inputs.val_labels),

@@ -26,6 +26,7 @@ from ..policies import POLICY_NAMES, make_policy, policy_from_dict, simulate_exi
 from ..runtime.cost import cost_breakdown
 from ..training import build_strategy
 from .calibrate import calibrate_run, read_calibration
+from .knobs import apply_knob
 from .naming import named_by_unit
 from .report import build_report, operating_point_section
 from .rundir import LoadedRun, load_run, recover_run_dir, require_trained
@@ -106,7 +107,8 @@ def evaluate_run(
 def _evaluate(run_dir: Path, run: LoadedRun, progress: bool, policies: Sequence[str] | None) -> dict[str, Any]:
     calib_path = run_dir / "calibration.json"
     calibration = read_calibration(calib_path)
-    model, splits, bs = run.model, run.splits, run.config.eval.batch_size
+    # the deployment setting chosen with the thresholds (token knob, elastic member), if any: the run uses it
+    model, splits, bs = apply_knob(run.model, calibration.get("knob")), run.splits, run.config.eval.batch_size
     costs = cost_breakdown(model, splits.input_size).exit_macs
     if [round(c) for c in costs] != [round(c) for c in calibration["exit_macs"]]:
         raise ConfigError(f"{calib_path} was made for another model (exit MACs differ); run `adaptnn calibrate` again")
@@ -136,6 +138,8 @@ def _evaluate(run_dir: Path, run: LoadedRun, progress: bool, policies: Sequence[
         operating_point=operating_point_section(calibration, simulated, realised, matches, anytime[-1]),
         per_class=per_class_exits(sim_exit, sim_pred, test_labels, costs, splits.class_names),
     )
+    if calibration.get("knob") is not None:
+        report["knob"] = calibration["knob"]
     if policies:
         val_logits, val_labels = collect_logits(
             model, splits.val, batch_size=bs, device=run.device, progress=progress, desc="val"

@@ -1,0 +1,218 @@
+"""``adaptnn calibrate --knob ... --budget_ms``: predicted vs measured latency of the jointly chosen knob + exits, CPU.
+
+For each trained run and knob (a token ViT with ToMe / EViT, an elastic run with its members) and each batch size,
+the run is copied (the original stays read-only) and calibrated with :func:`adaptnn.runs.calibrate_run` exactly as
+``adaptnn calibrate RUN --knob K --budget_ms X --latency_batch_size B --threads 1`` does:
+
+1. an unconstrained budget (the most accurate setting and thresholds), then budgets at ``--fractions`` of the
+   default setting's last-exit latency (no token reduction / the largest member, as profiled by the calibrator);
+2. each choice is run for real (``run_dynamic``, ``--measure_samples`` test images, batches of B, median of 5
+   timed calls per batch) and compared with the prediction the budget was held to (``latency_check``);
+3. the last choice of each run is evaluated (``adaptnn evaluate``): realised == simulated decisions, test accuracy.
+
+Hardware, thread count and the load average (before and after every calibration) are recorded.
+
+    python benchmarks/calibrate_knobs.py --vit_run /tmp/vitrun/vit_fmnist --elastic_run runs/elastic_fmnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptnn.errors import BudgetError
+from adaptnn.io import write_json
+from adaptnn.measure.timing import machine_info
+from adaptnn.runs import calibrate_run, evaluate_run
+from adaptnn.runs.calibrate import KnobTiming
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _row(name: str, knob: str, b: int, budget: float, cal: dict[str, Any], load: tuple, wall: float) -> dict:
+    c, check = cal["calibrator"], cal.get("latency_check", {})
+    return {
+        "run": name,
+        "knob": knob,
+        "batch_size": b,
+        "budget_ms_per_sample": budget,
+        "chosen": cal["knob"]["label"],
+        "thresholds": cal["operating_point"]["thresholds"],
+        "val_accuracy": cal["operating_point"]["val_accuracy"],
+        "val_avg_macs": cal["operating_point"]["val_avg_macs"],
+        "predicted_val_ms_per_sample": c["val"]["avg_latency_ms"],
+        "predicted_ms_per_batch": check.get("predicted_ms_per_batch"),
+        "measured_ms_per_batch": check.get("measured_ms_per_batch"),
+        "error": check.get("error"),
+        "latency_model_error": check.get("latency_model_error"),
+        "drift": check.get("drift"),
+        "error_drift_corrected": check.get("error_drift_corrected"),
+        "test_exit_fractions": check.get("exit_fractions"),
+        "per_knob": c["per_knob"],
+        "load_before": load[0],
+        "load_after": os.getloadavg()[0],
+        "wall_s": wall,
+    }
+
+
+def bench_run(name: str, src: Path, knob: str, values: list | None, args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(args.work) / name
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(src, work)
+    timing = KnobTiming(
+        repeats=args.latency_repeats, threads=args.threads, measure_samples=args.measure_samples, rounds=5
+    )
+    rows, settings = [], {}
+    for b in args.batch_sizes:
+        budgets: list[float] = [1e6]
+        i = 0
+        while i < len(budgets):
+            load, t0 = os.getloadavg(), time.perf_counter()
+            try:
+                cal = calibrate_run(
+                    work, knob=knob, knob_values=values, budget_ms=budgets[i], latency_batch_size=b, timing=timing,
+                    progress=False,
+                )  # fmt: skip
+            except BudgetError as err:  # the budget came from an earlier profile; the load may have moved since
+                print(f"{name} {knob} b={b} budget {budgets[i]:.4g} ms/sample: {err}", flush=True)
+                rows.append({"run": name, "knob": knob, "batch_size": b, "budget_ms_per_sample": budgets[i],
+                             "infeasible": str(err), "load_before": load[0]})  # fmt: skip
+                i += 1
+                continue
+            rows.append(_row(name, knob, b, budgets[i], cal, load, time.perf_counter() - t0))
+            r = rows[-1]
+            print(
+                f"{name} {knob} b={b} budget {budgets[i]:.4g} ms/sample -> {r['chosen']} val acc "
+                f"{100 * r['val_accuracy']:.2f}%: predicted {r['predicted_ms_per_batch']:.3f} ms, measured "
+                f"{r['measured_ms_per_batch']:.3f} ms per batch ({100 * r['error']:+.1f}%), load {load[0]:.2f}",
+                flush=True,
+            )
+            if i == 0:
+                settings[b] = cal["calibrator"]["settings"]
+                full = settings[b][0]["exit_latency_ms"][-1]
+                budgets += [f * full for f in args.fractions]
+            i += 1
+    report = evaluate_run(work, progress=False, policies=[])
+    op = report["operating_point"]
+    return {
+        "rows": rows,
+        "settings": {str(b): s for b, s in settings.items()},
+        "evaluate": {
+            "chosen": report.get("knob", {}).get("label"),
+            "realised_equals_simulated": op["realised_equals_simulated"],
+            "test_accuracy": op["realised"]["accuracy"],
+            "test_avg_macs": op["realised"]["avg_macs"],
+            "last_exit_test_accuracy": report["anytime"][-1]["accuracy"],
+        },
+    }
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        "# `adaptnn calibrate --knob ... --budget_ms`: predicted vs measured (CPU)",
+        "",
+        f"{m['processor']}, {m['cpu_count']} CPUs, torch {m['torch']}, threads {report['threads']}; load average "
+        f"{report['load_start']:.2f} at the start, {report['load_end']:.2f} at the end (a shared machine).",
+        f"Command: `{report['command']}`",
+        "",
+        "Budget in ms per sample at the batch size; `pred`/`meas` are ms per batch of the chosen knob + thresholds "
+        "on held-out test images (`run_dynamic`, median of 5 calls per batch); error = pred/meas - 1 (the "
+        "calibrator's model); LM = the latency model with each batch's exit counts; drift = the deployed model's "
+        "last-exit `run_dynamic` now / when profiled (same batch size; the load of a shared machine moves between "
+        "the two), and the drift-corrected error scales the prediction by it.",
+        "",
+        "| run | knob | batch | budget ms/sample | chosen | val acc | pred ms | meas ms | error | LM error | drift "
+        "| error, drift-corrected | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for part in report["runs"].values():
+        for r in part["rows"]:
+            if "infeasible" in r:
+                lines.append(f"| {r['run']} | {r['knob']} | {r['batch_size']} | {r['budget_ms_per_sample']:.4g} | "
+                             f"infeasible now: {r['infeasible'][:90]} |||||||| {r['load_before']:.1f} |")  # fmt: skip
+                continue
+            budget = "none" if r["budget_ms_per_sample"] >= 1e6 else f"{r['budget_ms_per_sample']:.4g}"
+            lines.append(
+                f"| {r['run']} | {r['knob']} | {r['batch_size']} | {budget} | {r['chosen']} | "
+                f"{100 * r['val_accuracy']:.2f}% | {r['predicted_ms_per_batch']:.3f} | "
+                f"{r['measured_ms_per_batch']:.3f} | "
+                f"{100 * r['error']:+.1f}% | {100 * r['latency_model_error']:+.1f}% | {r['drift']:.2f} | "
+                f"{100 * r['error_drift_corrected']:+.1f}% | {r['load_before']:.1f} |"
+            )
+    lines += ["", "Per-setting last-exit latency (ms/sample, measured in the engine) and validation accuracy:", ""]
+    for name, part in report["runs"].items():
+        for b, settings in part["settings"].items():
+            cells = ", ".join(
+                f"{s['knob']} {s['exit_latency_ms'][-1]:.4g} ms / {100 * s['last_exit_val_accuracy']:.2f}%"
+                for s in settings
+            )
+            lines.append(f"- {name}, batch {b}: {cells}")
+    lines += ["", "`adaptnn evaluate` of the last choice of each run:", ""]
+    for name, part in report["runs"].items():
+        e = part["evaluate"]
+        lines.append(
+            f"- {name}: {e['chosen']}, realised == simulated: {e['realised_equals_simulated']}, test accuracy "
+            f"{100 * e['test_accuracy']:.2f}% (last exit {100 * e['last_exit_test_accuracy']:.2f}%), "
+            f"{e['test_avg_macs'] / 1e6:.3f} M MACs"
+        )
+    rows = [r for p in report["runs"].values() for r in p["rows"] if r.get("error") is not None]
+    errors = [abs(r["error"]) for r in rows]
+    fixed = [abs(r["error_drift_corrected"]) for r in rows]
+    lines += [
+        "",
+        f"Largest |error|: {100 * max(errors):.1f}% raw, {100 * max(fixed):.1f}% drift-corrected, over "
+        f"{len(errors)} choices (target: within 10%).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vit_run", default=None, help="a trained token-ViT run (e.g. vit_tiny_conv_fmnist)")
+    parser.add_argument("--vit_knobs", default="tome:2,4,6,8;evit:0.9,0.7,0.5", help="knob:values;...")
+    parser.add_argument("--elastic_run", default=None, help="a trained elastic run (strategy sorted)")
+    parser.add_argument("--work", default="/tmp/calibrate_knobs", help="where the runs are copied to")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.8, 0.6], help="budgets vs default latency")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--latency_repeats", type=int, default=10)
+    parser.add_argument("--measure_samples", type=int, default=384)
+    parser.add_argument("--out", default=str(RESULTS / "calibrate_knobs_cpu"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report: dict[str, Any] = {
+        "machine": machine_info(),
+        "threads": args.threads,
+        "load_start": os.getloadavg()[0],
+        "command": "python benchmarks/calibrate_knobs.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "runs": {},
+    }
+    jobs = []
+    if args.vit_run:
+        for spec in args.vit_knobs.split(";"):
+            knob, values = spec.split(":")
+            jobs.append((f"vit_{knob}", Path(args.vit_run), knob, [float(v) for v in values.split(",")]))
+    if args.elastic_run:
+        jobs.append(("elastic", Path(args.elastic_run), "variant", None))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name, src, knob, values in jobs:  # saved after every run: a long benchmark keeps what it measured
+        report["runs"][name] = bench_run(name, src, knob, values, args)
+        report["load_end"] = os.getloadavg()[0]
+        write_json(out.with_suffix(".json"), report)
+        text = to_markdown(report)
+        out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
