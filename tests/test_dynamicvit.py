@@ -112,6 +112,8 @@ def test_ratio_targets_warm_up_from_one() -> None:
 def test_inference_keeps_exactly_the_configured_counts(keep_rate: float) -> None:
     model = _vit(depth=4, exits=(2,))
     attach_keep_predictors(model, keep_rate, locations=(1, 3))
+    for blk in token_blocks(model):  # the native ViT's cls heads skip source tracking; this test reads the sources
+        blk.track_source = True
     model.eval()
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():

@@ -237,3 +237,13 @@ def test_tome_metric_head_sum_merges_like_the_mean_of_keys_over_heads() -> None:
     by_sum, by_mean = bipartite_merge(state, head_sum(k), 5), bipartite_merge(state, k.mean(dim=1), 5)
     assert torch.equal(by_sum.source, by_mean.source)
     torch.testing.assert_close(by_sum.tokens, by_mean.tokens, rtol=0, atol=0)
+
+
+def test_unmerge_refuses_merged_tokens_without_sources() -> None:
+    """A model that skipped source tracking cannot un-merge a reduced state (no silent [B, N', D] answer)."""
+    x = torch.randn(2, 9, 4)
+    merged = bipartite_merge(TokenState(x, None, None, 1), x, 3, track_source=False)
+    assert merged.source is None and merged.tokens.shape[1] == 6
+    with pytest.raises(ConfigError, match="track_source"):
+        unmerge(merged)
+    assert torch.equal(unmerge(TokenState(x, None, None, 1)), x)  # nothing merged: the tokens themselves

@@ -111,6 +111,10 @@ def unmerge(state: TokenState) -> Tensor:
     Mean pooling over the un-merged tokens equals the size-weighted mean over the merged ones.
     """
     if state.source is None:
+        if state.size is not None:
+            raise ConfigError(
+                "cannot un-merge: tokens were merged without source tracking; set track_source=True on the TokenBlocks"
+            )
         return state.tokens
     index = state.source.unsqueeze(-1).expand(-1, -1, state.tokens.shape[-1])
     return state.tokens.gather(1, index)

@@ -215,7 +215,12 @@ def vit_staged(
     grid = (int(input_size[0]) // 4, int(input_size[1]) // 4)
     embed = ConvStemEmbed(in_chans, embed_dim, grid)
     rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-    blocks = [TokenBlock(Block(embed_dim, num_heads, mlp_ratio, qk_norm, init_values, rates[i])) for i in range(depth)]
+    # the heads read the class token, so nothing un-merges: skip source tracking (a few small kernels per reducing
+    # block); set ``track_source = True`` on the blocks to un-merge per-patch outputs of a reduced model
+    blocks = [
+        TokenBlock(Block(embed_dim, num_heads, mlp_ratio, qk_norm, init_values, rates[i]), track_source=False)
+        for i in range(depth)
+    ]
     segments, heads, start = [], [], 0
     for e in exits:
         units: list[nn.Module] = [embed] if start == 0 else []
