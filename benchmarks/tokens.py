@@ -114,7 +114,7 @@ def part_knobs(args, out: dict) -> dict:
             f"({time.perf_counter() - t0:.0f}s)",
             flush=True,
         )
-    for size, count in ((1, 32), (64, 4), (256, 2)):
+    for size, count in ((1, 32), (64, 8), (256, 4)):
         ms = timed_forward(models, test_x, size, count, args.rounds)
         for row in rows:
             row[f"ms_b{size}"] = ms[row["knob"]]
