@@ -214,18 +214,9 @@ def _calibrate(
     family_name, family_kwargs = (policy, {}) if policy is not None else strategy_policy(run.config)
     inputs = _fit_inputs(run, family_name, family_kwargs, temperature=temperature, legacy=legacy, progress=progress)
     point, calibrator = CALIBRATORS[method][1](inputs, options)
-    calibration = {
-        "exit_macs": inputs.exit_macs,
-        "policy": family_name,
-        "policy_spec": inputs.family.with_thresholds(point["thresholds"]).to_dict(),
-        "temperature": temperature,
-        "legacy": legacy,
-        "last_exit_val_accuracy": inputs.last_exit_val_accuracy,
-        "tolerance": tolerance,
-        "calibrator": calibrator,
-        "operating_point": point,
-        "budgeted": named_by_unit(inputs.sweep),
-    }
+    calibration = _record(
+        inputs, family_name, point, calibrator, temperature, legacy, inputs.last_exit_val_accuracy, tolerance
+    )
     write_json(run_dir / "calibration.json", calibration)
     log.info(
         "operating point (%s, %s) thresholds=%s (val acc %.4f, val MACs %.0f)",
@@ -350,24 +341,40 @@ def _calibrate_knob(
     if unit == "ms":
         calibrator["latency_batch_size"] = b
         calibrator["predicted_ms_per_batch"] = choice["predicted_ms_per_batch"]
-    calibration = {
-        "exit_macs": inputs.exit_macs,
-        "policy": family_name,
-        "policy_spec": inputs.family.with_thresholds(point["thresholds"]).to_dict(),
-        "temperature": temperature,
-        "legacy": legacy,
-        "last_exit_val_accuracy": float((val[base][-1].argmax(-1) == labels).double().mean()),
-        "tolerance": run.config.calibration.tolerance,
-        "calibrator": calibrator,
-        "operating_point": point,
-        "budgeted": named_by_unit(inputs.sweep),
-        "knob": chosen.record,
-    }
+    last_acc = float((val[base][-1].argmax(-1) == labels).double().mean())
+    tolerance = run.config.calibration.tolerance
+    calibration = _record(inputs, family_name, point, calibrator, temperature, legacy, last_acc, tolerance)
+    calibration["knob"] = chosen.record
     if check is not None:
         calibration["latency_check"] = check
     write_json(run_dir / "calibration.json", calibration)
     log.info("knob %s: chose %s, thresholds %s", kind, chosen.label, point["thresholds"])
     return calibration
+
+
+def _record(
+    inputs: Any,
+    family_name: str,
+    point: dict[str, Any],
+    calibrator: dict[str, Any],
+    temperature: bool,
+    legacy: bool,
+    last_exit_val_accuracy: float,
+    tolerance: float,
+) -> dict[str, Any]:
+    """The fields of ``calibration.json`` every calibration writes (the knob calibration adds ``knob``)."""
+    return {
+        "exit_macs": inputs.exit_macs,
+        "policy": family_name,
+        "policy_spec": inputs.family.with_thresholds(point["thresholds"]).to_dict(),
+        "temperature": temperature,
+        "legacy": legacy,
+        "last_exit_val_accuracy": last_exit_val_accuracy,
+        "tolerance": tolerance,
+        "calibrator": calibrator,
+        "operating_point": point,
+        "budgeted": named_by_unit(inputs.sweep),
+    }
 
 
 def _check_calibration(data: dict[str, Any], point: Any) -> None:
