@@ -127,6 +127,17 @@ def test_hybrid_freezes_the_meta_parts():
         hybrid_model(meta, target, 3)
 
 
+def _run_incubate(config: dict, tmp_path) -> None:
+    """``adaptnn incubate`` on ``config`` in a child process (run directory ``tmp_path / "d"``); must succeed."""
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "adaptnn.cli", "incubate", "--config", str(tmp_path / "run.yaml")]
+    proc = subprocess.run(
+        [*cmd, "--run_dir", str(tmp_path / "d")], env=env, capture_output=True, text=True, timeout=380
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_incubate_command_runs_stage_jobs_as_separate_processes(tmp_path):
@@ -135,13 +146,7 @@ def test_incubate_command_runs_stage_jobs_as_separate_processes(tmp_path):
         "train": {"epochs": 1, "batch_size": 256, "progress": False, "device": "cpu"},
         "incubate": {"meta_epochs": 1, "stage_epochs": 1, "finetune_epochs": 0, "jobs": 2},
     }
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-m", "adaptnn.cli", "incubate", "--config", str(tmp_path / "run.yaml")]
-    proc = subprocess.run(
-        [*cmd, "--run_dir", str(tmp_path / "d")], env=env, capture_output=True, text=True, timeout=380
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_incubate(config, tmp_path)
     work = tmp_path / "d" / "incubate"
     stages = [load_checkpoint(work / f"stage{i}.safetensors") for i in range(4)]
     pids = {s.meta["pid"] for s in stages}
@@ -235,13 +240,7 @@ def test_incubate_command_on_the_native_vit(tmp_path):
         "train": {"epochs": 1, "batch_size": 256, "progress": False, "device": "cpu", "optimizer": "adamw", "lr": 1e-3},
         "incubate": {"meta_epochs": 1, "stage_epochs": 1, "finetune_epochs": 1, "jobs": 2},
     }
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-m", "adaptnn.cli", "incubate", "--config", str(tmp_path / "run.yaml")]
-    proc = subprocess.run(
-        [*cmd, "--run_dir", str(tmp_path / "d")], env=env, capture_output=True, text=True, timeout=380
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_incubate(config, tmp_path)
     work = tmp_path / "d" / "incubate"
     stages = [load_checkpoint(work / f"stage{i}.safetensors") for i in range(3)]
     assert len({s.meta["pid"] for s in stages} | {os.getpid()}) == 4  # three jobs, three other processes
