@@ -193,6 +193,60 @@ def test_rescale_scope_decides_which_state_tensors_carry_the_scaled_trunk_gradie
     assert model.heads[0].training
 
 
+class _ScaleBackward(torch.autograd.Function):
+    """Identity forward, gradient times ``scale`` (written here independently of adaptnn.strategies.gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _boostnet_by_hand(model, x, y, r):
+    """BoostNet on MSDNet as the paper defines it: after block i the coarsest map (the one classifier i reads) passes
+    the classifier's gradient scaled by 1/(K-i) and the later blocks' by (K-i-1)/(K-i); the finer maps are untouched;
+    loss sum_i CE(f_i + stopgrad(E_{i-1}), y) with E_i = r * (f_i + E_{i-1})."""
+    num_exits, state, losses, carried = model.num_exits, x, [], None
+    exit_after = {j: k for j, k in enumerate(model._head_at) if k >= 0}
+    for j, segment in enumerate(model.segments):
+        state = list(segment(state))
+        if j not in exit_after:
+            continue
+        i = exit_after[j]
+        coarse = _ScaleBackward.apply(state[-1], 1.0 / (num_exits - i))
+        logits = model.heads[i]([*state[:-1], coarse])
+        total = logits if carried is None else logits + carried.detach()
+        losses.append(F.cross_entropy(total, y))
+        carried = r * total
+        state[-1] = _ScaleBackward.apply(coarse, float(num_exits - i - 1))
+    return sum(losses)
+
+
+def test_boost_head_inputs_rescaling_on_msdnet_equals_the_papers_definition_by_hand():
+    # issue 12: the strategy's trunk gradients on a nested multi-scale state are the papers' BoostNet, bit for bit
+    # up to float summation order
+    torch.manual_seed(0)
+    model = create_model("msdnet_cifar10", n_blocks=3, step=1, base=2, step_mode="even", growth_rate=4, n_channels=8)
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    by_hand = copy.deepcopy(model)
+    strategy = get("boost", r=0.5, gradient_rescaling=True, rescale_scope="head_inputs")
+    strategy(strategy.forward(model, x), y).backward()
+    _boostnet_by_hand(by_hand, x, y, r=0.5).backward()
+    got = dict(model.named_parameters())
+    for name, param in by_hand.named_parameters():
+        torch.testing.assert_close(got[name].grad, param.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # and the rescaling is not a no-op: plain boost differs on the first block
+    plain = copy.deepcopy(by_hand)
+    plain.zero_grad()
+    get("boost", r=0.5)(plain.forward_all(x), y).backward()
+    first = next(n for n, _ in plain.named_parameters() if n.startswith("segments.0."))
+    assert not torch.allclose(dict(plain.named_parameters())[first].grad, got[first].grad)
+
+
 def test_rescale_scope_is_checked():
     with pytest.raises(ConfigError, match="rescale_scope must be one of head_inputs, state, got 'coarse'"):
         get("boost", gradient_rescaling=True, rescale_scope="coarse")
