@@ -11,7 +11,9 @@ and last exits' accuracies (:func:`strategies.anchored_mean_accuracy`).
 
 Controlled runs change one thing against the defaults: ``--no-nesterov`` (plain momentum),
 ``--wd_norm_bias`` (weight decay on norms and biases too), ``--rescale_scope`` (boost/imta), ``--r`` and
-``--gradient_rescaling`` (boost), ``--exit_weights``; ``--options`` passes any strategy option as JSON.
+``--gradient_rescaling`` (boost), ``--exit_weights``, ``--min_lr_ratio`` (1.0: a constant learning rate, what
+the reference BoostNet script's per-epoch multistep schedule amounts to over 3 epochs with its default milestones);
+``--options`` passes any strategy option as JSON.
 Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
 
 Full run (3 seeds, all strategies; hours on a 2-core CPU, minutes on a GPU)::
@@ -82,7 +84,7 @@ def strategy_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields of the recipe and of the controlled-run switches that are set."""
-    out: dict[str, Any] = {"momentum": args.momentum, "min_lr_ratio": 0.0}
+    out: dict[str, Any] = {"momentum": args.momentum, "min_lr_ratio": args.min_lr_ratio}
     if args.nesterov is not None:
         out["nesterov"] = args.nesterov
     if args.wd_norm_bias is not None:
@@ -204,7 +206,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def run_label(setup: dict[str, Any], strategy: str) -> str:
     """What a run changed against adaptnn's defaults: its recipe switches and the strategy's options."""
-    switches = {k: v for k, v in setup["train_overrides"].items() if k not in ("momentum", "min_lr_ratio")}
+    recipe = {"momentum", "min_lr_ratio"}  # always recorded; a switch only when the cosine does not decay to 0
+    overrides = setup["train_overrides"]
+    switches = {k: v for k, v in overrides.items() if k not in recipe or (k == "min_lr_ratio" and v != 0.0)}
     parts = [f"{k}={v}" for k, v in sorted(switches.items())]
     parts += [f"{k}={v}" for k, v in sorted(setup["strategy_options"].get(strategy, {}).items())]
     return ", ".join(parts) or "defaults"
@@ -292,6 +296,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight_decay", type=float, default=1e-4)
     parser.add_argument("--warmup_epochs", type=float, default=0.0)
+    parser.add_argument(
+        "--min_lr_ratio", type=float, default=0.0, help="final lr / lr of the cosine (1.0 = constant lr, no decay)"
+    )
     # controlled-run switches (unset: the library's defaults)
     parser.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--wd_norm_bias", action=argparse.BooleanOptionalAction, default=None)

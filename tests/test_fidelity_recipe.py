@@ -208,3 +208,11 @@ def test_controlled_table_labels_each_run_by_what_it_changed(tmp_path):
     assert [r["report"] for r in table["rows"]] == ["r0", "r1"]
     text = fidelity.controlled_markdown(table)
     assert "| r1 | boost | 0 | nesterov=False, r=0.5, rescale_scope=head_inputs | 60.00 | 50.00 | 70.00 |" in text
+
+
+def test_run_label_names_a_learning_rate_that_does_not_decay():
+    fidelity = _fidelity_benchmark()
+    setup = {"train_overrides": {"momentum": 0.9, "min_lr_ratio": 1.0}, "strategy_options": {}}
+    assert fidelity.run_label(setup, "joint") == "min_lr_ratio=1.0"
+    setup["train_overrides"]["min_lr_ratio"] = 0.0
+    assert fidelity.run_label(setup, "joint") == "defaults"
