@@ -48,10 +48,12 @@ def _row(name: str, knob: str, b: int, budget: float, cal: dict[str, Any], load:
         "val_accuracy": cal["operating_point"]["val_accuracy"],
         "val_avg_macs": cal["operating_point"]["val_avg_macs"],
         "predicted_val_ms_per_sample": c["val"]["avg_latency_ms"],
+        "prediction": check.get("prediction", "linear"),
         "predicted_ms_per_batch": check.get("predicted_ms_per_batch"),
         "measured_ms_per_batch": check.get("measured_ms_per_batch"),
         "error": check.get("error"),
         "latency_model_error": check.get("latency_model_error"),
+        "linear_error": check.get("linear_error", check.get("error")),
         "drift": check.get("drift"),
         "error_drift_corrected": check.get("error_drift_corrected"),
         "test_exit_fractions": check.get("exit_fractions"),
@@ -125,27 +127,30 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`",
         "",
         "Budget in ms per sample at the batch size; `pred`/`meas` are ms per batch of the chosen knob + thresholds "
-        "on held-out test images (`run_dynamic`, median of 5 calls per batch); error = pred/meas - 1 (the "
-        "calibrator's model); LM = the latency model with each batch's exit counts; drift = the deployed model's "
+        "on held-out test images (`run_dynamic`, median of 5 calls per batch); error = pred/meas - 1 of the "
+        "prediction the calibrator held the budget to (at batch > 1: the latency model of each batch's exit counts, "
+        "`LM`; at batch 1 both are the exits' measured latencies); linear = the per-sample average of the exits' "
+        "latencies (what the calibrator used before it re-fitted to the LM at batch > 1); drift = the deployed model's "
         "last-exit `run_dynamic` now / when profiled (same batch size; the load of a shared machine moves between "
         "the two), and the drift-corrected error scales the prediction by it.",
         "",
-        "| run | knob | batch | budget ms/sample | chosen | val acc | pred ms | meas ms | error | LM error | drift "
-        "| error, drift-corrected | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | knob | batch | budget ms/sample | chosen | val acc | pred ms | meas ms | error | LM error "
+        "| linear error | drift | error, drift-corrected | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for part in report["runs"].values():
         for r in part["rows"]:
             if "infeasible" in r:
                 lines.append(f"| {r['run']} | {r['knob']} | {r['batch_size']} | {r['budget_ms_per_sample']:.4g} | "
-                             f"infeasible now: {r['infeasible'][:90]} |||||||| {r['load_before']:.1f} |")  # fmt: skip
+                             f"infeasible now: {r['infeasible'][:90]} ||||||||| {r['load_before']:.1f} |")  # fmt: skip
                 continue
             budget = "none" if r["budget_ms_per_sample"] >= 1e6 else f"{r['budget_ms_per_sample']:.4g}"
             lines.append(
                 f"| {r['run']} | {r['knob']} | {r['batch_size']} | {budget} | {r['chosen']} | "
                 f"{100 * r['val_accuracy']:.2f}% | {r['predicted_ms_per_batch']:.3f} | "
                 f"{r['measured_ms_per_batch']:.3f} | "
-                f"{100 * r['error']:+.1f}% | {100 * r['latency_model_error']:+.1f}% | {r['drift']:.2f} | "
+                f"{100 * r['error']:+.1f}% | {100 * r['latency_model_error']:+.1f}% | "
+                f"{100 * r['linear_error']:+.1f}% | {r['drift']:.2f} | "
                 f"{100 * r['error_drift_corrected']:+.1f}% | {r['load_before']:.1f} |"
             )
     lines += ["", "Per-setting last-exit latency (ms/sample, measured in the engine) and validation accuracy:", ""]

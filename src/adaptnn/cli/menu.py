@@ -154,14 +154,17 @@ def joint_choice(
     *,
     exit_ms: dict[str, list[float]] | None = None,
     batch: int | None = None,
+    latency_models: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The member and confidence-exit thresholds with the best validation accuracy within an average ``budget``.
 
     The choice is :func:`adaptnn.runs.knobs.joint_choice` (THE knob engine, each member one setting; shared with
     ``adaptnn calibrate --knob variant``). Without ``exit_ms`` the budget is average MACs per sample (each member's
     exit MACs); with it, ``exit_ms`` is each member's cumulative ms per sample of each exit at batch ``batch`` and
-    ``budget`` the ms per batch of ``batch`` allowed. Returns the menu's JSON: member, thresholds, policy,
-    validation accuracy, average cost, every member's best point (or why it could not meet the budget), a summary.
+    ``budget`` the ms per batch of ``batch`` allowed; ``latency_models`` (per member) hold the choice to the latency
+    model of mixed-exit batches (see :func:`adaptnn.runs.knobs.joint_choice`). Returns the menu's JSON: member,
+    thresholds, policy, validation accuracy, average cost, every member's best point (or why it could not meet the
+    budget), a summary.
     """
     from ..errors import ConfigError
     from ..policies import make_policy
@@ -178,8 +181,9 @@ def joint_choice(
     num_exits = len(next(iter(options.values()))[1])
     policy = make_policy("confidence", num_exits)
     result, choice = choose(
-        policy, options, logits.labels, per_sample, unit="MACs" if exit_ms is None else "ms", batch=batch
-    )
+        policy, options, logits.labels, per_sample, unit="MACs" if exit_ms is None else "ms", batch=batch,
+        latency_models=latency_models,
+    )  # fmt: skip
     member = choice["knob"]
     row = next(r for r in rows if r["variant"] == member)
     per_member = [{"variant": p.pop("knob"), **p} for p in choice["per_knob"]]
@@ -189,10 +193,11 @@ def joint_choice(
         cost = f"{result.val['avg_cost'] / 1e6:.3f} M average MACs (budget {budget / 1e6:.3f} M"
     else:
         unit = f"ms per sample at batch {batch}"
-        cost = (
-            f"{result.val['avg_cost'] * batch:.3f} ms per batch of {batch} predicted from the exits' latencies "
-            f"(budget {budget:.3f} ms"
+        source = (
+            "the latency model of mixed-exit batches" if choice["prediction"] == "latency_model" else "exits' latencies"
         )
+        predicted = choice["predicted_ms_per_batch"]
+        cost = f"{predicted:.3f} ms per batch of {batch} predicted by {source} (budget {budget:.3f} ms"
         plain_ms = row.get(f"ms_b{batch}", exit_ms[member][-1] * batch)  # the plain member, measured by the menu
         member_alone = f"{100 * row['accuracy']:.2f}% at {plain_ms:.3f} ms"
     return {
@@ -215,17 +220,17 @@ def joint_choice(
     }
 
 
-def _member_exit_ms(args: Namespace, model: Any, dataset: Any) -> dict[str, list[float]]:
-    """Each member's cumulative ms per sample of each exit at ``--budget_batch`` (materialised, anchored)."""
+def _member_exit_ms(args: Namespace, model: Any, dataset: Any) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Each member's cumulative ms per sample of each exit at ``--budget_batch`` (materialised, anchored), and its
+    latency model."""
     from ..runs.knobs import settings_exit_ms, stack_inputs
 
     b = int(args.budget_batch)
     pool = stack_inputs(dataset, min(4 * b, max(b, 256)))
     members = {v.name: model.materialise(v).eval() for v in model.variants}
-    exit_ms, _ = settings_exit_ms(
+    return settings_exit_ms(
         members, pool, b, repeats=max(3, args.rounds), warmup_s=args.warmup_s, num_threads=args.threads
     )
-    return exit_ms
 
 
 def _choose(args: Namespace, rows: list[dict[str, Any]], logits: MemberLogits, model: Any, dataset: Any) -> dict | None:
@@ -240,8 +245,10 @@ def _choose(args: Namespace, rows: list[dict[str, Any]], logits: MemberLogits, m
     if args.joint and args.budget_macs is not None:
         return joint_choice(rows, logits, args.budget_macs)
     if args.joint:
-        exit_ms = _member_exit_ms(args, model, dataset)
-        return joint_choice(rows, logits, args.budget_ms, exit_ms=exit_ms, batch=int(args.budget_batch))
+        exit_ms, latency_models = _member_exit_ms(args, model, dataset)
+        return joint_choice(
+            rows, logits, args.budget_ms, exit_ms=exit_ms, batch=int(args.budget_batch), latency_models=latency_models
+        )
     key, budget = (
         ("macs", args.budget_macs) if args.budget_macs is not None else (f"ms_b{args.budget_batch}", args.budget_ms)
     )

@@ -305,7 +305,9 @@ def _calibrate_knob(
         costs = {label: list(cost_breakdown(s.model, run.splits.input_size).exit_macs) for label, s in settings.items()}
     unit, budget = ("ms", float(budget_ms)) if budget_ms is not None else ("MACs", float(budget_macs))  # type: ignore[arg-type]
     options = {label: (val[label], costs[label]) for label in settings}
-    result, choice = joint_choice(family, options, labels, budget, unit=unit, batch=b if unit == "ms" else None)
+    result, choice = joint_choice(
+        family, options, labels, budget, unit=unit, batch=b if unit == "ms" else None, latency_models=profiles or None
+    )
     chosen = settings[choice["knob"]]
     check = None
     if unit == "ms" and timing.measure_samples > 0:  # right away: the machine's load moves, the profiles are fresh
@@ -313,6 +315,7 @@ def _calibrate_knob(
             chosen.deployed, profiles[chosen.label], costs[chosen.label],
             stack_inputs(run.splits.test, max(b, min(timing.measure_samples, len(run.splits.test)))),
             result.policy, b, rounds=timing.rounds, warmup_s=timing.warmup_s, num_threads=timing.threads,
+            prediction=choice["prediction"],
         )  # fmt: skip
     chosen_run = dataclasses.replace(run, model=chosen.model)
     inputs = _fit_inputs(
@@ -341,6 +344,7 @@ def _calibrate_knob(
     if unit == "ms":
         calibrator["latency_batch_size"] = b
         calibrator["predicted_ms_per_batch"] = choice["predicted_ms_per_batch"]
+        calibrator["prediction"] = choice["prediction"]
     last_acc = float((val[base][-1].argmax(-1) == labels).double().mean())
     tolerance = run.config.calibration.tolerance
     calibration = _record(inputs, family_name, point, calibrator, temperature, legacy, last_acc, tolerance)
