@@ -41,6 +41,7 @@ from adaptnn.measure.timing import interleaved_medians, machine_info
 from adaptnn.models import load_model
 from adaptnn.policies import ConfidencePolicy
 from adaptnn.runs.config import load_config
+from adaptnn.runs.knobs import predicted_batch_ms
 from adaptnn.runtime.cost import exit_macs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -184,6 +185,7 @@ def part_joint(args, out: dict) -> dict:
                 k: (cache[k][0][-1:].repeat(len(cache[k][0]), 1, 1), [costs(k)[-1]] * len(cache[k][0])) for k in models
             }
             chosen = {name: _cheapest(opts, val_y, target, unit) for name, opts in modes.items()}
+            count = 48 if size == 1 else 6  # timed batches: the first count * size test images
             variants, info = {"full": (lambda b, m=models["none"]: m(b))}, {}
             for name, ch in chosen.items():
                 if ch is None:
@@ -200,14 +202,15 @@ def part_joint(args, out: dict) -> dict:
                 acc = float((dyn.logits.argmax(-1) == test_y).float().mean())
                 fr = np.bincount(dyn.exit_index.numpy(), minlength=m.num_exits) / len(test_y)
                 lm = lat[ch["knob"]]
-                pred_ms = lm.predict_full(size) if name == "tokens" else lm.predict_fractions(size, fr.tolist())
+                # the timed batches, each predicted from its own exit counts (what `calibrate --budget_ms` holds to)
+                timed = dyn.exit_index[torch.arange(count * size) % len(test_y)]
+                pred_ms = lm.predict_full(size) if name == "tokens" else predicted_batch_ms(lm, timed, size)
                 info[name] = {k: v for k, v in ch.items() if k != "policy"} | {
                     "test_accuracy": acc,
                     "test_avg_macs": float(dyn.macs.mean()),
                     "exit_fractions": fr.tolist(),
                     "predicted_ms_per_batch": float(pred_ms),
                 }
-            count = 48 if size == 1 else 6
             with torch.inference_mode():
                 med = interleaved_medians(variants, batches_of(test_x, size, count), rounds=args.rounds, warmup_s=1.0)
             ms = {k: float(np.mean(v)) for k, v in med.items()}
