@@ -41,7 +41,6 @@ from adaptnn.measure.timing import interleaved_medians, machine_info
 from adaptnn.models import load_model
 from adaptnn.policies import ConfidencePolicy
 from adaptnn.runs.config import load_config
-from adaptnn.runs.knobs import predicted_batch_ms
 from adaptnn.runtime.cost import exit_macs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -204,7 +203,7 @@ def part_joint(args, out: dict) -> dict:
                 lm = lat[ch["knob"]]
                 # the timed batches, each predicted from its own exit counts (what `calibrate --budget_ms` holds to)
                 timed = dyn.exit_index[torch.arange(count * size) % len(test_y)]
-                pred_ms = lm.predict_full(size) if name == "tokens" else predicted_batch_ms(lm, timed, size)
+                pred_ms = lm.predict_full(size) if name == "tokens" else lm.predict_batches(timed, size)
                 info[name] = {k: v for k, v in ch.items() if k != "policy"} | {
                     "test_accuracy": acc,
                     "test_avg_macs": float(dyn.macs.mean()),

@@ -12,7 +12,7 @@ import torch
 from adaptnn.errors import BudgetError, ConfigError
 from adaptnn.measure.latency import LatencyModel, PiecewiseLinear
 from adaptnn.policies import make_policy, simulate_exits
-from adaptnn.runs.knobs import joint_choice, predicted_batch_ms
+from adaptnn.runs.knobs import joint_choice
 
 BATCH = 64
 
@@ -25,19 +25,21 @@ def _model(fixed_ms: float = 2.0) -> LatencyModel:
                         exit_overhead_ms=[free], compaction_ms=[free])  # fmt: skip
 
 
-def test_predicted_batch_ms_predicts_each_batch_from_its_own_exit_counts():
+def test_predict_batches_predicts_each_batch_from_its_own_exit_counts():
     model = _model()
     exits = torch.cat([torch.zeros(BATCH), torch.tensor([0, 1] * (BATCH // 2))]).long()
     expected = (model.predict([BATCH, 0]) + model.predict([BATCH // 2, BATCH // 2])) / 2
-    assert predicted_batch_ms(model, exits, BATCH) == pytest.approx(expected)
+    assert model.predict_batches(exits, BATCH) == pytest.approx(expected)
     # the per-batch counts matter: the same fractions spread evenly cost more than sorted into whole batches
     sorted_exits = torch.cat([torch.zeros(BATCH), torch.ones(BATCH)]).long()
     even = torch.tensor([0, 1] * BATCH)
-    assert predicted_batch_ms(model, sorted_exits, BATCH) < predicted_batch_ms(model, even, BATCH)
+    assert model.predict_batches(sorted_exits, BATCH) < model.predict_batches(even, BATCH)
     # fewer samples than a batch: one batch with their exit fractions
-    assert predicted_batch_ms(model, torch.tensor([0, 1]), BATCH) == pytest.approx(model.predict([32, 32]))
+    assert model.predict_batches(torch.tensor([0, 1]), BATCH) == pytest.approx(model.predict([32, 32]))
     with pytest.raises(ConfigError, match="need exits of >= 1 sample"):
-        predicted_batch_ms(model, torch.tensor([], dtype=torch.long), BATCH)
+        model.predict_batches(torch.tensor([], dtype=torch.long), BATCH)
+    with pytest.raises(ConfigError, match=r"exit indices must be in \[0, 2\), got 0..2"):
+        model.predict_batches(torch.tensor([0, 2]), BATCH)
 
 
 def _options(n: int = 1024, seed: int = 0):
@@ -60,7 +62,7 @@ def test_ms_budget_is_refitted_until_the_latency_model_meets_it():
     budget = 0.75 * costs[-1]  # per sample: a quarter of the second stage must be saved
     linear, linear_out = joint_choice(policy, {"only": (logits, costs)}, labels, budget, unit="ms", batch=BATCH)
     exits, _ = simulate_exits(linear.policy, logits)
-    linear_true = predicted_batch_ms(model, exits, BATCH)
+    linear_true = model.predict_batches(exits, BATCH)
     assert linear_out["prediction"] == "linear"
     assert linear_true > budget * BATCH  # fitted to the linear costs, the choice overruns the budget
     result, out = joint_choice(
@@ -68,7 +70,7 @@ def test_ms_budget_is_refitted_until_the_latency_model_meets_it():
     )
     exits, _ = simulate_exits(result.policy, logits)
     assert out["prediction"] == "latency_model"
-    assert out["predicted_ms_per_batch"] == pytest.approx(predicted_batch_ms(model, exits, BATCH))
+    assert out["predicted_ms_per_batch"] == pytest.approx(model.predict_batches(exits, BATCH))
     assert out["predicted_ms_per_batch"] <= budget * BATCH
     assert out["predicted_ms_per_batch"] >= 0.95 * budget * BATCH  # and it uses the budget, not a fraction of it
     assert out["linear_ms_per_batch"] < out["predicted_ms_per_batch"]

@@ -67,3 +67,12 @@ def test_latency_budget_from_the_runs_profile(tmp_path):
     calibration = calibrate_run(tmp_path, budget_ms=budget, progress=False)
     assert calibration["calibrator"]["method"] == "latency_budget"
     assert calibration["calibrator"]["val"]["avg_latency_ms"] <= budget + 1e-9
+    # at batch 2 the choice is held to the profile's latency of mixed-exit batches, not the per-sample average
+    per_exit = [t / 2 for t in latency.exit_latency_ms(2)]
+    budget = (per_exit[0] + per_exit[-1]) / 2
+    calibration = calibrate_run(tmp_path, budget_ms=budget, latency_batch_size=2, progress=False)
+    calibrator = calibration["calibrator"]
+    assert calibrator["method"] == "latency_budget"
+    assert calibrator["latency_model"].startswith("latency model of mixed-exit batches")
+    assert calibrator["latency_batch_size"] == 2
+    assert calibrator["predicted_ms_per_batch"] <= 2 * budget + 1e-9

@@ -7,6 +7,7 @@ threshold fit, exit rule, figures, candidate path, sweep); everything else build
 * :func:`calibrate_to_latency`: the same for measured per-exit latencies (ms) on the user's device;
 * :func:`calibrate_knob_and_exits`: a deployment knob (a ViT token setting, an elastic member, anything with its
   own logits and exit costs) chosen jointly with the thresholds for one budget (the one joint engine);
+  :func:`fit_to_batch_latency` holds it to a batch latency model for a budget in ms at batch > 1;
 * :func:`calibrate_accuracy_guarantee`: accuracy drop vs the last exit ``<= epsilon`` with probability
   ``>= 1 - delta`` (Learn then Test);
 * :func:`policy_sweep`: :func:`budgeted_sweep` for any threshold policy, with the reference code's
@@ -47,7 +48,7 @@ from .guarantee import (
     exit_losses,
     losses_from_exits,
 )
-from .knobs import calibrate_knob_and_exits
+from .knobs import calibrate_knob_and_exits, fit_to_batch_latency
 from .scores import exit_scores
 from .sweep import flat_curve, policy_sweep
 
@@ -68,6 +69,7 @@ __all__ = [
     "calibrate_to_budget",
     "calibrate_to_latency",
     "calibrate_knob_and_exits",
+    "fit_to_batch_latency",
     "calibrate_accuracy_guarantee",
     "binomial_p_value",
     "binomial_upper_bound",

@@ -10,6 +10,10 @@ the cheaper, then the earlier listed). The candidates of every setting include "
 knob alone, exits alone (the setting with no reduction, or the largest member) and both together all compete: the
 joint choice is never worse on validation than either alone. A setting that cannot meet the budget is skipped.
 
+A budget in ms at batch > 1 is not linear in the exit fractions: the samples that go on run the later stages as a
+smaller batch (less efficient per row) and pay a compaction. :func:`fit_to_batch_latency` holds the same engine to
+a batch latency model (e.g. ``LatencyModel.predict_batches``) by re-fitting the budget it is given.
+
 Choosing a knob setting *without* exit thresholds (one row per setting, e.g. the elastic menu's member choice) is a
 different idea: :func:`~adaptnn.calibration.variants.choose_variant`.
 """
@@ -18,18 +22,21 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
 
 from ..errors import BudgetError, ConfigError
-from ..policies import ThresholdPolicy
+from ..policies import ThresholdPolicy, simulate_exits
 from .budget import CalibrationResult, _budget_fit
 from .budgeted import DENSE_P_VALUES, check_costs, split_figures
 from .scores import exit_scores
 
-__all__ = ["calibrate_knob_and_exits"]
+__all__ = ["calibrate_knob_and_exits", "fit_to_batch_latency"]
+
+#: most rounds of re-fitting the engine's budget to a batch latency model (scaling, then bisection)
+REFIT_ROUNDS = 12
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +129,78 @@ def calibrate_knob_and_exits(
             "per_knob": per_knob,
         },
     )
+
+
+def fit_to_batch_latency(
+    policy: ThresholdPolicy,
+    options: Mapping[str, tuple[Tensor, Sequence[float]]],
+    val_labels: Tensor,
+    budget_ms: float,
+    batch_size: int,
+    batch_ms: Mapping[str, Callable[[Tensor], float]],
+) -> tuple[CalibrationResult, float]:
+    """:func:`calibrate_knob_and_exits` in ms, held to a batch latency model: ``(result, predicted ms per batch)``.
+
+    The engine costs a choice linearly (``sum_k fraction_k * exit_ms[k]`` per sample, ``options``' costs); at batch
+    > 1 that under-states mixed batches. ``batch_ms[label](exit_index)`` predicts the mean ms per batch of
+    ``batch_size`` for the validation samples taking those exits (in order). The budget given to the engine is
+    re-fitted (scaled by how far off the prediction is, then bisected: the choices are discrete) until the
+    prediction meets ``budget_ms * batch_size``; the most accurate choice the model keeps within it wins.
+
+    Raises:
+        ConfigError: a setting without a batch latency model.
+        BudgetError: no choice meets the budget (the engine's own error when even its budget is below every
+            setting's first exit).
+    """
+    missing = [label for label in options if label not in batch_ms]
+    if missing:
+        raise ConfigError(f"no latency model for the settings {missing}; got models for {sorted(batch_ms)}")
+    target = float(budget_ms) * int(batch_size)  # ms per batch
+    # everyone at the first exit of the cheapest setting: no mixed batch, so both cost models agree there
+    floor = min(float(costs[0]) for _, costs in options.values())
+    engine_budget = float(budget_ms)
+    feasible: float | None = None  # the largest engine budget whose choice the model keeps within target
+    infeasible: float | None = None  # the smallest one whose choice it does not
+    best: tuple[tuple[float, float], CalibrationResult, float] | None = None
+    cheapest: float | None = None
+    engine_error: BudgetError | None = None
+    for _ in range(REFIT_ROUNDS):
+        predicted = None
+        try:
+            result = calibrate_knob_and_exits(policy, options, val_labels, engine_budget, unit="ms")
+        except BudgetError as err:  # the engine's budget fell below every setting's first exit
+            engine_error = engine_error or err
+            infeasible = engine_budget if infeasible is None else min(infeasible, engine_budget)
+        else:
+            label = result.details["knob"]
+            exits, _ = simulate_exits(result.policy, options[label][0])
+            predicted = float(batch_ms[label](exits))
+            cheapest = predicted if cheapest is None else min(cheapest, predicted)
+            if predicted <= target * (1 + 1e-9):
+                feasible = engine_budget if feasible is None else max(feasible, engine_budget)
+                key = (result.val["accuracy"], -predicted)
+                if best is None or key > best[0]:
+                    best = (key, result, predicted)
+            else:
+                infeasible = engine_budget if infeasible is None else min(infeasible, engine_budget)
+            if abs(predicted / target - 1.0) < 0.005:
+                break
+        if infeasible is None:  # within target so far: spend more of it (scale by how far under it is)
+            engine_budget *= max(target / predicted, 1.01) if predicted else 1.01
+            continue
+        low = feasible if feasible is not None else floor
+        if infeasible - low <= 1e-3 * infeasible:
+            break
+        engine_budget = 0.5 * (low + infeasible)
+    if best is None and cheapest is None and engine_error is not None:
+        raise engine_error
+    if best is None:
+        raise BudgetError(
+            f"no knob setting meets the budget of {budget_ms:.6g} ms per sample at batch {batch_size}: the latency "
+            f"model of mixed-exit batches predicts at least {cheapest:.6g} ms per batch for the choices tried "
+            f"(budget {target:.6g} ms per batch); raise the budget"
+        )
+    _, result, predicted = best
+    result.details["predicted_ms_per_batch"] = predicted
+    result.details["latency_batch_size"] = int(batch_size)
+    return result, predicted

@@ -39,7 +39,12 @@ def build(parser: ArgumentParser) -> None:
         help="Cumulative latency to reach each exit (ms per sample) for --budget_ms; default: from the run's "
         "latency_profile.json (`adaptnn profile RUN_DIR`).",
     )
-    parser.add_argument("--latency_batch_size", type=int, default=1, help="Batch size the latencies were measured at.")
+    parser.add_argument(
+        "--latency_batch_size",
+        type=int,
+        default=1,
+        help="Batch size the ms budget is for (> 1: held to the latency of mixed-exit batches).",
+    )
     parser.add_argument(
         "--knob",
         type=str,

@@ -184,6 +184,29 @@ class LatencyModel:
         """Predicted ms of a batch of ``batch_size`` whose samples exit with the given fractions."""
         return self.predict([batch_size * f for f in exit_fractions])
 
+    def predict_batches(self, exit_index: Sequence[int] | torch.Tensor, batch_size: int) -> float:
+        """Mean predicted ms per batch of samples exiting at ``exit_index`` (in order) run in batches of ``batch_size``.
+
+        Each batch is predicted from its own exit counts: the later stages of a batch with mixed exits run on fewer
+        rows (less efficient per row) and pay a compaction, which a per-sample average of the exits' latencies
+        misses. Fewer samples than one batch: one batch with the same exit fractions.
+        """
+        b = int(batch_size)
+        exits = torch.as_tensor(exit_index).reshape(-1).long().cpu()
+        if exits.numel() == 0 or b < 1:
+            raise ConfigError(
+                f"need exits of >= 1 sample and a batch size >= 1, got {exits.numel()} and {batch_size!r}"
+            )
+        if int(exits.min()) < 0 or int(exits.max()) >= self.num_exits:
+            raise ConfigError(
+                f"exit indices must be in [0, {self.num_exits}), got {int(exits.min())}..{int(exits.max())}"
+            )
+        k = self.num_exits
+        if exits.numel() < b:
+            return self.predict_fractions(b, (torch.bincount(exits, minlength=k) / exits.numel()).tolist())
+        batches = exits[: (exits.numel() // b) * b].view(-1, b)
+        return statistics.fmean(self.predict(torch.bincount(row, minlength=k).tolist()) for row in batches)
+
     def predict_full(self, batch_size: int) -> float:
         """Predicted ms of the plain full model (every segment, only the last head, no exit overhead)."""
         host = sum(f(batch_size) for f in self.segment_ms) + self.head_ms[-1](batch_size)

@@ -8,6 +8,7 @@ The budgeted-batch sweep of the policy is always computed; the operating point c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -46,15 +47,16 @@ def strategy_policy(config: RunConfig) -> tuple[str, dict[str, Any]]:
     return build_strategy(config.train).policy_spec()
 
 
-def _exit_latencies(run_dir: Path, batch_size: int) -> list[float]:
-    """Per-sample cumulative latency to each exit at ``batch_size``, from the run's fitted latency model."""
+def _exit_latencies(run_dir: Path, batch_size: int) -> tuple[list[float], LatencyModel]:
+    """Per-sample cumulative latency to each exit at ``batch_size``, and the run's fitted latency model."""
     profile = run_dir / "latency_profile.json"
     if not profile.exists():
         raise ConfigError(
             "budget_ms needs per-exit latencies: run `adaptnn profile RUN_DIR` first (writes "
             "latency_profile.json), or pass exit_latency_ms (K cumulative ms per sample on your device)"
         )
-    return [t / batch_size for t in LatencyModel.load(profile).exit_latency_ms(batch_size)]
+    model = LatencyModel.load(profile)
+    return [t / batch_size for t in model.exit_latency_ms(batch_size)], model
 
 
 def _validation_logits(run: LoadedRun, progress: bool, legacy: bool) -> tuple[Tensor, Tensor]:
@@ -203,14 +205,17 @@ def _calibrate(
     legacy: bool,
 ) -> dict[str, Any]:
     method = select_calibrator({"budget_macs": budget_macs, "budget_ms": budget_ms, "epsilon": epsilon})
+    batch_latency_ms = None
     if method == "latency_budget" and exit_latency_ms is None:
-        exit_latency_ms = _exit_latencies(run_dir, latency_batch_size)
+        exit_latency_ms, latency_model = _exit_latencies(run_dir, latency_batch_size)
+        batch_latency_ms = functools.partial(latency_model.predict_batches, batch_size=int(latency_batch_size))
     tolerance = run.config.calibration.tolerance if tolerance is None else tolerance
     if not 0 <= tolerance < 1:
         raise ConfigError(f"tolerance is a fraction of accuracy in [0, 1), got {tolerance}")
     options = CalibrationOptions(
-        tolerance, budget_macs, budget_ms, exit_latency_ms, latency_batch_size, epsilon=epsilon, delta=delta
-    )
+        tolerance, budget_macs, budget_ms, exit_latency_ms, latency_batch_size, epsilon=epsilon, delta=delta,
+        batch_latency_ms=batch_latency_ms,
+    )  # fmt: skip
     family_name, family_kwargs = (policy, {}) if policy is not None else strategy_policy(run.config)
     inputs = _fit_inputs(run, family_name, family_kwargs, temperature=temperature, legacy=legacy, progress=progress)
     point, calibrator = CALIBRATORS[method][1](inputs, options)

@@ -7,6 +7,7 @@ for ``calibration.json`` (cost figures by unit, :mod:`.naming`). Only validation
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from ..calibration import (
     calibrate_to_latency,
     choose_operating_point,
     exit_scores,
+    fit_to_batch_latency,
     split_figures,
 )
 from ..errors import ConfigError
@@ -40,7 +42,12 @@ __all__ = [
 
 @dataclass
 class CalibrationOptions:
-    """What ``calibrate_run`` was asked for; at most one of ``budget_macs``, ``budget_ms``, ``epsilon`` is set."""
+    """What ``calibrate_run`` was asked for; at most one of ``budget_macs``, ``budget_ms``, ``epsilon`` is set.
+
+    ``batch_latency_ms`` (exit index per validation sample -> mean ms per batch of ``latency_batch_size``, e.g. the
+    run's profiled ``LatencyModel.predict_batches``) holds a ``budget_ms`` at batch > 1 to the latency of mixed-exit
+    batches instead of the per-sample average of ``exit_latency_ms``.
+    """
 
     tolerance: float
     budget_macs: float | None = None
@@ -49,6 +56,7 @@ class CalibrationOptions:
     latency_batch_size: int = 1
     epsilon: float | None = None
     delta: float = 0.1
+    batch_latency_ms: Callable[[Tensor], float] | None = None
 
 
 @dataclass
@@ -83,7 +91,20 @@ def _compute_budget(inputs: CalibrationInputs, options: CalibrationOptions) -> C
 
 
 def _latency_budget(inputs: CalibrationInputs, options: CalibrationOptions) -> Choice:
-    """The most accurate thresholds whose average latency (from ``exit_latency_ms``) is within ``budget_ms``."""
+    """The most accurate thresholds whose average latency (from ``exit_latency_ms``) is within ``budget_ms``.
+
+    At batch > 1 with ``batch_latency_ms`` the thresholds are held to the latency of mixed-exit batches
+    (:func:`~adaptnn.calibration.fit_to_batch_latency`, one setting).
+    """
+    if options.batch_latency_ms is not None and options.latency_batch_size > 1:
+        result, predicted = fit_to_batch_latency(
+            inputs.family, {"none": (inputs.val_logits, list(options.exit_latency_ms or []))}, inputs.val_labels,
+            float(options.budget_ms), options.latency_batch_size, {"none": options.batch_latency_ms},
+        )  # fmt: skip
+        details = {k: v for k, v in result.details.items() if k not in ("knob", "per_knob")}
+        details["latency_model"] = "latency model of mixed-exit batches (each batch's own exit counts)"
+        result = dataclasses.replace(result, method="latency_budget", details=details)
+        return point_from_result(inputs, result)
     result = calibrate_to_latency(
         inputs.family,
         inputs.val_logits,

@@ -13,6 +13,7 @@ per-setting latencies (:func:`settings_exit_ms`), the JSON of a choice (:func:`j
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 import statistics
@@ -23,13 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..calibration import CalibrationResult, calibrate_knob_and_exits
-from ..errors import BudgetError, ConfigError
+from ..calibration import CalibrationResult, calibrate_knob_and_exits, fit_to_batch_latency
+from ..errors import ConfigError
 from ..layers.elastic import ElasticStagedModel, Variant
 from ..layers.tokens import TokenKnob, set_token_knob, token_blocks
 from ..measure.latency import LatencyModel, exit_policy, profile_settings
 from ..measure.timing import interleaved_medians, pinned_threads, to_model
-from ..policies import ThresholdPolicy, simulate_exits
+from ..policies import ThresholdPolicy
 from ..runtime.staged import StagedModel
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
     "knob_settings",
     "measure_choice",
     "parse_variant",
-    "predicted_batch_ms",
     "settings_exit_ms",
     "shown_thresholds",
     "stack_inputs",
@@ -203,28 +203,6 @@ def _cumulative(values: Sequence[float]) -> list[float]:
     return out
 
 
-def predicted_batch_ms(latency_model: LatencyModel, exit_index: Tensor, batch_size: int) -> float:
-    """The latency model's mean ms per batch when the samples, in order, run in batches of ``batch_size``.
-
-    Each batch is predicted from its own exit counts: the later stages of a batch with mixed exits run on fewer
-    rows (less efficient per row) and pay a compaction, which a per-sample average of the exits' latencies misses.
-    Fewer samples than one batch: one batch with the same exit fractions.
-    """
-    b = int(batch_size)
-    exits = torch.as_tensor(exit_index).reshape(-1).long().cpu()
-    k = latency_model.num_exits
-    if exits.numel() == 0 or b < 1:
-        raise ConfigError(f"need exits of >= 1 sample and a batch size >= 1, got {exits.numel()} and {batch_size!r}")
-    if exits.numel() < b:
-        return latency_model.predict_fractions(b, (torch.bincount(exits, minlength=k) / exits.numel()).tolist())
-    batches = exits[: (exits.numel() // b) * b].view(-1, b)
-    return statistics.fmean(latency_model.predict(torch.bincount(row, minlength=k).tolist()) for row in batches)
-
-
-#: most rounds of re-fitting the engine's budget to the latency model of mixed-exit batches (scaling, then bisection)
-_REFIT_ROUNDS = 12
-
-
 def joint_choice(
     policy: ThresholdPolicy,
     options: Mapping[str, tuple[Tensor, Sequence[float]]],
@@ -247,7 +225,8 @@ def joint_choice(
     In ms, the engine's cost of a choice is linear (``sum_k fraction_k * exit_ms[k]``), but at batch > 1 the
     samples that go on run their later stages as a smaller batch. With ``latency_models`` (one per setting, e.g.
     from :func:`settings_exit_ms`) the budget the engine is given is re-fitted until the latency model's
-    prediction for the validation samples in batches of ``batch`` (:func:`predicted_batch_ms`) meets ``budget``:
+    prediction for the validation samples in batches of ``batch`` (``LatencyModel.predict_batches``) meets ``budget``
+    (:func:`~adaptnn.calibration.fit_to_batch_latency`):
     the most accurate choice the latency model keeps within the budget wins, and ``predicted_ms_per_batch`` is
     that prediction (``linear_ms_per_batch`` the engine's own).
     """
@@ -260,7 +239,11 @@ def joint_choice(
         result = calibrate_knob_and_exits(policy, options, labels, float(budget), unit=unit)
         predicted = result.val["avg_cost"] * int(batch) if unit == "ms" else None  # type: ignore[arg-type]
     else:
-        result, predicted = _refit_to_latency_model(policy, options, labels, float(budget), int(batch), latency_models)  # type: ignore[arg-type]
+        batch_ms = {
+            label: functools.partial(model.predict_batches, batch_size=int(batch))  # type: ignore[arg-type]
+            for label, model in latency_models.items()  # type: ignore[union-attr]
+        }
+        result, predicted = fit_to_batch_latency(policy, options, labels, float(budget), int(batch), batch_ms)  # type: ignore[arg-type]
     per_knob = [
         {"knob": p["knob"], **{k: p[k] for k in ("accuracy", "avg_cost", "thresholds") if k in p}}
         if p["feasible"]
@@ -287,66 +270,6 @@ def joint_choice(
     return result, out
 
 
-def _refit_to_latency_model(
-    policy: ThresholdPolicy,
-    options: Mapping[str, tuple[Tensor, Sequence[float]]],
-    labels: Tensor,
-    budget: float,
-    batch: int,
-    latency_models: Mapping[str, LatencyModel],
-) -> tuple[CalibrationResult, float]:
-    """:func:`joint_choice`'s ms choice held to the latency model of mixed-exit batches: (result, ms per batch)."""
-    missing = [label for label in options if label not in latency_models]
-    if missing:
-        raise ConfigError(f"no latency model for the settings {missing}; got models for {sorted(latency_models)}")
-    target = budget * batch  # ms per batch
-    # everyone at the first exit of the cheapest setting: no mixed batch, so both cost models agree there
-    floor = min(float(costs[0]) for _, costs in options.values())
-    engine_budget = budget
-    feasible: float | None = None  # the largest engine budget whose choice the latency model keeps within target
-    infeasible: float | None = None  # the smallest one whose choice it does not
-    best: tuple[tuple[float, float], CalibrationResult, float] | None = None
-    cheapest: float | None = None
-    engine_error: BudgetError | None = None
-    for _ in range(_REFIT_ROUNDS):
-        predicted = None
-        try:
-            result = calibrate_knob_and_exits(policy, options, labels, engine_budget, unit="ms")
-        except BudgetError as err:  # the engine's budget fell below every setting's first exit
-            engine_error = engine_error or err
-            infeasible = engine_budget if infeasible is None else min(infeasible, engine_budget)
-        else:
-            label = result.details["knob"]
-            exits, _ = simulate_exits(result.policy, options[label][0])
-            predicted = predicted_batch_ms(latency_models[label], exits, batch)
-            cheapest = predicted if cheapest is None else min(cheapest, predicted)
-            if predicted <= target * (1 + 1e-9):
-                feasible = engine_budget if feasible is None else max(feasible, engine_budget)
-                key = (result.val["accuracy"], -predicted)
-                if best is None or key > best[0]:
-                    best = (key, result, predicted)
-            else:
-                infeasible = engine_budget if infeasible is None else min(infeasible, engine_budget)
-            if abs(predicted / target - 1.0) < 0.005:
-                break
-        if infeasible is None:  # within target so far: spend more of it (scale by how far under it is)
-            engine_budget *= max(target / predicted, 1.01) if predicted else 1.01
-            continue
-        low = feasible if feasible is not None else floor  # bisect: the choices are discrete, scaling may stall
-        if infeasible - low <= 1e-3 * infeasible:
-            break
-        engine_budget = 0.5 * (low + infeasible)
-    if best is None and cheapest is None and engine_error is not None:
-        raise engine_error
-    if best is None:
-        raise BudgetError(
-            f"no knob setting meets the budget of {budget:.6g} ms per sample at batch {batch}: the latency model of "
-            f"mixed-exit batches predicts at least {cheapest:.6g} ms per batch for the choices tried "
-            f"(budget {target:.6g} ms per batch); raise the budget"
-        )
-    return best[1], best[2]
-
-
 def measure_choice(
     deployed: StagedModel,
     latency_model: LatencyModel,
@@ -366,7 +289,7 @@ def measure_choice(
     with the chosen policy and with every sample sent to the last exit are timed on them with the timing engine
     (:func:`~adaptnn.measure.timing.interleaved_medians`: interleaved, median of ``rounds`` calls per batch). Two
     predictions of the same batches: the linear one (``sum_k fraction_k * exit_ms[k]``) and the latency model's
-    from each batch's exit counts (:func:`predicted_batch_ms`); ``predicted_ms_per_batch`` and ``error`` are the
+    from each batch's exit counts (``LatencyModel.predict_batches``); ``predicted_ms_per_batch`` and ``error`` are the
     one the calibrator held the budget to (``prediction``: ``"linear"`` or ``"latency_model"``, as
     :func:`joint_choice` reports). On a shared machine the load can change between the profile and this check; the
     last-exit run timed at both moments measures that drift (``drift``: now / then), and ``error_drift_corrected``
@@ -399,7 +322,7 @@ def measure_choice(
     last_now = statistics.fmean(medians["last"])
     costs = torch.as_tensor([float(t) for t in exit_ms], dtype=torch.float64)
     linear = float(costs[torch.cat(exits)].mean()) * b
-    lm = statistics.fmean(predicted_batch_ms(latency_model, e, b) for e in exits)
+    lm = statistics.fmean(latency_model.predict_batches(e, b) for e in exits)
     predicted = lm if prediction == "latency_model" else linear
     anchor = latency_model.info.get("anchor") or {}
     then = anchor["exit_ms"][-1] if anchor.get("batch_size") == b and anchor.get("exit_ms") else None
