@@ -24,6 +24,9 @@ Controlled-run table (merges reports, trains nothing)::
 
     python benchmarks/fidelity.py --controlled A.json B.json --out benchmarks/results/fidelity_cifar10_controlled
 
+A long run is saved after every (strategy, seed); run the same command again with ``--resume`` to train only
+what is missing (the report must have the same setup).
+
 Smoke run (proves the pipeline only)::
 
     python benchmarks/fidelity.py --strategies joint,boost --seeds 0 --epochs 1 --train_subset 256 \\
@@ -314,10 +317,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/results/fidelity_cifar10")
     parser.add_argument("--work_dir", default=None, help="run directories (default: a temporary directory)")
     parser.add_argument(
+        "--resume", action="store_true",
+        help="keep the (strategy, seed) records already in <out>.json (same setup) and train only the others",
+    )  # fmt: skip
+    parser.add_argument(
         "--controlled", nargs="+", default=None, metavar="JSON",
         help="train nothing: merge these reports into one controlled-run table at --out",
     )  # fmt: skip
     return parser.parse_args(argv)
+
+
+def resumed_records(out: Path, setup: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of ``<out>.json`` when it was made with the same ``setup`` (none when it does not exist)."""
+    path = out.with_suffix(".json")
+    if not path.is_file():
+        return []
+    try:
+        earlier = json.loads(path.read_text())
+        records, their_setup = earlier["records"], earlier["setup"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"--resume: {path} is not a fidelity report ({err})") from None
+    ours = json.loads(json.dumps(setup))  # compared as JSON: tuples and lists alike
+    if their_setup != ours:
+        changed = sorted(k for k in set(ours) | set(their_setup) if ours.get(k) != their_setup.get(k))
+        raise SystemExit(f"--resume: {path} was made with another setup (differs in {changed}); use another --out")
+    return list(records)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -339,13 +363,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = [n.strip() for n in args.strategies.split(",") if n.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     overrides = train_overrides(args)
-    records = []
+    setup = {
+        "dataset": "image_folder (CIFAR-10 JPEG)",
+        "root": str(root),
+        "model": "msdnet_cifar10",
+        "model_kwargs": MODEL_KWARGS,
+        "epochs": args.epochs,
+        "seeds": seeds,
+        "split_seed": args.split_seed,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "weight_decay": args.weight_decay,
+        "warmup_epochs": args.warmup_epochs,
+        "schedule": "cosine",
+        "train_overrides": overrides,
+        "strategy_options": {n: strategy_options(n, args) for n in names},
+        "train_samples": min(args.train_subset or len(train_set), len(train_set)),
+        "val_samples": len(splits.val),
+        "test_samples": len(splits.test),
+    }
+    records = resumed_records(Path(args.out), setup) if args.resume else []
+    done = {(r["strategy"], r["seed"]) for r in records}
+
+    def save() -> dict[str, Any]:
+        report = {"command": command, "setup": setup, "hardware": engine._hardware(), "records": records,
+                  "summary": summarise(records)}  # fmt: skip
+        engine.save_report(report, args.out, markdown, plot)
+        return report
+
     for seed in seeds:
         subset = train_set
         if args.train_subset and args.train_subset < len(train_set):  # the same subset for every strategy
             perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
             subset = torch.utils.data.Subset(train_set, perm[: args.train_subset].tolist())
         for name in names:
+            if (name, seed) in done:
+                log.info("seed %d: %s already in %s.json (--resume)", seed, name, args.out)
+                continue
             run_args = argparse.Namespace(
                 **vars(args),
                 seed=seed,
@@ -356,38 +411,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_args.work_dir = str(Path(args.work_dir or tmp.name) / f"seed{seed}")
             log.info("seed %d: training %s", seed, name)
             result = engine.run_strategy(name, strategy_options(name, args), splits, subset, run_args, overrides)
-            records.append(record(result, seed))
+            records.append(dict(record(result, seed), hardware=engine._hardware()))  # the load while it trained
             log.info("%s seed %d: mean acc %.4f", name, seed, records[-1]["auc_mean_acc"])
-    report = {
-        "command": command,
-        "setup": {
-            "dataset": "image_folder (CIFAR-10 JPEG)",
-            "root": str(root),
-            "model": "msdnet_cifar10",
-            "model_kwargs": MODEL_KWARGS,
-            "epochs": args.epochs,
-            "seeds": seeds,
-            "split_seed": args.split_seed,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "momentum": args.momentum,
-            "weight_decay": args.weight_decay,
-            "warmup_epochs": args.warmup_epochs,
-            "schedule": "cosine",
-            "train_overrides": overrides,
-            "strategy_options": {n: strategy_options(n, args) for n in names},
-            "train_samples": min(args.train_subset or len(train_set), len(train_set)),
-            "val_samples": len(splits.val),
-            "test_samples": len(splits.test),
-        },
-        "hardware": engine._hardware(),
-        "records": records,
-        "summary": summarise(records),
-    }
-    engine.save_report(report, args.out, markdown, plot)
+            save()  # after every (strategy, seed): hours of training are never lost; --resume goes on from here
     if tmp is not None:
         tmp.cleanup()
-    return report
+    return save()
 
 
 if __name__ == "__main__":

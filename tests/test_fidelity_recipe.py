@@ -216,3 +216,20 @@ def test_run_label_names_a_learning_rate_that_does_not_decay():
     assert fidelity.run_label(setup, "joint") == "min_lr_ratio=1.0"
     setup["train_overrides"]["min_lr_ratio"] = 0.0
     assert fidelity.run_label(setup, "joint") == "defaults"
+
+
+def test_resume_keeps_the_records_of_the_same_setup_only(tmp_path):
+    import json
+
+    fidelity = _fidelity_benchmark()
+    setup = {"epochs": 3, "train_overrides": {"momentum": 0.9}, "seeds": [0, 1]}
+    out = tmp_path / "fid"
+    assert fidelity.resumed_records(out, setup) == []  # nothing saved yet: train everything
+    records = [{"strategy": "joint", "seed": 0, "auc_mean_acc": 0.7}]
+    out.with_suffix(".json").write_text(json.dumps({"setup": setup, "records": records}))
+    assert fidelity.resumed_records(out, dict(setup)) == records
+    with pytest.raises(SystemExit, match=r"was made with another setup \(differs in \['epochs'\]\)"):
+        fidelity.resumed_records(out, dict(setup, epochs=5))
+    out.with_suffix(".json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="is not a fidelity report"):
+        fidelity.resumed_records(out, setup)
