@@ -13,7 +13,7 @@ import adaptnn
 from adaptnn.errors import ConfigError
 from adaptnn.layers.tokens import TokenState, attach_keep_predictors, keep_mask_bias, token_blocks
 from adaptnn.models import load_model
-from adaptnn.policies import ConfidencePolicy, simulate_exits
+from adaptnn.policies import ConfidencePolicy
 from adaptnn.strategies import StepContext, get
 from adaptnn.strategies.dynamicvit import DynamicViT, ratio_loss, staged_forward
 from adaptnn.training import TrainConfig, Trainer
@@ -148,7 +148,7 @@ def test_special_tokens_are_kept_on_a_timm_vit_with_registers() -> None:
     assert torch.equal(s1.source[:, :3], torch.arange(3).expand(2, -1))
 
 
-def test_realised_equals_simulated_with_dynamicvit() -> None:
+def test_realised_equals_simulated_with_dynamicvit(realised_equals_simulated) -> None:
     model = _vit(depth=4, exits=(0, 1, 2))
     attach_keep_predictors(model, 0.6, locations=(1, 2, 3))
     model.eval()
@@ -160,12 +160,7 @@ def test_realised_equals_simulated_with_dynamicvit() -> None:
     for _ in range(3):
         qs = torch.rand(3, generator=gen)
         policy = ConfidencePolicy([float(torch.quantile(conf[k], qs[k])) for k in range(3)])
-        sim_exit, sim_pred = simulate_exits(policy, cached)
-        for batch in (1, 6, 20):
-            for start in range(0, 20, batch):
-                out = model.run_dynamic(x[start : start + batch], policy)
-                assert torch.equal(out.exit_index, sim_exit[start : start + batch])
-                assert torch.allclose(out.logits, sim_pred[start : start + batch], atol=1e-5)
+        realised_equals_simulated(model, x, policy, cached, (1, 6, 20))
 
 
 def test_training_step_reports_losses_and_teacher_is_unreduced() -> None:

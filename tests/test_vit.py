@@ -56,7 +56,7 @@ def test_token_knob_lowers_macs_and_tokens() -> None:
 
 
 @pytest.mark.parametrize("knob", KNOBS, ids=lambda k: k.label())
-def test_realised_equals_simulated_with_tokens(knob: TokenKnob) -> None:
+def test_realised_equals_simulated_with_tokens(knob: TokenKnob, realised_equals_simulated) -> None:
     """run_dynamic (compaction between reduced segments) decides exactly what forward_all's logits replay."""
     model = set_token_knob(_small_vit(), knob)
     gen = torch.Generator().manual_seed(1)
@@ -64,17 +64,12 @@ def test_realised_equals_simulated_with_tokens(knob: TokenKnob) -> None:
     with torch.no_grad():
         cached = model.forward_all(x)
     conf = torch.stack([c.softmax(-1).amax(-1) for c in cached])  # [K, N]
-    for trial in range(3):
+    for _ in range(3):
         qs = torch.rand(3, generator=gen)
         thresholds = [float(torch.quantile(conf[k], qs[k])) for k in range(3)]
         policy = ConfidencePolicy(thresholds)
-        sim_exit, sim_pred = simulate_exits(policy, cached)
-        for batch, upto in ((1, 4), (7, 24), (24, 24)):
-            for start in range(0, upto, batch):
-                out = model.run_dynamic(x[start : start + batch], policy)
-                assert torch.equal(out.exit_index, sim_exit[start : start + batch]), (trial, batch)
-                assert torch.allclose(out.logits, sim_pred[start : start + batch], atol=1e-5)
-        assert len(set(sim_exit.tolist())) >= 1
+        realised_equals_simulated(model, x, policy, cached, (1,), rows=4)
+        realised_equals_simulated(model, x, policy, cached, (7, 24))
 
 
 def test_timm_staged_vit_with_exits_and_tokens_matches_simulation() -> None:
@@ -175,7 +170,7 @@ def test_other_input_sizes_interpolate_the_patch_positions() -> None:
         model(torch.randn(1, 1, 16, 16))
 
 
-def test_dvt_cascade_exits_reuse_and_realised_equals_simulated() -> None:
+def test_dvt_cascade_exits_reuse_and_realised_equals_simulated(realised_equals_simulated) -> None:
     torch.manual_seed(0)
     model = adaptnn.create_model("dvt_vit_tiny_conv_fmnist", embed_dim=32, depth=2).eval()
     assert "dvt_vit_tiny_conv_fmnist" in adaptnn.list_models("dvt_*") and model.num_exits == 2
@@ -197,12 +192,7 @@ def test_dvt_cascade_exits_reuse_and_realised_equals_simulated() -> None:
         with torch.no_grad():
             cached = model.forward_all(x)
         policy = ConfidencePolicy([float(cached[0].softmax(-1).amax(-1).median())])
-        sim_exit, sim_pred = simulate_exits(policy, cached)
-        for batch in (1, 5, 12):
-            for start in range(0, 12, batch):
-                out = model.run_dynamic(x[start : start + batch], policy)
-                assert torch.equal(out.exit_index, sim_exit[start : start + batch])
-                assert torch.allclose(out.logits, sim_pred[start : start + batch], atol=1e-5)
+        sim_exit = realised_equals_simulated(model, x, policy, cached, (1, 5, 12))
         assert 0 < int((sim_exit == 0).sum()) < 12
 
 

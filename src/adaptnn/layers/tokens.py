@@ -345,15 +345,27 @@ def check_block(block: nn.Module) -> None:
             raise UnsupportedModelError(f"{type(block.attn).__name__} has {name!r}: not supported by token reduction")
 
 
-def block_attention(attn: nn.Module, x: Tensor, bias: Tensor | None, training: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Self-attention through the attention module's own parts: ``(output [B, N, D], q, k)`` (``[B, H, N, hd]``)."""
+def block_attention(
+    attn: nn.Module, x: Tensor, bias: Tensor | None, training: bool, return_logits: bool = False
+) -> tuple[Tensor, ...]:
+    """Self-attention through the attention module's own parts: ``(output [B, N, D], q, k)`` (``[B, H, N, hd]``).
+
+    ``return_logits``: run the softmax explicitly (not the fused kernel) and return the raw logits
+    ``q k^T / sqrt(hd)`` ``[B, H, N, N]`` (before ``bias``) fourth, computed once (DVT's relationship reuse).
+    """
     batch, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     drop = attn.attn_drop.p if training and hasattr(attn, "attn_drop") else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+    logits = None
+    if return_logits:
+        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # the fused kernel's default scale
+        weights = (logits if bias is None else logits + bias).softmax(dim=-1)
+        out = F.dropout(weights, drop) @ v if drop else weights @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
     out = out.transpose(1, 2).reshape(batch, n, attn.num_heads * attn.head_dim)
     norm = getattr(attn, "norm", None)
     if norm is not None:
@@ -362,7 +374,8 @@ def block_attention(attn: nn.Module, x: Tensor, bias: Tensor | None, training: b
         out = out * gate
     out = attn.proj(out)
     proj_drop = getattr(attn, "proj_drop", None)
-    return (proj_drop(out) if proj_drop is not None else out), q, k
+    out = proj_drop(out) if proj_drop is not None else out
+    return (out, q, k, logits) if return_logits else (out, q, k)
 
 
 def _cls_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
@@ -423,7 +436,11 @@ class TokenBlock(nn.Module):
             return state
         return drop_tokens(state, self.predictor(x[:, p:])[..., 0], keep, self.track_source)
 
-    def forward(self, state: TokenState) -> TokenState:
+    def forward(
+        self, state: TokenState, attn_bias: Tensor | None = None, return_logits: bool = False
+    ) -> TokenState | tuple[TokenState, Tensor]:
+        """The block on ``state``. ``attn_bias`` (``[B, H, N, N]``, the tokens entering attention) is added to the
+        attention logits; ``return_logits`` also returns the raw logits (see :func:`block_attention`)."""
         blk = self.block
         if self.predictor is not None:
             state = self._predict(state)
@@ -434,7 +451,9 @@ class TokenBlock(nn.Module):
                 raise ConfigError("DynamicViT training masks do not combine with ToMe/EViT; set the token knob off")
             masked = keep_mask_bias(state.mask, x.dtype)
             bias = masked if bias is None else bias + masked
-        out, q, k = block_attention(blk.attn, blk.norm1(x), bias, self.training)
+        if attn_bias is not None:
+            bias = attn_bias if bias is None else bias + attn_bias
+        out, q, k, *logits = block_attention(blk.attn, blk.norm1(x), bias, self.training, return_logits)
         x = x + blk.drop_path1(blk.ls1(out))
         state = state._replace(tokens=x)
         if self.action is not None:
@@ -450,7 +469,8 @@ class TokenBlock(nn.Module):
                 state = evit_fuse(state, _cls_attention(q, k, bias, scale), keep, self.track_source)
             x = state.tokens
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-        return state._replace(tokens=x)
+        state = state._replace(tokens=x)
+        return (state, logits[0]) if return_logits else state
 
     def extra_repr(self) -> str:
         return f"action={self.action}"

@@ -11,7 +11,8 @@ after chosen blocks; the last one follows the final LayerNorm.
 
 Inputs of other sizes (an EfficientTrain curriculum's small stages) get their patch positions resized bicubically
 (:func:`resize_pos_embed`; the class token's untouched, the native size exact). :func:`dvt_staged` is the DVT
-cascade: a coarse-grid ViT as exit 0, then a full-grid ViT reusing its features.
+cascade: a coarse-grid ViT as exit 0, then a full-grid ViT reusing its features and (optionally) its attention
+logits.
 
 For real pretrained ViTs (online), use :func:`adaptnn.adapters.vit_tokens.token_vit` on a timm name instead.
 """
@@ -259,41 +260,89 @@ def vit_tiny_conv_cifar(**kwargs) -> StagedModel:
 
 
 class CascadeState(NamedTuple):
-    """The state between the two ViTs of a DVT cascade: the input image and the coarse ViT's final token state."""
+    """The state between the two ViTs of a DVT cascade.
+
+    Attributes:
+        image: the input image (the fine stage embeds it at full size).
+        coarse: the coarse ViT's final token state.
+        relation: the coarse ViT's raw attention logits of every block and head, un-merged to its token grid
+            ``[B, L * H, 1 + hc * wc, 1 + hc * wc]`` (class token first; ``None`` without relationship reuse).
+    """
 
     image: Tensor
     coarse: TokenState
+    relation: Tensor | None = None
 
 
 register_state_type("cascade_state", CascadeState)  # exports name it (adaptnn.runtime.state_types)
 
 
 class CoarseStage(nn.Module):
-    """DVT's first stage: the image resized to ``size`` (a coarse token grid), a ViT, its final norm."""
+    """DVT's first stage: the image resized to ``size`` (a coarse token grid), a ViT, its final norm.
 
-    def __init__(self, embed: ConvStemEmbed, blocks: Sequence[nn.Module], norm: nn.Module, size: tuple[int, int]):
+    Attributes:
+        collect_relations: also return every block's raw attention logits (for the fine stage's relationship
+            reuse); the blocks then run an explicit softmax instead of the fused attention kernel, so this costs
+            time only when the cascade reuses relations.
+    """
+
+    def __init__(
+        self,
+        embed: ConvStemEmbed,
+        blocks: Sequence[nn.Module],
+        norm: nn.Module,
+        size: tuple[int, int],
+        collect_relations: bool = False,
+    ):
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
         self.embed = embed
         self.blocks = nn.Sequential(*blocks)
         self.norm = norm
+        self.collect_relations = bool(collect_relations)
 
     def forward(self, x: Tensor) -> CascadeState:
         small = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
-        state = self.blocks(self.embed(small))
-        return CascadeState(x, state._replace(tokens=self.norm(state.tokens)))
+        state = self.embed(small)
+        relation = None
+        if not self.collect_relations:
+            state = self.blocks(state)
+        else:
+            _refuse_predictors(self.blocks)
+            maps = []
+            for blk in self.blocks:
+                entry = state
+                state, logits = blk(state, return_logits=True)
+                maps.append(_unmerge_map(logits, entry))
+            relation = torch.cat(maps, dim=1)
+        return CascadeState(x, state._replace(tokens=self.norm(state.tokens)), relation)
 
 
 class FineStage(nn.Module):
-    """DVT's second stage: a ViT on the full token grid that reuses the coarse stage's features.
+    """DVT's second stage: a ViT on the full token grid that reuses the coarse stage's features and relations.
 
     Feature reuse: the coarse ViT's final tokens (un-merged back to their grid, so token reduction in the coarse
     stage is allowed) go through ``LayerNorm -> Linear`` (zero-initialised, so training starts from the plain fine
     ViT), are upsampled to the fine grid and added to the fine tokens after the embedding (the class token gets
     the coarse class token's).
+
+    Relationship reuse (``relation`` set): the coarse ViT's raw attention logits of all ``Lc`` blocks and ``Hc``
+    heads (:attr:`CascadeState.relation`, on the coarse grid) go through an MLP over that ``Lc * Hc`` channel axis
+    (``Linear -> GELU -> Linear``, the last one zero-initialised: training starts from the plain fine ViT) to one
+    map per fine block and head, are upsampled to the fine grid on both the query and the key axis (nearest, as
+    the features; the class token's row and column map to themselves) and are added to the fine attention logits
+    before the softmax (through the additive mask, so the fused kernel is kept). When the fine stage merges
+    tokens (ToMe/EViT), a merged token's bias is the mean over the original tokens it stands for.
     """
 
-    def __init__(self, embed: ConvStemEmbed, blocks: Sequence[nn.Module], norm: nn.Module, coarse_dim: int):
+    def __init__(
+        self,
+        embed: ConvStemEmbed,
+        blocks: Sequence[nn.Module],
+        norm: nn.Module,
+        coarse_dim: int,
+        relation_channels: tuple[int, int] | None = None,
+    ):
         super().__init__()
         dim = embed.pos_embed.shape[-1]
         self.embed = embed
@@ -301,6 +350,11 @@ class FineStage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.norm = norm
         self.coarse_grid: tuple[int, int] | None = None  # set by dvt_staged
+        self.relation: nn.Sequential | None = None
+        if relation_channels is not None:
+            c_in, c_out = map(int, relation_channels)
+            hidden = max(c_in, c_out)
+            self.relation = nn.Sequential(nn.Linear(c_in, hidden), nn.GELU(), nn.Linear(hidden, c_out))
 
     def forward(self, cascade: CascadeState) -> TokenState:
         state = self.embed(cascade.image)
@@ -311,9 +365,79 @@ class FineStage(nn.Module):
         grid = ctx[:, 1:].transpose(1, 2).reshape(b, d, hc, wc)
         fine_hw = _fine_grid(cascade.image, n_fine)
         up = F.interpolate(grid, size=fine_hw, mode="nearest").flatten(2).transpose(1, 2)
-        tokens = state.tokens + torch.cat([ctx[:, :1], up], dim=1)
-        state = self.blocks(state._replace(tokens=tokens))
+        state = state._replace(tokens=state.tokens + torch.cat([ctx[:, :1], up], dim=1))
+        if self.relation is None:
+            state = self.blocks(state)
+        else:
+            if cascade.relation is None:
+                raise ConfigError("the fine stage reuses relations but the cascade state carries none")
+            _refuse_predictors(self.blocks)
+            for blk, bias in zip(self.blocks, self.relation_bias(cascade.relation, fine_hw), strict=True):
+                state = blk(state, attn_bias=_merge_map(bias, state))
         return state._replace(tokens=self.norm(state.tokens))
+
+    def relation_bias(self, relation: Tensor, fine_hw: tuple[int, int]) -> list[Tensor]:
+        """The per-block attention biases ``[B, H, 1 + hf * wf, 1 + hf * wf]`` from the coarse logits ``relation``."""
+        n = relation.shape[-1]
+        maps = self.relation(relation.permute(0, 2, 3, 1)).flatten(1, 2)  # [B, n * n, Lf * Hf], channels last
+        index = _upsample_index(self.coarse_grid, fine_hw, maps.device)
+        pairs = (index[:, None] * n + index[None, :]).flatten()  # (query, key) pairs of the fine grid
+        # one gather of whole channel rows, then one transpose (4x faster on CPU than selecting the two last axes)
+        maps = maps.index_select(1, pairs).transpose(1, 2).contiguous().unflatten(2, (len(index), len(index)))
+        return list(maps.unflatten(1, (len(self.blocks), -1)).unbind(1))
+
+
+def _refuse_predictors(blocks: nn.Sequential) -> None:
+    if any(getattr(blk, "predictor", None) is not None for blk in blocks):
+        raise ConfigError(
+            "DVT relationship reuse needs every token's attention logits; DynamicViT keep predictors drop tokens: "
+            "build the cascade with relation_reuse=False to use them"
+        )
+
+
+def _sources(state: TokenState, what: str) -> Tensor | None:
+    """The original token each token of ``state`` stands for (``None``: nothing merged); refuses merged tokens
+    whose sources were not tracked (``what`` names the operation for the error)."""
+    if state.source is None and state.size is not None:
+        raise ConfigError(f"cannot {what}: tokens were merged without source tracking")
+    return state.source
+
+
+def _unmerge_map(logits: Tensor, state: TokenState) -> Tensor:
+    """Attention logits ``[B, H, N, N]`` of the tokens of ``state`` at their original positions ``[B, H, N0, N0]``.
+
+    Each original token takes its merged token's row and column. The logits are raw (no ``log(size)``): a softmax
+    over the un-merged keys then equals proportional attention over the merged ones.
+    """
+    if _sources(state, "un-merge attention maps") is None:
+        return logits
+    b, h, n, _ = logits.shape
+    n0 = state.source.shape[1]
+    rows = state.source[:, None, :, None].expand(b, h, n0, n)
+    cols = state.source[:, None, None, :].expand(b, h, n0, n0)
+    return logits.gather(2, rows).gather(3, cols)
+
+
+def _merge_map(bias: Tensor, state: TokenState) -> Tensor:
+    """A bias ``[B, H, N0, N0]`` on the original tokens pooled to the tokens of ``state`` (mean over each token's
+    originals on both axes); unchanged while nothing was merged."""
+    if _sources(state, "merge attention biases") is None:
+        return bias
+    b, h, n0, _ = bias.shape
+    n = state.tokens.shape[1]
+    src = state.source
+    rows = bias.new_zeros((b, h, n, n0)).scatter_add_(2, src[:, None, :, None].expand(b, h, n0, n0), bias)
+    pooled = bias.new_zeros((b, h, n, n)).scatter_add_(3, src[:, None, None, :].expand(b, h, n, n0), rows)
+    count = bias.new_zeros((b, n)).scatter_add_(1, src, bias.new_ones((b, n0))).clamp_min(1.0)
+    return pooled / (count[:, None, :, None] * count[:, None, None, :])
+
+
+def _upsample_index(coarse: tuple[int, int], fine: tuple[int, int], device: torch.device) -> Tensor:
+    """``[1 + hf * wf]``: the coarse token each fine token reads (class token 0 -> 0; patches as nearest upsampling)."""
+    hc, wc = coarse
+    grid = torch.arange(1, 1 + hc * wc, dtype=torch.float32, device=device).reshape(1, 1, hc, wc)
+    patches = F.interpolate(grid, size=fine, mode="nearest").flatten().long()
+    return torch.cat([patches.new_zeros(1), patches])
 
 
 def _fine_grid(image: Tensor, n: int) -> tuple[int, int]:
@@ -345,13 +469,19 @@ def dvt_staged(
     num_heads: int = 2,
     mlp_ratio: float = 4.0,
     drop_path_rate: float = 0.0,
+    relation_reuse: bool = False,
 ) -> StagedModel:
     """The DVT cascade (Wang et al., "Not All Images are Worth 16x16 Words", NeurIPS 2021) as a 2-exit model.
 
     Exit 0: a conv-stem ViT on the image resized to ``coarse_size`` (few tokens: cheap); exit 1: a second ViT on
-    the full-size token grid that reuses the coarse stage's final features (:class:`FineStage`). Confident
-    samples stop after the coarse stage under any early-exit policy; every block is a token block, so ToMe/EViT
-    knobs and DynamicViT apply to both stages. Relationship (attention-map) reuse is not implemented.
+    the full-size token grid that reuses the coarse stage's final features and, with ``relation_reuse``, its
+    attention logits (:class:`FineStage`). Confident samples stop after the coarse stage under any early-exit
+    policy; every block is a token block, so ToMe/EViT knobs apply to both stages (the coarse attention maps are
+    un-merged to the grid, the fine biases pooled to the merged tokens) and DynamicViT too, without relation reuse.
+
+    ``relation_reuse`` is off by default: the coarse stage then keeps the fused attention kernel (collecting the
+    logits needs an explicit softmax in every coarse block, paid by every sample, exiting or not), and models and
+    checkpoints saved before it existed build and load unchanged.
     """
     sizes = [tuple(map(int, input_size)), tuple(map(int, coarse_size))]
     if any(len(sz) != 2 or sz[0] % 4 or sz[1] % 4 for sz in sizes):
@@ -365,8 +495,11 @@ def dvt_staged(
 
     fine_grid = (sizes[0][0] // 4, sizes[0][1] // 4)
     coarse_grid = (sizes[1][0] // 4, sizes[1][1] // 4)
-    coarse = CoarseStage(ConvStemEmbed(in_chans, embed_dim, coarse_grid), blocks(), nn.LayerNorm(embed_dim), sizes[1])
-    fine = FineStage(ConvStemEmbed(in_chans, embed_dim, fine_grid), blocks(), nn.LayerNorm(embed_dim), embed_dim)
+    coarse_embed = ConvStemEmbed(in_chans, embed_dim, coarse_grid)
+    coarse = CoarseStage(coarse_embed, blocks(), nn.LayerNorm(embed_dim), sizes[1], bool(relation_reuse))
+    channels = (depth * num_heads, depth * num_heads) if relation_reuse else None
+    fine_embed = ConvStemEmbed(in_chans, embed_dim, fine_grid)
+    fine = FineStage(fine_embed, blocks(), nn.LayerNorm(embed_dim), embed_dim, channels)
     fine.coarse_grid = coarse_grid
     heads = [
         _CoarseHead(TokenHead(embed_dim, num_classes, pool="cls", norm=False)),
@@ -375,6 +508,8 @@ def dvt_staged(
     model = StagedModel([coarse, fine], heads, input_spec=InputSpec((in_chans, *sizes[0])), num_classes=num_classes)
     _init_weights(model)
     nn.init.zeros_(fine.reuse[1].weight)  # start from the plain fine ViT
+    if fine.relation is not None:
+        nn.init.zeros_(fine.relation[-1].weight)  # zero biases (the bias is zero already): the plain fine ViT
     return model
 
 
