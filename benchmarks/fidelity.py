@@ -11,7 +11,8 @@ and last exits' accuracies (:func:`strategies.anchored_mean_accuracy`).
 
 Controlled runs change one thing against the defaults: ``--no-nesterov`` (plain momentum),
 ``--wd_norm_bias`` (weight decay on norms and biases too), ``--rescale_scope`` (boost/imta), ``--r`` and
-``--gradient_rescaling`` (boost), ``--exit_weights``, ``--min_lr_ratio`` (1.0: a constant learning rate, what
+``--gradient_rescaling`` (boost), ``--exit_weights``, ``--init`` (the MSDNet weight initialisation),
+``--min_lr_ratio`` (1.0: a constant learning rate, what
 the reference BoostNet script's per-epoch multistep schedule amounts to over 3 epochs with its default milestones);
 ``--options`` passes any strategy option as JSON.
 Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
@@ -83,6 +84,11 @@ def strategy_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if args.gradient_rescaling is not None:
             options.setdefault("gradient_rescaling", args.gradient_rescaling)
     return options
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe's MSDNet, with ``--init`` when it is set (the model's own default otherwise)."""
+    return dict(MODEL_KWARGS, **({} if args.init is None else {"init": args.init}))
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,6 +218,7 @@ def run_label(setup: dict[str, Any], strategy: str) -> str:
     recipe = {"momentum", "min_lr_ratio"}  # always recorded; a switch only when the cosine does not decay to 0
     overrides = setup["train_overrides"]
     switches = {k: v for k, v in overrides.items() if k not in recipe or (k == "min_lr_ratio" and v != 0.0)}
+    switches.update({k: v for k, v in setup.get("model_kwargs", {}).items() if k not in MODEL_KWARGS})
     parts = [f"{k}={v}" for k, v in sorted(switches.items())]
     parts += [f"{k}={v}" for k, v in sorted(setup["strategy_options"].get(strategy, {}).items())]
     return ", ".join(parts) or "defaults"
@@ -309,6 +316,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--r", type=float, default=None, help="boost's r")
     parser.add_argument("--gradient_rescaling", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--exit_weights", default=None, help="'uniform', 'linear' or comma-separated weights")
+    parser.add_argument(
+        "--init", choices=("he", "torch_default"), default=None,
+        help="MSDNet weight init (torch_default: what the reference codes run; see adaptnn.models.msdnet)",
+    )  # fmt: skip
     parser.add_argument("--options", default="{}", help="JSON {strategy: {option: value}}")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32")
@@ -367,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dataset": "image_folder (CIFAR-10 JPEG)",
         "root": str(root),
         "model": "msdnet_cifar10",
-        "model_kwargs": MODEL_KWARGS,
+        "model_kwargs": model_kwargs(args),
         "epochs": args.epochs,
         "seeds": seeds,
         "split_seed": args.split_seed,
@@ -405,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 **vars(args),
                 seed=seed,
                 model="msdnet_cifar10",
-                model_kwargs=json.dumps(MODEL_KWARGS),
+                model_kwargs=json.dumps(model_kwargs(args)),
                 optimizer="sgd",
             )
             run_args.work_dir = str(Path(args.work_dir or tmp.name) / f"seed{seed}")

@@ -1,7 +1,13 @@
-"""Shared test fixtures: a model whose state is a tuple, and randomised statistics for sharper checks."""
+"""Shared test helpers: a model whose state is a tuple, randomised statistics for sharper checks, and the
+realised == simulated check of early exit."""
+
+from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from adaptnn.policies import simulate_exits
+from adaptnn.runtime import ExitPolicy, StagedModel
 
 
 class TupleSegment(nn.Module):
@@ -27,3 +33,22 @@ def randomise_stats(model: nn.Module) -> nn.Module:
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.5)
     return model
+
+
+def assert_realised_equals_simulated(
+    model: StagedModel,
+    x: Tensor,
+    policy: ExitPolicy,
+    cached: Sequence[Tensor],
+    batch_sizes: Sequence[int],
+    rows: int | None = None,
+) -> Tensor:
+    """``run_dynamic`` on consecutive batches of each size over the first ``rows`` inputs decides and predicts what
+    ``simulate_exits`` replays from ``cached`` (``forward_all`` logits of ``x``); returns the simulated exits."""
+    sim_exit, sim_pred = simulate_exits(policy, cached)
+    for batch in batch_sizes:
+        for start in range(0, len(x) if rows is None else rows, batch):
+            out = model.run_dynamic(x[start : start + batch], policy)
+            assert torch.equal(out.exit_index, sim_exit[start : start + batch]), (batch, start)
+            assert torch.allclose(out.logits, sim_pred[start : start + batch], atol=1e-5), (batch, start)
+    return sim_exit

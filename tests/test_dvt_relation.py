@@ -14,6 +14,7 @@ from adaptnn.layers.tokens import TokenKnob, TokenState, attach_keep_predictors,
 from adaptnn.models.vit import CascadeState, _merge_map
 from adaptnn.policies import ConfidencePolicy
 from adaptnn.runtime.state import cat_states, index_state
+from helpers import assert_realised_equals_simulated
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,14 +123,14 @@ def test_gradients_reach_the_transform_and_the_coarse_blocks() -> None:
 
 
 @pytest.mark.parametrize("knob", [TokenKnob(), TokenKnob("tome", 3), TokenKnob("evit", 0.5)])
-def test_realised_equals_simulated_with_relation_reuse(knob, realised_equals_simulated) -> None:
+def test_realised_equals_simulated_with_relation_reuse(knob) -> None:
     model = set_token_knob(_model(), knob)
     _perturb(model)
     x = torch.randn(12, 1, 28, 28)
     with torch.no_grad():
         cached = model.forward_all(x)
     policy = ConfidencePolicy([float(cached[0].softmax(-1).amax(-1).median())])
-    sim_exit = realised_equals_simulated(model, x, policy, cached, (1, 5, 12))
+    sim_exit = assert_realised_equals_simulated(model, x, policy, cached, (1, 5, 12))
     assert 0 < int((sim_exit == 0).sum()) < 12
 
 

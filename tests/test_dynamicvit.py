@@ -17,6 +17,7 @@ from adaptnn.policies import ConfidencePolicy
 from adaptnn.strategies import StepContext, get
 from adaptnn.strategies.dynamicvit import DynamicViT, ratio_loss, staged_forward
 from adaptnn.training import TrainConfig, Trainer
+from helpers import assert_realised_equals_simulated
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two on a loaded box
 
@@ -148,7 +149,7 @@ def test_special_tokens_are_kept_on_a_timm_vit_with_registers() -> None:
     assert torch.equal(s1.source[:, :3], torch.arange(3).expand(2, -1))
 
 
-def test_realised_equals_simulated_with_dynamicvit(realised_equals_simulated) -> None:
+def test_realised_equals_simulated_with_dynamicvit() -> None:
     model = _vit(depth=4, exits=(0, 1, 2))
     attach_keep_predictors(model, 0.6, locations=(1, 2, 3))
     model.eval()
@@ -160,7 +161,7 @@ def test_realised_equals_simulated_with_dynamicvit(realised_equals_simulated) ->
     for _ in range(3):
         qs = torch.rand(3, generator=gen)
         policy = ConfidencePolicy([float(torch.quantile(conf[k], qs[k])) for k in range(3)])
-        realised_equals_simulated(model, x, policy, cached, (1, 6, 20))
+        assert_realised_equals_simulated(model, x, policy, cached, (1, 6, 20))
 
 
 def test_training_step_reports_losses_and_teacher_is_unreduced() -> None:

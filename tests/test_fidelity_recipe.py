@@ -216,6 +216,8 @@ def test_run_label_names_a_learning_rate_that_does_not_decay():
     assert fidelity.run_label(setup, "joint") == "min_lr_ratio=1.0"
     setup["train_overrides"]["min_lr_ratio"] = 0.0
     assert fidelity.run_label(setup, "joint") == "defaults"
+    setup["model_kwargs"] = dict(fidelity.MODEL_KWARGS, init="torch_default")  # a model switch is named too
+    assert fidelity.run_label(setup, "joint") == "init=torch_default"
 
 
 def test_resume_keeps_the_records_of_the_same_setup_only(tmp_path):

@@ -214,3 +214,26 @@ def test_checkpoint_round_trip_rebuilds_from_spec(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+def test_init_he_or_the_references_actual_torch_default():
+    """``init='he'`` is what the reference's init is written to do; ``'torch_default'`` what it runs (issue 12)."""
+    kwargs = dict(n_blocks=2, step=1, base=2, growth_rate=4, n_channels=8)
+    torch.manual_seed(0)
+    he = create_model("msdnet_cifar10", **kwargs)
+    torch.manual_seed(0)
+    default = create_model("msdnet_cifar10", init="torch_default", **kwargs)
+    convs = [(n, m) for n, m in he.named_modules() if isinstance(m, nn.Conv2d) and m.weight.numel() >= 4096]
+    assert convs
+    other = dict(default.named_modules())
+    for name, conv in convs:
+        k = conv.kernel_size[0] * conv.kernel_size[1]
+        he_std = math.sqrt(2.0 / (k * conv.out_channels))
+        torch_std = 1.0 / math.sqrt(3.0 * k * conv.in_channels)  # kaiming_uniform(a=sqrt(5)): bound 1/sqrt(fan_in)
+        assert float(conv.weight.detach().std()) == pytest.approx(he_std, rel=0.15), name
+        assert float(other[name].weight.detach().std()) == pytest.approx(torch_std, rel=0.15), name
+    linears = [m for m in he.modules() if isinstance(m, nn.Linear)]
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in linears)
+    assert all(float(m.bias.detach().abs().max()) > 0 for m in default.modules() if isinstance(m, nn.Linear))
+    with pytest.raises(ConfigError, match="init must be one of he, torch_default, got 'xavier'"):
+        create_model("msdnet_cifar10", init="xavier", **kwargs)

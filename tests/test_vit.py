@@ -15,6 +15,7 @@ from adaptnn.errors import BudgetError
 from adaptnn.layers.tokens import TokenKnob, TokenState, set_token_knob, token_blocks
 from adaptnn.policies import ConfidencePolicy, simulate_exits
 from adaptnn.runtime.cost import exit_macs
+from helpers import assert_realised_equals_simulated
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats two on a loaded box
 
@@ -56,7 +57,7 @@ def test_token_knob_lowers_macs_and_tokens() -> None:
 
 
 @pytest.mark.parametrize("knob", KNOBS, ids=lambda k: k.label())
-def test_realised_equals_simulated_with_tokens(knob: TokenKnob, realised_equals_simulated) -> None:
+def test_realised_equals_simulated_with_tokens(knob: TokenKnob) -> None:
     """run_dynamic (compaction between reduced segments) decides exactly what forward_all's logits replay."""
     model = set_token_knob(_small_vit(), knob)
     gen = torch.Generator().manual_seed(1)
@@ -68,8 +69,8 @@ def test_realised_equals_simulated_with_tokens(knob: TokenKnob, realised_equals_
         qs = torch.rand(3, generator=gen)
         thresholds = [float(torch.quantile(conf[k], qs[k])) for k in range(3)]
         policy = ConfidencePolicy(thresholds)
-        realised_equals_simulated(model, x, policy, cached, (1,), rows=4)
-        realised_equals_simulated(model, x, policy, cached, (7, 24))
+        assert_realised_equals_simulated(model, x, policy, cached, (1,), rows=4)
+        assert_realised_equals_simulated(model, x, policy, cached, (7, 24))
 
 
 def test_timm_staged_vit_with_exits_and_tokens_matches_simulation() -> None:
@@ -170,7 +171,7 @@ def test_other_input_sizes_interpolate_the_patch_positions() -> None:
         model(torch.randn(1, 1, 16, 16))
 
 
-def test_dvt_cascade_exits_reuse_and_realised_equals_simulated(realised_equals_simulated) -> None:
+def test_dvt_cascade_exits_reuse_and_realised_equals_simulated() -> None:
     torch.manual_seed(0)
     model = adaptnn.create_model("dvt_vit_tiny_conv_fmnist", embed_dim=32, depth=2).eval()
     assert "dvt_vit_tiny_conv_fmnist" in adaptnn.list_models("dvt_*") and model.num_exits == 2
@@ -192,7 +193,7 @@ def test_dvt_cascade_exits_reuse_and_realised_equals_simulated(realised_equals_s
         with torch.no_grad():
             cached = model.forward_all(x)
         policy = ConfidencePolicy([float(cached[0].softmax(-1).amax(-1).median())])
-        sim_exit = realised_equals_simulated(model, x, policy, cached, (1, 5, 12))
+        sim_exit = assert_realised_equals_simulated(model, x, policy, cached, (1, 5, 12))
         assert 0 < int((sim_exit == 0).sum()) < 12
 
 
