@@ -10,7 +10,11 @@ Parts (all in one process, ``torch.set_num_threads(--threads)``, load average re
   member and every separate network; wall time of the sorted run vs the sum of the separate runs.
 * **steps**: one training step (forward, backward, SGD) of the sorted family vs one of each separate network, timed
   interleaved with :func:`adaptnn.measure.timing.interleaved_medians` (the Trainer wall times above are sequential
-  and move with the load of a shared machine; this ratio does not).
+  and move with the load of a shared machine; this ratio does not). Also timed: ``separate_all``, the steps of
+  all separate networks in one call, so that both sides of the main ratio are one timed call of the same work (a
+  sum of the medians of short calls dodges more of a loaded machine's preemptions than the median of one long
+  call). Each is timed twice, by wall clock and by this thread's CPU time (``time.thread_time``: what the step
+  itself computes, not what the other processes of a shared machine take from it).
 * **speed**: the smallest and the largest member, materialised, timed interleaved at batch 64
   (:func:`adaptnn.measure.timing.interleaved_medians`).
 * **menu / budget**: the menu of the sorted checkpoint (``adaptnn menu``'s :func:`build_menu`, batch 1 and 64);
@@ -18,6 +22,12 @@ Parts (all in one process, ``torch.set_num_threads(--threads)``, load average re
   interleaved run: predicted (menu) vs measured ms.
 * **skip**: a ResNet-style body (stem + ``--skip-blocks`` basic blocks of 64 channels at 32x32) with a gate per
   block whose threshold keeps half of a calibration batch, at batch 8: dense body vs gathered skipping.
+
+Allocator: glibc by default. ``--keep-freed-memory`` re-executes the script with glibc set to keep freed memory
+(:data:`KEEP_FREED`: no heap trimming, no mmap'd blocks), glibc's analogue of the jemalloc settings of
+``benchmarks/speed.py``. A sorted step holds every member's activations until its one backward, so its peak memory
+is the members' sum; with glibc's defaults the memory freed after each step goes back to the OS and is
+page-faulted in again on the next, which costs the sorted step more than the separate ones.
 
 Usage::
 
@@ -39,6 +49,8 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).parent / "results"
+# glibc malloc keeping freed memory: the largest mmap threshold (no block handed back by munmap) and no trimming
+KEEP_FREED = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4000000000"}
 
 
 def load() -> list[float]:
@@ -52,7 +64,8 @@ def fashion_mnist(n_train: int, val_size: int):
     return splits, torch.utils.data.Subset(splits.train, range(n_train))
 
 
-def train(model, train_set, strategy: str, options: dict, steps: int, batch: int, run_dir: Path) -> float:
+def train(model, train_set, strategy: str, options: dict, steps: int, batch: int, run_dir: Path) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds of this process)`` of one Trainer run (data loading in-process: no workers)."""
     from adaptnn.training import TrainConfig, Trainer
 
     cfg = TrainConfig(
@@ -66,9 +79,9 @@ def train(model, train_set, strategy: str, options: dict, steps: int, batch: int
         strategy_options=options,
         seed=0,
     )
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     Trainer(model, train_set, cfg, run_dir).fit(resume=False)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 @torch.inference_mode()
@@ -88,9 +101,11 @@ def part_train(args, splits, train_set, tmp: Path) -> tuple[dict, object]:
     torch.manual_seed(0)
     elastic = adaptnn.create_model("elastic_cnn_mnist", width_mults=args.widths, depths=[2])
     options = {"num_random": args.num_random, "distill": True}
-    out["sorted_wall_s"] = train(elastic, train_set, "sorted", options, args.steps, args.batch, tmp / "sorted")
+    out["sorted_wall_s"], out["sorted_cpu_s"] = train(
+        elastic, train_set, "sorted", options, args.steps, args.batch, tmp / "sorted"
+    )
     out["load_after_sorted"] = load()
-    members, separate, walls = {}, {}, {}
+    members, separate, walls, cpus = {}, {}, {}, {}
     elastic.eval()
     for v in elastic.variants:
         with elastic.use_variant(v):
@@ -106,10 +121,11 @@ def part_train(args, splits, train_set, tmp: Path) -> tuple[dict, object]:
         name = f"w{w:g}_d2"
         if name in reused:
             walls[name], separate[name] = reused[name]["separate_wall_s"], reused[name]["separate_test_acc"]
+            cpus[name] = reused[name].get("separate_cpu_s")
             continue
         torch.manual_seed(0)
         net = adaptnn.create_model("mecnn_mnist", widths=[scaled(c, w) for c in base])
-        walls[name] = train(net, train_set, "joint", {}, args.steps, args.batch, tmp / f"sep_{w}")
+        walls[name], cpus[name] = train(net, train_set, "joint", {}, args.steps, args.batch, tmp / f"sep_{w}")
         separate[name] = accuracy(net.eval(), splits.test, args.eval)
         print(f"  {name}: sorted {100 * members[name]:.2f}%  separate {100 * separate[name]:.2f}%", flush=True)
     out["load_after_separate"] = load()
@@ -120,11 +136,15 @@ def part_train(args, splits, train_set, tmp: Path) -> tuple[dict, object]:
             "separate_test_acc": separate[name],
             "gap_pt": 100 * (members[name] - separate[name]),
             "separate_wall_s": walls[name],
+            "separate_cpu_s": cpus[name],
         }
         for name in members
     ]
     out["separate_wall_s_total"] = sum(walls.values())
     out["wall_ratio_sorted_over_separate"] = out["sorted_wall_s"] / out["separate_wall_s_total"]
+    if all(c is not None for c in cpus.values()):  # CPU time: what the runs computed, not what the load took
+        out["separate_cpu_s_total"] = sum(cpus.values())
+        out["cpu_ratio_sorted_over_separate"] = out["sorted_cpu_s"] / out["separate_cpu_s_total"]
     return out, elastic
 
 
@@ -132,8 +152,16 @@ def part_step_time(args, train_set) -> dict:
     """Training step time, sorted (one step of the family) vs each separate network, interleaved (load-robust)."""
     import adaptnn
     from adaptnn.layers.elastic import scaled
-    from adaptnn.measure.timing import interleaved_medians
+    from adaptnn.measure.timing import Timer, interleaved_medians
     from adaptnn.strategies import StepContext, get
+
+    class ThreadCpuTimer(Timer):
+        """Milliseconds of this thread's CPU time (``torch.set_num_threads(1)``: the step runs on this thread)."""
+
+        def run(self, fn):
+            start = time.thread_time()
+            out = fn()
+            return (time.thread_time() - start) * 1e3, out
 
     torch.manual_seed(0)
     out: dict = {"load_before": load()}
@@ -164,11 +192,21 @@ def part_step_time(args, train_set) -> dict:
 
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch)
     batches = [b for _, b in zip(range(4), loader, strict=False)]
-    fns = {"sorted": sorted_step, **{f"w{w:g}_d2": separate_step(w) for w in args.widths}}
-    ms = interleaved_medians(fns, batches, rounds=args.rounds, warmup_s=2.0)
-    out["step_ms"] = {k: statistics.median(v) for k, v in ms.items()}
-    out["separate_step_ms_total"] = sum(v for k, v in out["step_ms"].items() if k != "sorted")
-    out["step_ratio_sorted_over_separate"] = out["step_ms"]["sorted"] / out["separate_step_ms_total"]
+    separate = {f"w{w:g}_d2": separate_step(w) for w in args.widths}
+
+    def separate_all(batch):
+        for fn in separate.values():
+            fn(batch)
+
+    fns = {"sorted": sorted_step, "separate_all": separate_all, **separate}
+    for clock, timer in (("", Timer()), ("cpu_", ThreadCpuTimer())):
+        ms = interleaved_medians(fns, batches, rounds=args.rounds, warmup_s=2.0, timer=timer)
+        step = {k: statistics.median(v) for k, v in ms.items()}
+        out[f"{clock}step_ms"] = step
+        out[f"{clock}separate_step_ms_total"] = sum(step[k] for k in separate)
+        out[f"{clock}step_ratio_sorted_over_separate"] = step["sorted"] / out[f"{clock}separate_step_ms_total"]
+        out[f"{clock}step_ratio_sorted_over_separate_all"] = step["sorted"] / step["separate_all"]
+        out[f"load_after_{clock or 'wall_'}timing"] = load()
     out["load_after"] = load()
     return out
 
@@ -270,7 +308,7 @@ def markdown(res: dict) -> str:
     lines.append(
         f"Machine: {res['machine']['processor']}, {res['machine']['cpu_count']} CPUs; command `{res['command']}`"
     )
-    lines.append("")
+    lines += ["", f"Allocator: {res.get('allocator', 'glibc malloc (defaults)')}", ""]
     if "train" in res:
         t = res["train"]
         lines += [
@@ -292,15 +330,27 @@ def markdown(res: dict) -> str:
             f"{t['load_after_sorted']} -> {t['load_after_separate']}",
             "",
         ]
+        if "cpu_ratio_sorted_over_separate" in t:
+            lines += [
+                f"CPU time of the process: sorted {t['sorted_cpu_s']:.1f} s vs separate "
+                f"{t['separate_cpu_s_total']:.1f} s (ratio {t['cpu_ratio_sorted_over_separate']:.2f})",
+                "",
+            ]
     if "steps_time" in res:
         st = res["steps_time"]
-        steps = ", ".join(f"{k} {v:.1f}" for k, v in st["step_ms"].items())
-        lines += [
-            "Training step time, interleaved (median ms per step of forward + backward + SGD): "
-            f"{steps}; sorted / sum of separate = {st['step_ratio_sorted_over_separate']:.2f} "
-            f"(load {st['load_before']} -> {st['load_after']})",
-            "",
-        ]
+        for clock, label in (("", "wall clock"), ("cpu_", "thread CPU time")):
+            if f"{clock}step_ms" not in st:
+                continue
+            steps = ", ".join(f"{k} {v:.1f}" for k, v in st[f"{clock}step_ms"].items())
+            all_ratio = st.get(f"{clock}step_ratio_sorted_over_separate_all")
+            after = st.get(f"load_after_{clock or 'wall_'}timing", st["load_after"])
+            lines += [
+                f"Training step time, interleaved, {label} (median ms per step of forward + backward + SGD): "
+                f"{steps}; sorted / sum of separate = {st[f'{clock}step_ratio_sorted_over_separate']:.3f}"
+                + ("" if all_ratio is None else f", sorted / separate_all = {all_ratio:.3f}")
+                + f" (load {st['load_before']} -> {after})",
+                "",
+            ]
     if "speed" in res:
         s = res["speed"]
         lines += [
@@ -350,13 +400,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="+", default=["train", "speed", "steps", "skip"])
     parser.add_argument("--name", default="elastic_cpu")
     parser.add_argument("--separate-from", default=None, help="reuse the separate networks of an earlier results JSON")
+    parser.add_argument("--keep-freed-memory", action="store_true", help="re-run with glibc keeping freed memory")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory and any(os.environ.get(k) != v for k, v in KEEP_FREED.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **KEEP_FREED))
     torch.set_num_threads(args.threads)
     from adaptnn.measure.timing import machine_info
 
     res: dict = {"command": " ".join(["python", *sys.argv]), "machine": machine_info(), "steps": args.steps}
     res["batch"] = args.batch
     res["num_random"] = args.num_random
+    kept = {k: os.environ[k] for k in KEEP_FREED if k in os.environ}
+    res["allocator"] = f"glibc malloc ({', '.join(f'{k}={v}' for k, v in kept.items()) or 'defaults'})"
     if {"train", "speed", "steps"} & set(args.parts):
         splits, train_set = fashion_mnist(args.steps * args.batch, 5000)
     if "train" in args.parts or "speed" in args.parts:

@@ -63,6 +63,35 @@ def test_every_variant_equals_its_materialised_network(model: ElasticStagedModel
     assert model.variant == model.variants[-1]  # materialise() leaves the active member alone
 
 
+@pytest.mark.parametrize("variant", [Variant(0.25, 1), Variant(0.5, 2), Variant(1.0, 2)])
+def test_a_members_training_step_is_its_materialised_networks(model: ElasticStagedModel, variant: Variant) -> None:
+    """Gradients: the materialised member's in the kept prefix, zero outside; statistics: only its row moves."""
+    model.train().set_variant(variant)
+    row = model.variants.index(variant)
+    plain = model.materialise()
+    stats = {k: v.clone() for k, v in model.named_buffers() if k.endswith(("running_mean", "running_var"))}
+    x, y = torch.randn(9, 1, 8, 8), torch.randint(0, 10, (9,))
+    for m in (model, plain):
+        m.zero_grad(set_to_none=True)
+        sum(nn.functional.cross_entropy(lg, y) for lg in m.forward_all(x)).backward()
+    elastic_params = dict(model.named_parameters())
+    for name, p in plain.named_parameters():
+        grad = elastic_params[name].grad
+        prefix = tuple(slice(0, n) for n in p.shape)
+        torch.testing.assert_close(grad[prefix], p.grad, rtol=1e-5, atol=1e-6)
+        rest = grad.clone()
+        rest[prefix] = 0
+        assert not rest.any(), name  # channels the member does not use get no gradient
+    plain_buffers = dict(plain.named_buffers())
+    for name, before in stats.items():
+        now = dict(model.named_buffers())[name]
+        c = plain_buffers[name].numel() if name in plain_buffers else 0
+        torch.testing.assert_close(now[row, :c], plain_buffers[name] if c else now[row, :0])
+        assert torch.equal(now[row, c:], before[row, c:]) and torch.equal(now[:row], before[:row])
+        assert torch.equal(now[row + 1 :], before[row + 1 :])
+    model.set_variant(model.largest)
+
+
 def test_members_differ_and_cost_follows_the_variant(model: ElasticStagedModel) -> None:
     x = torch.randn(3, 1, 8, 8)
     small, large = model.smallest, model.largest

@@ -40,10 +40,11 @@ def test_sandwich_members_are_largest_smallest_and_distinct_seeded_draws():
     assert sandwich_members(variants[:1], 3, 0) == variants[:1]
 
 
-def test_sorted_loss_is_the_sum_of_member_losses_with_inplace_distillation():
+@pytest.mark.parametrize("temperature", [2.0, 1.0])
+def test_sorted_loss_is_the_sum_of_member_losses_with_inplace_distillation(temperature):
     model = _model().train()
     x, y = _data(16).tensors
-    strategy = SortedLoss(num_random=1, temperature=2.0, alpha=0.25)
+    strategy = SortedLoss(num_random=1, temperature=temperature, alpha=0.25)
     ctx = StepContext(model, model.forward_all, lr=0.1, step=3, epoch=0)
     torch.manual_seed(1)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -60,11 +61,12 @@ def test_sorted_loss_is_the_sum_of_member_losses_with_inplace_distillation():
         if i == 0:
             teacher, loss = logits, ce
         else:
+            t_ = temperature
             kd = sum(
-                F.kl_div(F.log_softmax(s / 2.0, -1), F.softmax(t.detach() / 2.0, -1), reduction="batchmean")
+                F.kl_div(F.log_softmax(s / t_, -1), F.softmax(t.detach() / t_, -1), reduction="batchmean")
                 for s, t in zip(logits, teacher, strict=True)
             )
-            loss = 0.75 * ce + 0.25 * 4.0 * kd
+            loss = 0.75 * ce + 0.25 * t_**2 * kd
         expected = expected + loss
     torch.testing.assert_close(out.loss, expected.float(), rtol=1e-5, atol=1e-6)
     assert set(out.metrics) == {"loss_largest", "loss_smallest"}

@@ -111,11 +111,22 @@ class SortedLoss(Strategy):
 
     def kd_loss(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         """``T^2 * sum_k KL(softmax(teacher_k / T) || softmax(student_k / T))`` over the exits (batch mean)."""
+        return self._kd_from_soft(student, self._soft_targets(teacher))
+
+    def _soft(self, logits: Tensor) -> Tensor:
+        """``logits / T`` in float32 (no division at ``T = 1``: one op fewer, forward and backward, per exit)."""
+        logits = logits.float()
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
+    def _soft_targets(self, teacher: Sequence[Tensor]) -> list[Tensor]:
+        """The teacher's softened probabilities, computed once per step and shared by every member taught."""
+        return [F.softmax(self._soft(q.detach()), dim=-1) for q in teacher]
+
+    def _kd_from_soft(self, student: Sequence[Tensor], targets: Sequence[Tensor]) -> Tensor:
         t = self.temperature
         total = student[0].new_zeros((), dtype=torch.float32)
-        for s, q in zip(student, teacher, strict=True):
-            log_student = F.log_softmax(s.float() / t, dim=-1)
-            total = total + F.kl_div(log_student, F.softmax(q.detach().float() / t, dim=-1), reduction="batchmean")
+        for s, p in zip(student, targets, strict=True):
+            total = total + F.kl_div(F.log_softmax(self._soft(s), dim=-1), p, reduction="batchmean")
         return total * t * t
 
     def _member_loss(self, ctx: StepContext, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -134,17 +145,22 @@ class SortedLoss(Strategy):
         members = sandwich_members(model.variants, self.num_random, ctx.step, self.seed)
         total = x.new_zeros((), dtype=torch.float32)
         metrics: dict[str, Tensor | float] = {}
-        teacher: list[Tensor] | None = None
-        for i, variant in enumerate(members):
-            with model.use_variant(variant):
+        soft_targets: list[Tensor] | None = None
+        previous = model.variant
+        try:  # one switch per member and one back (not a switch and a restore per member: each walks the model)
+            for i, variant in enumerate(members):
+                model.set_variant(variant)
                 logits, loss = self._member_loss(ctx, x, y)
-            if i == 0:
-                metrics["loss_largest"] = loss.detach()
-                teacher = [lg.detach() for lg in logits]
-            else:
-                if i == 1:
-                    metrics["loss_smallest"] = loss.detach()
-                if self.distill and teacher is not None:
-                    loss = (1 - self.alpha) * loss + self.alpha * self.kd_loss(logits, teacher)
-            total = total + loss
+                if i == 0:
+                    metrics["loss_largest"] = loss.detach()
+                    if self.distill and len(members) > 1:
+                        soft_targets = self._soft_targets(logits)
+                else:
+                    if i == 1:
+                        metrics["loss_smallest"] = loss.detach()
+                    if soft_targets is not None:
+                        loss = (1 - self.alpha) * loss + self.alpha * self._kd_from_soft(logits, soft_targets)
+                total = total + loss
+        finally:
+            model.set_variant(previous)
         return StepOutput(total, metrics)
