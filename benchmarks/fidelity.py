@@ -57,6 +57,8 @@ log = logging.getLogger("benchmarks.fidelity")
 
 STRATEGIES = ("joint", "boost", "l2w", "imta", "distill")
 MODEL_KWARGS = {"n_blocks": 5, "step": 2, "base": 4, "step_mode": "even"}
+#: the model's own defaults of the switches a report may set (a run label names only what differs)
+MODEL_DEFAULTS = {"init": "torch_default"}
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 
@@ -218,7 +220,9 @@ def run_label(setup: dict[str, Any], strategy: str) -> str:
     recipe = {"momentum", "min_lr_ratio"}  # always recorded; a switch only when the cosine does not decay to 0
     overrides = setup["train_overrides"]
     switches = {k: v for k, v in overrides.items() if k not in recipe or (k == "min_lr_ratio" and v != 0.0)}
-    switches.update({k: v for k, v in setup.get("model_kwargs", {}).items() if k not in MODEL_KWARGS})
+    if "model_kwargs" in setup:  # reports from before ``init`` existed were trained with He weights
+        model = {"init": "he", **setup["model_kwargs"]}
+        switches.update({k: v for k, v in model.items() if k not in MODEL_KWARGS and v != MODEL_DEFAULTS.get(k)})
     parts = [f"{k}={v}" for k, v in sorted(switches.items())]
     parts += [f"{k}={v}" for k, v in sorted(setup["strategy_options"].get(strategy, {}).items())]
     return ", ".join(parts) or "defaults"
@@ -318,7 +322,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--exit_weights", default=None, help="'uniform', 'linear' or comma-separated weights")
     parser.add_argument(
         "--init", choices=("he", "torch_default"), default=None,
-        help="MSDNet weight init (torch_default: what the reference codes run; see adaptnn.models.msdnet)",
+        help="MSDNet weight init (default: the model's, torch_default, what the reference codes run; he: He fan-out)",
     )  # fmt: skip
     parser.add_argument("--options", default="{}", help="JSON {strategy: {option: value}}")
     parser.add_argument("--device", default="auto")

@@ -216,8 +216,12 @@ def test_run_label_names_a_learning_rate_that_does_not_decay():
     assert fidelity.run_label(setup, "joint") == "min_lr_ratio=1.0"
     setup["train_overrides"]["min_lr_ratio"] = 0.0
     assert fidelity.run_label(setup, "joint") == "defaults"
-    setup["model_kwargs"] = dict(fidelity.MODEL_KWARGS, init="torch_default")  # a model switch is named too
-    assert fidelity.run_label(setup, "joint") == "init=torch_default"
+    setup["model_kwargs"] = dict(fidelity.MODEL_KWARGS, init="he")  # a model switch is named too
+    assert fidelity.run_label(setup, "joint") == "init=he"
+    setup["model_kwargs"] = dict(fidelity.MODEL_KWARGS)  # a report from before `init`: He weights
+    assert fidelity.run_label(setup, "joint") == "init=he"
+    setup["model_kwargs"] = dict(fidelity.MODEL_KWARGS, init="torch_default")  # the default is not a switch
+    assert fidelity.run_label(setup, "joint") == "defaults"
 
 
 def test_resume_keeps_the_records_of_the_same_setup_only(tmp_path):

@@ -220,9 +220,9 @@ def test_init_he_or_the_references_actual_torch_default():
     """``init='he'`` is what the reference's init is written to do; ``'torch_default'`` what it runs (issue 12)."""
     kwargs = dict(n_blocks=2, step=1, base=2, growth_rate=4, n_channels=8)
     torch.manual_seed(0)
-    he = create_model("msdnet_cifar10", **kwargs)
+    he = create_model("msdnet_cifar10", init="he", **kwargs)
     torch.manual_seed(0)
-    default = create_model("msdnet_cifar10", init="torch_default", **kwargs)
+    default = create_model("msdnet_cifar10", **kwargs)  # the default: what the references run
     convs = [(n, m) for n, m in he.named_modules() if isinstance(m, nn.Conv2d) and m.weight.numel() >= 4096]
     assert convs
     other = dict(default.named_modules())
@@ -235,5 +235,5 @@ def test_init_he_or_the_references_actual_torch_default():
     linears = [m for m in he.modules() if isinstance(m, nn.Linear)]
     assert all(float(m.bias.detach().abs().max()) == 0 for m in linears)
     assert all(float(m.bias.detach().abs().max()) > 0 for m in default.modules() if isinstance(m, nn.Linear))
-    with pytest.raises(ConfigError, match="init must be one of he, torch_default, got 'xavier'"):
+    with pytest.raises(ConfigError, match="init must be one of torch_default, he, got 'xavier'"):
         create_model("msdnet_cifar10", init="xavier", **kwargs)
