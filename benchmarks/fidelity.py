@@ -89,8 +89,8 @@ def strategy_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The recipe's MSDNet, with ``--init`` when it is set (the model's own default otherwise)."""
-    return dict(MODEL_KWARGS, **({} if args.init is None else {"init": args.init}))
+    """The recipe's MSDNet with its init spelled out (``--init``, else the model's default), so a report says which."""
+    return dict(MODEL_KWARGS, init=args.init or MODEL_DEFAULTS["init"])
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
