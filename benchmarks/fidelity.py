@@ -339,7 +339,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--controlled", nargs="+", default=None, metavar="JSON",
         help="train nothing: merge these reports into one controlled-run table at --out",
     )  # fmt: skip
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        parser.error(f"--min_lr_ratio is the final lr as a fraction of --lr, in [0, 1]; got {args.min_lr_ratio}")
+    return args
 
 
 def resumed_records(out: Path, setup: dict[str, Any]) -> list[dict[str, Any]]:

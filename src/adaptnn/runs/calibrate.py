@@ -49,6 +49,8 @@ def strategy_policy(config: RunConfig) -> tuple[str, dict[str, Any]]:
 
 def _exit_latencies(run_dir: Path, batch_size: int) -> tuple[list[float], LatencyModel]:
     """Per-sample cumulative latency to each exit at ``batch_size``, and the run's fitted latency model."""
+    if int(batch_size) < 1:
+        raise ConfigError(f"latency_batch_size must be >= 1, got {batch_size!r}")
     profile = run_dir / "latency_profile.json"
     if not profile.exists():
         raise ConfigError(
