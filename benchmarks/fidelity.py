@@ -50,6 +50,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from adaptnn.strategies import resolved_options
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import strategies as engine  # noqa: E402  (benchmarks/strategies.py: the side-by-side training engine)
 
@@ -397,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "schedule": "cosine",
         "train_overrides": overrides,
         "strategy_options": {n: strategy_options(n, args) for n in names},
+        # what each strategy ran with, its defaults filled in: a report stays true after a default changes
+        "effective_strategy_options": {n: resolved_options(n, **strategy_options(n, args)) for n in names},
         "train_samples": min(args.train_subset or len(train_set), len(train_set)),
         "val_samples": len(splits.val),
         "test_samples": len(splits.test),

@@ -23,6 +23,7 @@ from adaptnn.strategies import (
     boosted_logits,
     fit_heads_cached,
     get,
+    resolved_options,
 )
 from adaptnn.strategies.l2w import allocate_exits
 from adaptnn.training import TrainConfig, Trainer, build_strategy
@@ -245,6 +246,26 @@ def test_boost_head_inputs_rescaling_on_msdnet_equals_the_papers_definition_by_h
     get("boost", r=0.5)(plain.forward_all(x), y).backward()
     first = next(n for n, _ in plain.named_parameters() if n.startswith("segments.0."))
     assert not torch.allclose(dict(plain.named_parameters())[first].grad, got[first].grad)
+
+
+def test_boost_and_imta_default_to_the_papers_head_inputs_rescaling():
+    # issue 12: the defaults are the options that won the controlled runs (and what the papers' code does)
+    torch.manual_seed(0)
+    model = create_model("msdnet_cifar10", n_blocks=3, step=1, base=2, step_mode="even", growth_rate=4, n_channels=8)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    grads = []
+    for strategy in (get("boost"), get("boost", r=0.5, gradient_rescaling=True, rescale_scope="head_inputs")):
+        model.zero_grad()
+        strategy(strategy.forward(model, x), y).backward()
+        grads.append([p.grad for p in model.parameters() if p.grad is not None])
+    for by_default, explicit in zip(*grads, strict=True):
+        torch.testing.assert_close(by_default, explicit, rtol=0, atol=0)
+    expected = {"r": 0.5, "gradient_rescaling": True, "rescale_scope": "head_inputs", "weights": "uniform"}
+    assert resolved_options("boost") == dict(expected, label_smoothing=0.0)
+    assert resolved_options("imta")["rescale_scope"] == "head_inputs"
+    assert resolved_options("joint", weights=[1.0, 2.0])["weights"] == [1.0, 2.0]
+    with pytest.raises(ConfigError, match="strategy 'boost'.*unexpected keyword argument 'nope'"):
+        resolved_options("boost", nope=1)
 
 
 def test_rescale_scope_is_checked():

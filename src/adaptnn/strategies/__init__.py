@@ -24,6 +24,7 @@ dynamicvit DynamicViT: learned token dropping in a token ViT (ratio + distillati
 from __future__ import annotations
 
 import difflib
+import inspect
 
 from ..errors import ConfigError
 from .base import StepContext, StepOutput, Strategy, as_strategy, per_exit_cross_entropy
@@ -58,6 +59,7 @@ __all__ = [
     "per_exit_cross_entropy",
     "get",
     "available",
+    "resolved_options",
 ]
 
 _STRATEGIES: dict[str, type[Strategy]] = {
@@ -72,6 +74,20 @@ _STRATEGIES[SkipGateLoss.name] = SkipGateLoss  # per-sample layer skipping (issu
 def available() -> list[str]:
     """Names accepted by :func:`get`."""
     return sorted(_STRATEGIES)
+
+
+def resolved_options(name: str, **options: object) -> dict[str, object]:
+    """Every option strategy ``name`` would run with: ``options`` plus its defaults for the rest.
+
+    Reports record these, so a figure says what it was trained with even after a default changes.
+    """
+    get(name, **options)  # the same checks and one-line errors as building it
+    signature = inspect.signature(_STRATEGIES[name].__init__)
+    bound = signature.bind_partial(None, **options)
+    bound.apply_defaults()
+    resolved = dict(bound.arguments)
+    resolved.pop(next(iter(signature.parameters)))  # self
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in resolved.items()}
 
 
 def get(name: str, **options: object) -> Strategy:

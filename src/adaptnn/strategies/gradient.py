@@ -110,7 +110,7 @@ def equilibrium_scales(num_exits: int) -> list[tuple[float, float]]:
 def forward_all_rescaled(
     model: StagedModel,
     x: Tensor,
-    scope: RescaleScope = "state",
+    scope: RescaleScope = "head_inputs",
     masks: dict[int, list[bool]] | None = None,
 ) -> list[Tensor]:
     """``model.forward_all(x)`` with gradient-equilibrium rescaling at every exit but the last.

@@ -36,8 +36,8 @@ class GradientEquilibrium(Strategy):
         kd_alpha: weight of the distillation from the last exit (0 = plain GE).
         temperature: distillation temperature.
         label_smoothing: of the cross-entropies.
-        rescale_scope: which state tensors carry the rescaled trunk gradient (``"head_inputs"`` or ``"state"``;
-            see :mod:`adaptnn.strategies.gradient`).
+        rescale_scope: which state tensors carry the rescaled trunk gradient: ``"head_inputs"`` (the default, what
+            the reference code does on MSDNet) or ``"state"``; see :mod:`adaptnn.strategies.gradient`.
     """
 
     name = "imta"
@@ -48,7 +48,7 @@ class GradientEquilibrium(Strategy):
         kd_alpha: float = 0.0,
         temperature: float = 3.0,
         label_smoothing: float = 0.0,
-        rescale_scope: RescaleScope = "state",
+        rescale_scope: RescaleScope = "head_inputs",
     ) -> None:
         if not 0.0 <= kd_alpha <= 1.0:
             raise ConfigError(f"imta: kd_alpha must be in [0, 1], got {kd_alpha}")
