@@ -26,7 +26,9 @@ Controlled-run table (merges reports, trains nothing)::
     python benchmarks/fidelity.py --controlled A.json B.json --out benchmarks/results/fidelity_cifar10_controlled
 
 A long run is saved after every (strategy, seed); run the same command again with ``--resume`` to train only
-what is missing (the report must have the same setup).
+what is missing (the report must have the same setup). Strategies trained in parallel processes (or on other
+machines) into separate reports are joined into one table by ``--merge A.json B.json --out ...`` (same setup but
+the seeds and strategies; every report records each strategy's effective options, its defaults filled in).
 
 Smoke run (proves the pipeline only)::
 
@@ -154,18 +156,31 @@ def _pct(value: float | None, signed: bool = False) -> str:
     return f"{value * 100:+.2f}" if signed else f"{value * 100:.2f}"
 
 
+def verdict(row: dict[str, Any]) -> str:
+    """One line: does this strategy beat joint in mean accuracy over budgets and at the first-exit budget?"""
+    mean, first = row["median_delta_auc_mean_acc_vs_joint"], row["median_delta_first_exit_vs_joint"]
+    if mean is None or first is None:
+        return ""
+    beats = "beats joint" if mean > 0 and first > 0 else "does not beat joint"
+    return (
+        f"{row['strategy']} {beats} on seeds {row['seeds']}: mean acc {_pct(mean, True)}, "
+        f"first exit {_pct(first, True)} points"
+    )
+
+
 def markdown(report: dict[str, Any]) -> str:
     s, hw = report["setup"], report["hardware"]
     macs = report["records"][0]["exit_macs"]
-    lines = [
-        "# Fidelity: strategies vs joint on the reference MSDNet CIFAR recipe (issue 12)",
-        "",
-        f"Command: `{report['command']}`",
-        "",
+    options = s.get("effective_strategy_options", s["strategy_options"])  # reports before it: the passed options
+    lines = ["# Fidelity: strategies vs joint on the reference MSDNet CIFAR recipe (issue 12)", ""]
+    lines += [f"Command: `{report['command']}`", ""]
+    if "merged_from" in report:
+        lines += ["Merged from the reports of:", ""] + [f"- `{m['command']}`" for m in report["merged_from"]] + [""]
+    lines += [
         f"{s['model']} {s['model_kwargs']}; {s['dataset']} at {s['root']}; train {s['train_samples']}, val "
         f"{s['val_samples']}, test {s['test_samples']}; SGD lr {s['lr']} momentum {s['momentum']} wd "
         f"{s['weight_decay']}, batch {s['batch_size']}, cosine, warm-up {s['warmup_epochs']}, {s['epochs']} epochs; "
-        f"seeds {s['seeds']}; switches {s['train_overrides']}, options {s['strategy_options']}.",
+        f"seeds {s['seeds']}; switches {s['train_overrides']}; strategy options (defaults filled in) {options}.",
         "",
         f"Hardware: {hw['summary']}; load average at the end {', '.join(f'{x:.2f}' for x in hw['loadavg'])}.",
         "",
@@ -184,6 +199,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_pct(row['median_last_exit'])} | {_pct(row['median_delta_auc_mean_acc_vs_joint'], True)} | "
             f"{_pct(row['median_delta_first_exit_vs_joint'], True)} | {per_seed} |"
         )
+    verdicts = [verdict(row) for row in report["summary"] if row["strategy"] != "joint"]
+    if any(verdicts):
+        lines += [
+            "",
+            "Against joint (paired medians over seeds; the reference BoostNet beat its joint by about +1.0):",
+            "",
+        ]
+        lines += [f"- {v}" for v in verdicts if v]
     lines += ["", "Per run, test accuracy of every exit (the strategy's predictions):", ""]
     for r in report["records"]:
         accs = " / ".join(_pct(a) for a in r["exit_test_accuracy"])
@@ -215,6 +238,55 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+#: setup keys that may differ between the reports ``--merge`` joins (the rest must be equal)
+MERGED_SETUP_KEYS = ("seeds", "strategy_options", "effective_strategy_options")
+
+
+def merge(paths: list[str], command: str) -> dict[str, Any]:
+    """One fidelity report of the records of same-setup reports (e.g. strategies trained in parallel processes).
+
+    The reports must agree on every setup key but the seeds and the strategies run; a strategy in two reports must
+    have the same options there, and a (strategy, seed) may appear only once.
+    """
+    if len(paths) < 2:
+        raise SystemExit(f"--merge needs at least two reports, got {len(paths)}")
+    reports = []
+    for path in paths:
+        try:
+            report = json.loads(Path(path).read_text())
+            report["setup"], report["records"]  # noqa: B018  (the keys a fidelity report has)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"--merge: {path} is not a fidelity report ({err})") from None
+        reports.append(report)
+    first = reports[0]["setup"]
+    setup = {k: v for k, v in first.items() if k not in MERGED_SETUP_KEYS}
+    merged_options: dict[str, dict[str, Any]] = {key: {} for key in MERGED_SETUP_KEYS[1:]}
+    seeds: set[int] = set()
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    for path, report in zip(paths, reports, strict=True):
+        theirs = {k: v for k, v in report["setup"].items() if k not in MERGED_SETUP_KEYS}
+        if theirs != setup:
+            changed = sorted(k for k in set(theirs) | set(setup) if theirs.get(k) != setup.get(k))
+            raise SystemExit(f"--merge: {path} was made with another setup than {paths[0]} (differs in {changed})")
+        seeds.update(report["setup"]["seeds"])
+        for key, merged in merged_options.items():
+            for name, options in report["setup"].get(key, {}).items():
+                if merged.setdefault(name, options) != options:
+                    raise SystemExit(
+                        f"--merge: {path} ran {name} with {key} {options}, another report with {merged[name]}"
+                    )
+        for r in report["records"]:
+            if (r["strategy"], r["seed"]) in records:
+                raise SystemExit(f"--merge: {r['strategy']} seed {r['seed']} is in more than one report ({path})")
+            records[(r["strategy"], r["seed"])] = r
+    order = {name: i for i, name in enumerate(STRATEGIES)}
+    ordered = [records[k] for k in sorted(records, key=lambda k: (k[1], order.get(k[0], len(order)), k[0]))]
+    setup.update(seeds=sorted(seeds), **merged_options)
+    sources = [{"path": path, "command": report["command"]} for path, report in zip(paths, reports, strict=True)]
+    return {"command": command, "merged_from": sources, "setup": setup, "hardware": reports[0]["hardware"],
+            "records": ordered, "summary": summarise(ordered)}  # fmt: skip
 
 
 def run_label(setup: dict[str, Any], strategy: str) -> str:
@@ -341,6 +413,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--controlled", nargs="+", default=None, metavar="JSON",
         help="train nothing: merge these reports into one controlled-run table at --out",
     )  # fmt: skip
+    parser.add_argument(
+        "--merge", nargs="+", metavar="REPORT",
+        help="train nothing: join same-setup reports (e.g. strategies run in parallel processes) into one at --out",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if not 0.0 <= args.min_lr_ratio <= 1.0:
         parser.error(f"--min_lr_ratio is the final lr as a fraction of --lr, in [0, 1]; got {args.min_lr_ratio}")
@@ -370,6 +446,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         table = controlled(args.controlled)
         engine.save_report(table, args.out, controlled_markdown, controlled_plot)
         return table
+    if args.merge:
+        command = "python " + " ".join(
+            shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+        )
+        report = merge(args.merge, command)
+        engine.save_report(report, args.out, markdown, plot)
+        return report
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

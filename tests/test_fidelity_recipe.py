@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from importlib import resources
 
 import numpy as np
@@ -239,3 +240,50 @@ def test_resume_keeps_the_records_of_the_same_setup_only(tmp_path):
     out.with_suffix(".json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match="is not a fidelity report"):
         fidelity.resumed_records(out, setup)
+
+
+def test_merge_joins_same_setup_reports_and_refuses_conflicts(tmp_path):
+    """``--merge`` joins strategies run in parallel processes; a different setup or a repeated run is refused."""
+    import json
+
+    fidelity = _fidelity_benchmark()
+
+    def run(strategy: str, seed: int, mean: float, first: float) -> dict:
+        return {"strategy": strategy, "seed": seed, "auc_mean_acc": mean, "exit_test_accuracy": [first, 0.8]}
+
+    def report(name: str, records: list, seeds: list, options: dict, **setup_changes) -> str:
+        setup = {"epochs": 3, "lr": 0.1, "seeds": seeds, "strategy_options": {k: {} for k in options},
+                 "effective_strategy_options": options, **setup_changes}  # fmt: skip
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"command": f"run {name}", "setup": setup, "hardware": {}, "records": records}))
+        return str(path)
+
+    a = report("a", [run("joint", 0, 0.70, 0.60), run("boost", 0, 0.74, 0.63), run("joint", 1, 0.71, 0.61)], [0, 1],
+               {"joint": {"weights": "uniform"}, "boost": {"r": 0.5}})  # fmt: skip
+    b = report("b", [run("boost", 1, 0.70, 0.62), run("imta", 0, 0.72, 0.59)], [0, 1, 2],
+               {"boost": {"r": 0.5}, "imta": {"rescale_scope": "head_inputs"}})  # fmt: skip
+    merged = fidelity.merge([a, b], "merge")
+    assert [(r["strategy"], r["seed"]) for r in merged["records"]] == [
+        ("joint", 0), ("boost", 0), ("imta", 0), ("joint", 1), ("boost", 1)
+    ]  # fmt: skip
+    assert merged["setup"]["seeds"] == [0, 1, 2]
+    assert sorted(merged["setup"]["effective_strategy_options"]) == ["boost", "imta", "joint"]
+    assert [m["command"] for m in merged["merged_from"]] == ["run a", "run b"]
+    boost = next(row for row in merged["summary"] if row["strategy"] == "boost")
+    assert boost["median_delta_auc_mean_acc_vs_joint"] == pytest.approx(statistics.median([0.04, -0.01]))
+    assert fidelity.verdict(boost).startswith("boost beats joint on seeds [0, 1]: mean acc +1.50")
+    imta = next(row for row in merged["summary"] if row["strategy"] == "imta")
+    assert fidelity.verdict(imta).startswith("imta does not beat joint")  # +2.0 mean but -1.0 at the first exit
+
+    other_lr = report("c", [run("l2w", 0, 0.7, 0.6)], [0], {"l2w": {}}, lr=0.05)
+    with pytest.raises(SystemExit, match=r"another setup than .*a.json \(differs in \['lr'\]\)"):
+        fidelity.merge([a, other_lr], "merge")
+    again = report("d", [run("boost", 0, 0.7, 0.6)], [0], {"boost": {"r": 0.5}})
+    with pytest.raises(SystemExit, match="boost seed 0 is in more than one report"):
+        fidelity.merge([a, again], "merge")
+    other_r = report("e", [run("boost", 2, 0.7, 0.6)], [2], {"boost": {"r": 0.3}})
+    with pytest.raises(SystemExit, match=r"ran boost with effective_strategy_options \{'r': 0.3\}"):
+        fidelity.merge([a, other_r], "merge")
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="junk.json is not a fidelity report"):
+        fidelity.merge([a, str(tmp_path / "junk.json")], "merge")
