@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,8 @@ from adaptnn.layers.elastic import Variant
 from adaptnn.strategies import SortedLoss, StepContext, get
 from adaptnn.strategies.sortednet import sandwich_members
 from adaptnn.training import TrainConfig, Trainer
+from adaptnn.training.distributed import micro_batch_indices
+from adaptnn.training.schedule import build_optimizer, lr_factor
 
 
 def _model():
@@ -98,3 +102,122 @@ def test_sorted_trains_every_member_through_the_trainer(tmp_path):
     assert not torch.equal(stats[0], before[model.variants[0]])  # the smallest member's own statistics moved
     assert not torch.equal(stats[-1], before[model.variants[-1]])
     assert model.variant == model.largest
+
+
+def _vit():
+    torch.manual_seed(0)
+    return adaptnn.create_model("elastic_vit_tiny_conv_fmnist", width_mults=[0.5, 1.0], depths=[1, 2])
+
+
+def _summed_then_per_member(model, strategy, x, y, scale=0.375):
+    """``(summed loss, its grads, per-member StepOutput, its grads, backward calls)`` of one step from one state."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = StepContext(model, model.forward_all, lr=0.1, step=5, epoch=0)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    summed = strategy.training_step(ctx, x, y)  # no ctx.backward: the caller back-propagates the summed loss
+    assert not summed.backward_done and summed.loss.requires_grad
+    (summed.loss * scale).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.load_state_dict(state)
+    model.zero_grad(set_to_none=True)
+    calls = []
+
+    def backward(loss):
+        calls.append(loss.detach())
+        (loss * scale).backward()
+
+    torch.manual_seed(1)
+    out = strategy.training_step(dataclasses.replace(ctx, backward=backward), x, y)
+    per_member = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return summed, grads, out, per_member, calls
+
+
+@pytest.mark.parametrize("make", [_model, _vit], ids=["cnn", "vit"])
+@pytest.mark.parametrize("distill", [True, False])
+def test_one_backward_per_member_gives_the_gradients_of_the_summed_loss(make, distill):
+    model = make().train()
+    x = torch.randn(12, 1, 8, 8) if make is _model else torch.randn(6, 1, 28, 28)
+    y = torch.arange(len(x)) % 4
+    strategy = SortedLoss(num_random=1, distill=distill, temperature=2.0, alpha=0.25)
+    summed, grads, out, per_member, calls = _summed_then_per_member(model, strategy, x, y)
+    assert out.backward_done and not out.loss.requires_grad
+    assert len(calls) == len(sandwich_members(model.variants, 1, 5)) == 3  # one backward per member
+    torch.testing.assert_close(out.loss, summed.loss.detach(), rtol=1e-6, atol=1e-6)  # the metered loss: the sum
+    torch.testing.assert_close(sum(calls), out.loss, rtol=1e-6, atol=1e-6)
+    assert out.metrics.keys() == summed.metrics.keys()
+    assert per_member.keys() == grads.keys() and len(grads) == len(list(model.parameters()))
+    for name, g in grads.items():
+        torch.testing.assert_close(per_member[name], g, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert model.variant == model.largest
+
+
+def test_per_member_backward_is_not_used_under_ddp():
+    model = _model().train()
+    x, y = _data(8).tensors
+    calls = []
+    ctx = StepContext(model, model.forward_all, 0.1, 0, 0, world_size=2, backward=calls.append)
+    out = SortedLoss().training_step(ctx, x, y)
+    assert calls == [] and not out.backward_done and out.loss.requires_grad  # DDP: one summed backward
+
+
+def _reference_fit(model, data, cfg, options):
+    """The Trainer's updates written out by hand with the summed loss (one backward per micro-batch)."""
+    strategy = SortedLoss(**options)
+    strategy.setup(model)
+    optimizer = build_optimizer(model, cfg)
+    n = len(data)
+    per_epoch = len(micro_batch_indices(n, cfg.batch_size, seed=cfg.seed, epoch=0))
+    total, step = cfg.epochs * per_epoch, 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        for micro in micro_batch_indices(
+            n, cfg.batch_size, seed=cfg.seed, epoch=epoch, accum_steps=cfg.grad_accum_steps
+        ):
+            lr = cfg.lr * lr_factor(cfg, step, total, round(cfg.warmup_epochs * per_epoch))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            for idx in micro:
+                x, y = data[idx]
+                ctx = StepContext(model, model.forward_all, lr, step, epoch)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                    loss = strategy.training_step(ctx, x, y).loss
+                (loss * len(idx) / sum(len(i) for i in micro)).backward()
+            optimizer.step()
+            step += 1
+    return model
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_trainer_with_per_member_backward_matches_a_summed_step_with_micro_batches(tmp_path, precision):
+    data = _data()
+    cfg = TrainConfig(
+        epochs=1,
+        batch_size=25,  # 2 steps, each 3 micro-batches of 9, 8 and 8 samples: unequal loss scales
+        grad_accum_steps=3,
+        lr=0.05,
+        device="cpu",
+        progress=False,
+        strategy="sorted",
+        warmup_epochs=0.0,
+        precision=precision,
+    )
+    cfg.strategy_options = options = {"num_random": 1, "distill": True, "temperature": 2.0}
+    done = []
+
+    class Recorded(SortedLoss):
+        def training_step(self, ctx, x, y):
+            out = super().training_step(ctx, x, y)
+            done.append(out.backward_done)
+            return out
+
+    trained = _model()
+    Trainer(trained, data, cfg, tmp_path, loss_fn=Recorded(**options)).fit()
+    assert done == [True] * 6  # the Trainer offered ctx.backward: one backward per member, every micro-batch
+    expected = _reference_fit(_model(), data, cfg, options).state_dict()
+    # bf16: the summed loss adds the members' weight gradients in bfloat16 (autocast caches one cast of each
+    # weight, shared by the members), one backward per member adds them in float32: close, not equal
+    tol = {"rtol": 1e-5, "atol": 1e-6} if precision == "fp32" else {"rtol": 1e-2, "atol": 5e-3}
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(value, expected[name], **tol, msg=lambda m, name=name: f"{name}: {m}")

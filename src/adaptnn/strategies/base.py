@@ -46,6 +46,13 @@ class StepContext:
         step: optimizer steps taken so far.
         epoch: 0-based epoch.
         world_size: number of data-parallel processes (1 without DDP).
+        backward: back-propagates a part of this micro-batch's loss with the Trainer's loss scale (the
+            micro-batch's share of the global batch, times the processes), gradients accumulating; a strategy
+            that calls it returns ``StepOutput(..., backward_done=True)`` so that the Trainer does not
+            back-propagate again. It lets a strategy free each part's graph before building the next (e.g. one
+            backward per elastic member).
+            ``None`` when the caller back-propagates ``StepOutput.loss`` itself (a hand-built context); under DDP
+            a strategy should call it at most once per forward it syncs (DDP reduces once per iteration).
     """
 
     model: StagedModel
@@ -54,6 +61,7 @@ class StepContext:
     step: int
     epoch: int
     world_size: int = 1
+    backward: Callable[[Tensor], None] | None = None
 
 
 @dataclass
@@ -64,10 +72,13 @@ class StepOutput:
         loss: the scalar loss the Trainer back-propagates (mean over the micro-batch).
         metrics: this step's extra metrics by their ``metrics.jsonl`` key (detached tensors or floats); the
             Trainer averages each key over the micro-batches that report it (and over processes under DDP).
+        backward_done: the strategy already back-propagated its loss through :attr:`StepContext.backward`;
+            ``loss`` (then detached) is only checked to be finite and metered.
     """
 
     loss: Tensor
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
+    backward_done: bool = False
 
 
 def per_exit_cross_entropy(exit_logits: Sequence[Tensor], targets: Tensor, label_smoothing: float = 0.0) -> Tensor:

@@ -7,6 +7,11 @@ whole width x exit grid (x truncation) is trained at once; with
 ``distill=True`` every member but the largest also learns the largest member's softened predictions, exit by exit
 (in-place distillation: the teacher is the same forward pass, detached). The member losses are summed, so each
 member's gradient is the one it would get trained alone.
+
+Given the Trainer's :attr:`~adaptnn.strategies.StepContext.backward` and a single process, each member is
+back-propagated right after its forward (the gradients accumulate to those of the sum): only one member's graph
+is alive at a time, so the peak activation memory is one member's, not the sum of all of them, and the allocator
+does not hand the members' memory back to the OS and fault it in again every step.
 """
 
 from __future__ import annotations
@@ -143,12 +148,16 @@ class SortedLoss(Strategy):
         if not isinstance(model, ElasticStagedModel):
             self.setup(model)
         members = sandwich_members(model.variants, self.num_random, ctx.step, self.seed)
+        # one backward per member (graph freed before the next forward) when the caller offers it; under DDP one
+        # summed backward: DDP's reducer expects one backward per synced forward (it would all-reduce after every
+        # member), and a member that skips blocks leaves parameters without gradients, which the reducer rejects
+        backward = ctx.backward if ctx.world_size == 1 else None
         total = x.new_zeros((), dtype=torch.float32)
         metrics: dict[str, Tensor | float] = {}
         soft_targets: list[Tensor] | None = None
         previous = model.variant
         try:  # one switch per member and one back (not a switch and a restore per member: each walks the model)
-            for i, variant in enumerate(members):
+            for i, variant in enumerate(members):  # the largest first: its detached soft targets teach the others
                 model.set_variant(variant)
                 logits, loss = self._member_loss(ctx, x, y)
                 if i == 0:
@@ -160,7 +169,10 @@ class SortedLoss(Strategy):
                         metrics["loss_smallest"] = loss.detach()
                     if soft_targets is not None:
                         loss = (1 - self.alpha) * loss + self.alpha * self._kd_from_soft(logits, soft_targets)
+                if backward is not None:
+                    backward(loss)
+                    loss = loss.detach()
                 total = total + loss
         finally:
             model.set_variant(previous)
-        return StepOutput(total, metrics)
+        return StepOutput(total, metrics, backward_done=backward is not None)

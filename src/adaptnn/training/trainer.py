@@ -524,6 +524,10 @@ class Trainer:
                     sync = (
                         train_module.no_sync() if self.world_size > 1 and m < n_micro - 1 else contextlib.nullcontext()
                     )
+                    # mean-reduced micro losses -> the global batch's mean (DDP averages over processes)
+                    scale = len(y) * self.world_size / global_sizes[b]
+                    # strategies may back-propagate their loss in parts (StepContext.backward), else the Trainer does
+                    ctx.backward = lambda loss, scale=scale: (loss * scale).backward()
                     with sync:
                         with self._autocast():
                             out = strategy.training_step(ctx, x, y)
@@ -532,9 +536,8 @@ class Trainer:
                                 f"the training loss became {out.loss.item()} at epoch {epoch + 1}, step {step}; "
                                 "lower train.lr or check the inputs for NaN/inf"
                             )
-                        # mean-reduced micro losses -> the global batch's mean (DDP averages over processes)
-                        scale = len(y) * self.world_size / global_sizes[b]
-                        (out.loss * scale).backward()
+                        if not out.backward_done:
+                            ctx.backward(out.loss)
                     meter.add(out, len(y))
                 optimizer.step()
                 step += 1
