@@ -132,14 +132,24 @@ def summed_sorted(options: dict):
 
 
 def train(
-    model, train_set, strategy: str, options: dict, steps: int, batch: int, run_dir: Path, loss_fn=None
+    model,
+    train_set,
+    strategy: str,
+    options: dict,
+    steps: int,
+    batch: int,
+    run_dir: Path,
+    loss_fn=None,
+    *,
+    seed: int = 0,
+    epochs: int = 1,
 ) -> dict[str, float]:
     """Wall and CPU seconds of this process, minor faults and peak resident memory (MiB) of one Trainer run
     (data loading in-process: no workers)."""
     from adaptnn.training import TrainConfig, Trainer
 
     cfg = TrainConfig(
-        epochs=1,
+        epochs=epochs,
         batch_size=batch,
         lr=0.05,
         warmup_epochs=0.05,
@@ -147,7 +157,7 @@ def train(
         progress=False,
         strategy=strategy,
         strategy_options=options,
-        seed=0,
+        seed=seed,
     )
     rss = reset_peak_rss()
     faults, started, cpu = minor_faults(), time.perf_counter(), time.process_time()
@@ -171,24 +181,27 @@ def accuracy(model, dataset, n: int) -> float:
     return float((logits[-1].argmax(-1) == labels).float().mean())
 
 
-def part_train(args, splits, train_set, tmp: Path) -> tuple[dict, object]:
+def part_train(args, splits, train_set, tmp: Path, seed: int = 0) -> tuple[dict, object]:
+    """Seed ``seed`` sets the initial weights (the same for the family and each separate network of a width) and the
+    data order (the same for all of them)."""
     import adaptnn
     from adaptnn.layers.elastic import scaled
 
     base = (16, 32, 64, 128)
-    out: dict = {"load_before": load()}
-    torch.manual_seed(0)
+    out: dict = {"seed": seed, "load_before": load()}
+    fit = {"seed": seed, "epochs": args.epochs}
+    torch.manual_seed(seed)
     elastic = adaptnn.create_model("elastic_cnn_mnist", width_mults=args.widths, depths=[2])
     options = {"num_random": args.num_random, "distill": True}
     if args.summed_too:  # the former path first, from the same initial weights (a copy)
         summed = adaptnn.create_model("elastic_cnn_mnist", width_mults=args.widths, depths=[2])
         summed.load_state_dict(elastic.state_dict())
         run = train(
-            summed, train_set, "sorted", options, args.steps, args.batch, tmp / "summed", summed_sorted(options)
+            summed, train_set, "sorted", options, args.steps, args.batch, tmp / "summed", summed_sorted(options), **fit
         )
         out["sorted_summed"] = run
         out["load_after_sorted_summed"] = load()
-    run = train(elastic, train_set, "sorted", options, args.steps, args.batch, tmp / "sorted")
+    run = train(elastic, train_set, "sorted", options, args.steps, args.batch, tmp / "sorted", **fit)
     out["sorted_wall_s"], out["sorted_cpu_s"] = run["wall_s"], run["cpu_s"]
     out["sorted_minor_faults"], out["sorted_peak_rss_mb"] = run["minor_faults"], run["peak_rss_mb"]
     out["load_after_sorted"] = load()
@@ -209,8 +222,9 @@ def part_train(args, splits, train_set, tmp: Path) -> tuple[dict, object]:
     reused = {}
     if args.separate_from:  # the separate networks are deterministic (seed 0, same data order): reuse a run's figures
         earlier = json.loads(Path(args.separate_from).read_text())
-        if (earlier["steps"], earlier["batch"]) != (args.steps, args.batch):
-            raise SystemExit(f"{args.separate_from} was run with other --steps/--batch")
+        theirs = (earlier["steps"], earlier["batch"], earlier.get("epochs", 1), earlier["train"].get("seed", 0))
+        if theirs != (args.steps, args.batch, args.epochs, seed):
+            raise SystemExit(f"{args.separate_from} was run with other --steps/--batch/--epochs or seed")
         reused = {m["variant"]: m for m in earlier["train"]["members"]}
         out["separate_from"] = args.separate_from
     for w in args.widths:
@@ -219,9 +233,9 @@ def part_train(args, splits, train_set, tmp: Path) -> tuple[dict, object]:
             walls[name], separate[name] = reused[name]["separate_wall_s"], reused[name]["separate_test_acc"]
             cpus[name] = reused[name].get("separate_cpu_s")
             continue
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         net = adaptnn.create_model("mecnn_mnist", widths=[scaled(c, w) for c in base])
-        run = train(net, train_set, "joint", {}, args.steps, args.batch, tmp / f"sep_{w}")
+        run = train(net, train_set, "joint", {}, args.steps, args.batch, tmp / f"sep_{w}", **fit)
         walls[name], cpus[name], faults[name], peaks[name] = (
             run["wall_s"],
             run["cpu_s"],
@@ -446,16 +460,50 @@ def part_skip(args) -> dict:
     return out
 
 
+def epochs_text(res: dict) -> str:
+    return f" x {res['epochs']} epochs" if res.get("epochs", 1) > 1 else ""
+
+
+def seeds_markdown(res: dict) -> list[str]:
+    """Per member: the gap to its separately trained network on every seed and the median over seeds."""
+    runs = res["train_seeds"]
+    names = [m["variant"] for m in runs[0]["members"]]
+    gaps = {n: [next(m["gap_pt"] for m in run["members"] if m["variant"] == n) for run in runs] for n in names}
+    seeds = [run["seed"] for run in runs]
+    lines = [
+        f"## Sorted checkpoint vs separately trained widths over seeds {seeds} ({res['steps']} steps of "
+        f"{res['batch']}{epochs_text(res)} each)",
+        "",
+        "| member | " + " | ".join(f"gap seed {s} (pt)" for s in seeds) + " | median gap (pt) | median sorted acc |",
+        "|---|" + "---|" * (len(seeds) + 2),
+    ]
+    for n in names:
+        accs = [next(m["sorted_test_acc"] for m in run["members"] if m["variant"] == n) for run in runs]
+        cells = " | ".join(f"{g:+.2f}" for g in gaps[n])
+        lines.append(f"| {n} | {cells} | {statistics.median(gaps[n]):+.2f} | {100 * statistics.median(accs):.2f}% |")
+    walls = [run["wall_ratio_sorted_over_separate"] for run in runs]
+    lines += ["", "Wall time sorted / separate per seed: " + ", ".join(f"{w:.2f}" for w in walls)]
+    cpus = [run.get("cpu_ratio_sorted_over_separate") for run in runs]
+    if all(c is not None for c in cpus):
+        lines += ["", "CPU time sorted / separate per seed: " + ", ".join(f"{c:.2f}" for c in cpus)]
+    loads = [run["load_before"][0] for run in runs] + [runs[-1]["load_after_separate"][0]]
+    lines += ["", f"1-minute load average at each seed's start and at the end: {loads}", ""]
+    return lines
+
+
 def markdown(res: dict) -> str:
     lines = [f"# Elastic many-in-one networks (CPU, {res['machine']['torch_threads']} thread(s))", ""]
     lines.append(
         f"Machine: {res['machine']['processor']}, {res['machine']['cpu_count']} CPUs; command `{res['command']}`"
     )
     lines += ["", f"Allocator: {res.get('allocator', 'glibc malloc (defaults)')}", ""]
+    if len(res.get("train_seeds", [])) > 1:
+        lines += seeds_markdown(res)
     if "train" in res:
         t = res["train"]
         lines += [
-            f"## One sorted checkpoint vs separately trained widths ({res['steps']} steps of {res['batch']}, "
+            f"## One sorted checkpoint vs separately trained widths ({res['steps']} steps of {res['batch']}"
+            f"{epochs_text(res)}, seed {t.get('seed', 0)}, "
             f"sandwich: largest + smallest + {res.get('num_random', 1)} random member(s) per step)",
             "",
             "| member | sorted test acc | separate test acc | gap (pt) |",
@@ -570,7 +618,9 @@ def markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300, help="training steps per epoch (of --batch images)")
+    parser.add_argument("--epochs", type=int, default=1, help="train part: epochs over the --steps x --batch images")
+    parser.add_argument("--seeds", default="0", help="train part: comma-separated seeds (weights and data order)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--num-random", type=int, default=1, help="random members per step besides the ends")
     parser.add_argument("--widths", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
@@ -596,21 +646,36 @@ def main(argv: list[str] | None = None) -> int:
     res["allocator"] = f"glibc malloc ({', '.join(f'{k}={v}' for k, v in kept.items()) or 'defaults'})"
     if {"train", "speed", "steps"} & set(args.parts):
         splits, train_set = fashion_mnist(args.steps * args.batch, 5000)
+    res["epochs"] = args.epochs
     if "train" in args.parts or "speed" in args.parts:
-        with tempfile.TemporaryDirectory() as tmp:
-            res["train"], elastic = part_train(args, splits, train_set, Path(tmp))
-        print(json.dumps(res["train"]["members"], indent=1), flush=True)
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+        res["train_seeds"] = []
+        for seed in seeds:  # saved after every seed: a long multi-seed run keeps what it finished
+            with tempfile.TemporaryDirectory() as tmp:
+                out, model = part_train(args, splits, train_set, Path(tmp), seed)
+            res["train_seeds"].append(out)
+            if seed == seeds[0]:
+                res["train"], elastic = out, model  # the menu and speed parts use the first seed's family
+            print(json.dumps(out["members"], indent=1), flush=True)
+            save(res, args.name)
         if "speed" in args.parts:
             res["speed"] = part_speed_and_menu(args, splits, elastic)
     if "steps" in args.parts:
         res["steps_time"] = part_step_time(args, train_set)
     if "skip" in args.parts:
         res["skip"] = part_skip(args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(res) + "\n")
+    save(res, args.name)
     print(markdown(res))
     return 0
+
+
+def save(res: dict, name: str) -> None:
+    """``results/<name>.json`` and ``.md``, each written whole to a temporary file and renamed over the old one."""
+    RESULTS.mkdir(exist_ok=True)
+    for suffix, text in ((".json", json.dumps(res, indent=1) + "\n"), (".md", markdown(res) + "\n")):
+        tmp = RESULTS / f".{name}{suffix}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, RESULTS / f"{name}{suffix}")
 
 
 if __name__ == "__main__":
