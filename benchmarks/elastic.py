@@ -643,7 +643,11 @@ def main(argv: list[str] | None = None) -> int:
     res["batch"] = args.batch
     res["num_random"] = args.num_random
     kept = {k: os.environ[k] for k in KEEP_FREED if k in os.environ}
-    res["allocator"] = f"glibc malloc ({', '.join(f'{k}={v}' for k, v in kept.items()) or 'defaults'})"
+    res["allocator"] = f"glibc malloc ({', '.join(f'{k}={v}' for k, v in kept.items()) or 'defaults'})" + (
+        ""
+        if kept
+        else "; the train part's Trainer keeps freed memory itself (adaptnn.training.device.keep_freed_memory)"
+    )
     if {"train", "speed", "steps"} & set(args.parts):
         splits, train_set = fashion_mnist(args.steps * args.batch, 5000)
     res["epochs"] = args.epochs

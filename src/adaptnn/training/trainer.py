@@ -66,7 +66,7 @@ from .curriculum import (
     spatially_relaxed,
     stages_of,
 )
-from .device import resolve_device, seed_everything
+from .device import keep_freed_memory, resolve_device, seed_everything
 from .distributed import MicroBatchSampler, barrier, micro_batch_indices, process_group, process_layout
 from .metrics import EpochMeter
 from .rng import capture_rng_state, preserved_rng, restore_rng_state
@@ -432,6 +432,8 @@ class Trainer:
     def _fit(self, resume: bool) -> list[dict[str, Any]]:
         cfg = self.config
         seed_everything(cfg.seed)
+        if self.device.type == "cpu" and keep_freed_memory():  # no page faults re-fetching each step's activations
+            log.debug("glibc malloc keeps freed memory for reuse (set MALLOC_TRIM_THRESHOLD_ to keep its defaults)")
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
