@@ -145,6 +145,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"median_{key}"] = statistics.median(pick(r) for r in runs.values())
             paired = [pick(r) - pick(joint[s]) for s, r in runs.items() if s in joint]
             row[f"median_delta_{key}_vs_joint"] = statistics.median(paired) if paired and name != "joint" else None
+        row["paired_seeds_vs_joint"] = sorted(s for s in runs if s in joint) if name != "joint" else []
         row["auc_mean_acc_per_seed"] = {s: runs[s]["auc_mean_acc"] for s in sorted(runs)}
         rows.append(row)
     return rows
@@ -163,8 +164,8 @@ def verdict(row: dict[str, Any]) -> str:
         return ""
     beats = "beats joint" if mean > 0 and first > 0 else "does not beat joint"
     return (
-        f"{row['strategy']} {beats} on seeds {row['seeds']}: mean acc {_pct(mean, True)}, "
-        f"first exit {_pct(first, True)} points"
+        f"{row['strategy']} {beats} on the seeds both ran, {row['paired_seeds_vs_joint']}: "
+        f"mean acc {_pct(mean, True)}, first exit {_pct(first, True)} points"
     )
 
 
@@ -180,7 +181,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s['model']} {s['model_kwargs']}; {s['dataset']} at {s['root']}; train {s['train_samples']}, val "
         f"{s['val_samples']}, test {s['test_samples']}; SGD lr {s['lr']} momentum {s['momentum']} wd "
         f"{s['weight_decay']}, batch {s['batch_size']}, cosine, warm-up {s['warmup_epochs']}, {s['epochs']} epochs; "
-        f"seeds {s['seeds']}; switches {s['train_overrides']}; strategy options (defaults filled in) {options}.",
+        f"seeds planned {s['seeds']} (per strategy, the table lists those trained); "
+        f"switches {s['train_overrides']}; strategy options (defaults filled in) {options}.",
         "",
         f"Hardware: {hw['summary']}; load average at the end {', '.join(f'{x:.2f}' for x in hw['loadavg'])}.",
         "",

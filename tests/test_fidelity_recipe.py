@@ -271,9 +271,9 @@ def test_merge_joins_same_setup_reports_and_refuses_conflicts(tmp_path):
     assert [m["command"] for m in merged["merged_from"]] == ["run a", "run b"]
     boost = next(row for row in merged["summary"] if row["strategy"] == "boost")
     assert boost["median_delta_auc_mean_acc_vs_joint"] == pytest.approx(statistics.median([0.04, -0.01]))
-    assert fidelity.verdict(boost).startswith("boost beats joint on seeds [0, 1]: mean acc +1.50")
+    assert fidelity.verdict(boost).startswith("boost beats joint on the seeds both ran, [0, 1]: mean acc +1.50")
     imta = next(row for row in merged["summary"] if row["strategy"] == "imta")
-    assert fidelity.verdict(imta).startswith("imta does not beat joint")  # +2.0 mean but -1.0 at the first exit
+    assert fidelity.verdict(imta).startswith("imta does not beat joint on the seeds both ran, [0]")  # first exit -1.0
 
     other_lr = report("c", [run("l2w", 0, 0.7, 0.6)], [0], {"l2w": {}}, lr=0.05)
     with pytest.raises(SystemExit, match=r"another setup than .*a.json \(differs in \['lr'\]\)"):
