@@ -616,11 +616,24 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def seed_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; anything else is refused by the parser with one line."""
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps per epoch (of --batch images)")
     parser.add_argument("--epochs", type=int, default=1, help="train part: epochs over the --steps x --batch images")
-    parser.add_argument("--seeds", default="0", help="train part: comma-separated seeds (weights and data order)")
+    parser.add_argument(
+        "--seeds", type=seed_list, default="0", help="train part: comma-separated seeds (weights and data order)"
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--num-random", type=int, default=1, help="random members per step besides the ends")
     parser.add_argument("--widths", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
@@ -652,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         splits, train_set = fashion_mnist(args.steps * args.batch, 5000)
     res["epochs"] = args.epochs
     if "train" in args.parts or "speed" in args.parts:
-        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+        seeds = args.seeds
         res["train_seeds"] = []
         for seed in seeds:  # saved after every seed: a long multi-seed run keeps what it finished
             with tempfile.TemporaryDirectory() as tmp:

@@ -258,7 +258,11 @@ def merge(paths: list[str], command: str) -> dict[str, Any]:
     for path in paths:
         try:
             report = json.loads(Path(path).read_text())
-            report["setup"], report["records"]  # noqa: B018  (the keys a fidelity report has)
+            if not isinstance(report["setup"], dict) or not isinstance(report["records"], list):
+                raise TypeError("its setup must be an object and its records a list")
+            report["setup"]["seeds"], report["command"], report["hardware"]  # noqa: B018  (keys merge reads)
+            if not all(isinstance(r["strategy"], str) and isinstance(r["seed"], int) for r in report["records"]):
+                raise TypeError("every record needs a strategy name and an integer seed")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise SystemExit(f"--merge: {path} is not a fidelity report ({err})") from None
         reports.append(report)
