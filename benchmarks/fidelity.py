@@ -26,9 +26,11 @@ Controlled-run table (merges reports, trains nothing)::
     python benchmarks/fidelity.py --controlled A.json B.json --out benchmarks/results/fidelity_cifar10_controlled
 
 A long run is saved after every (strategy, seed); run the same command again with ``--resume`` to train only
-what is missing (the report must have the same setup). Strategies trained in parallel processes (or on other
-machines) into separate reports are joined into one table by ``--merge A.json B.json --out ...`` (same setup but
-the seeds and strategies; every report records each strategy's effective options, its defaults filled in).
+what is missing (the report must have the same setup); with a ``--work_dir``, a (strategy, seed) that was cut
+short goes on from its last epoch checkpoint there (its record says how many epochs were ``resumed_epochs``).
+Strategies trained in parallel processes (or on other machines) into separate reports are joined into one table
+by ``--merge A.json B.json --out ...`` (same setup but the seeds and strategies; every report records each
+strategy's effective options, its defaults filled in).
 
 Smoke run (proves the pipeline only)::
 
@@ -123,6 +125,7 @@ def record(result: dict[str, Any], seed: int) -> dict[str, Any]:
         "budgeted_curve": {"avg_macs": cost.tolist(), "test_accuracy": acc.tolist()},
         "auc_mean_acc": engine.anchored_mean_accuracy(result),
         "train_time_s": result["train_time_s"],
+        "resumed_epochs": result.get("resumed_epochs", 0),
         "train_loss": result["train_loss"],
         "policy_check": result["policy_check"],
     }
@@ -413,7 +416,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work_dir", default=None, help="run directories (default: a temporary directory)")
     parser.add_argument(
         "--resume", action="store_true",
-        help="keep the (strategy, seed) records already in <out>.json (same setup) and train only the others",
+        help="keep the (strategy, seed) records already in <out>.json (same setup) and train only the others; "
+        "a run cut short in --work_dir goes on from its last epoch checkpoint",
     )  # fmt: skip
     parser.add_argument(
         "--controlled", nargs="+", default=None, metavar="JSON",
@@ -521,7 +525,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             run_args.work_dir = str(Path(args.work_dir or tmp.name) / f"seed{seed}")
             log.info("seed %d: training %s", seed, name)
-            result = engine.run_strategy(name, strategy_options(name, args), splits, subset, run_args, overrides)
+            options = strategy_options(name, args)
+            result = engine.run_strategy(name, options, splits, subset, run_args, overrides, resume=args.resume)
             records.append(dict(record(result, seed), hardware=engine._hardware()))  # the load while it trained
             log.info("%s seed %d: mean acc %.4f", name, seed, records[-1]["auc_mean_acc"])
             save()  # after every (strategy, seed): hours of training are never lost; --resume goes on from here

@@ -124,11 +124,14 @@ def run_strategy(
     train_set: Any,
     args: argparse.Namespace,
     train_overrides: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> dict:
     """Train one strategy and evaluate it; returns its result record.
 
     ``train_overrides`` sets further :class:`TrainConfig` fields (e.g. ``nesterov``, ``weight_decay_norm_bias``,
-    ``exit_weights``) for controlled runs; the run directory is ``args.work_dir / name``.
+    ``exit_weights``) for controlled runs; the run directory is ``args.work_dir / name``. ``resume`` continues a
+    run cut short there from its last epoch checkpoint (the Trainer refuses one made with another config); the
+    record's ``resumed_epochs`` says how many epochs an earlier process trained.
     """
     seed_everything(args.seed)  # identical initial weights for every strategy
     kwargs = json.loads(args.model_kwargs)
@@ -152,8 +155,14 @@ def run_strategy(
     strategy = build_strategy(cfg)
     run_dir = Path(args.work_dir) / name
     started = time.perf_counter()
-    history = Trainer(model, train_set, cfg, run_dir, loss_fn=strategy).fit(resume=False)
+    trainer = Trainer(model, train_set, cfg, run_dir, loss_fn=strategy)
+    resuming = resume and trainer.checkpoint_path.exists()
+    history = trainer.fit(resume=resume)
     train_time = time.perf_counter() - started
+    resumed_epochs = 0
+    if resuming:  # the epochs an earlier process trained are in the run's metrics log (one line per epoch)
+        full = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines() if line.strip()]
+        resumed_epochs, history = len(full) - len(history), full
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     val_logits, val_labels = collect_logits(model, splits.val, batch_size=512, device=device)
     test_logits, test_labels = collect_logits(model, splits.test, batch_size=512, device=device)
@@ -172,6 +181,7 @@ def run_strategy(
         "strategy": name,
         "options": {k: v for k, v in vars(strategy).items() if not k.startswith("_") and _jsonable(v)},
         "train_time_s": train_time,
+        "resumed_epochs": resumed_epochs,
         "epoch_time_s": [h["epoch_time_s"] for h in history],
         "train_loss": [h["train_loss"] for h in history],
         "extra_metrics": {k: v for k, v in history[-1].items() if k.startswith(name)},

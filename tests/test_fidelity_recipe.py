@@ -242,6 +242,26 @@ def test_resume_keeps_the_records_of_the_same_setup_only(tmp_path):
         fidelity.resumed_records(out, setup)
 
 
+def test_a_run_cut_short_goes_on_from_its_last_epoch_checkpoint(tmp_path):
+    import argparse
+
+    engine = _fidelity_benchmark().engine  # benchmarks/strategies.py, which trains every fidelity run
+    splits = build_datasets(DataConfig(name="digits", val_size=200))
+    args = argparse.Namespace(
+        model="mecnn_digits", model_kwargs='{"widths": [8, 8, 16, 16]}', epochs=1, batch_size=256, optimizer="sgd",
+        lr=0.05, weight_decay=0.0, warmup_epochs=0.0, seed=0, device="cpu", num_workers=0, precision="fp32",
+        work_dir=str(tmp_path),
+    )  # fmt: skip
+    first = engine.run_strategy("joint", {}, splits, splits.train, args)  # the process that was cut short
+    assert first["resumed_epochs"] == 0
+    args.epochs = 2
+    resumed = engine.run_strategy("joint", {}, splits, splits.train, args, resume=True)
+    assert resumed["resumed_epochs"] == 1
+    assert len(resumed["train_loss"]) == 2 and resumed["train_loss"][0] == first["train_loss"][0]
+    fresh = engine.run_strategy("joint", {}, splits, splits.train, args)  # without resume: starts over
+    assert fresh["resumed_epochs"] == 0 and len(fresh["train_loss"]) == 2
+
+
 def test_merge_joins_same_setup_reports_and_refuses_conflicts(tmp_path):
     """``--merge`` joins strategies run in parallel processes; a different setup or a repeated run is refused."""
     import json
