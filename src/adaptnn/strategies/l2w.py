@@ -23,10 +23,11 @@ strategies; the meta part is held out of the look-ahead only.
 Extra cost of a step with a meta update, relative to a plain joint step: one forward of the training
 part, a backward with ``create_graph`` (about 2x a backward), one forward of the meta part with
 ``theta'`` and the backward of the meta loss through the look-ahead (second-order terms), i.e. roughly
-3-4x the compute of a plain step and about twice its activation memory. The default ``meta_interval`` of 10
-follows the reference implementation, which updates the weight network every 10th iteration (its
-``meta_gap``): on issue 12's CIFAR-10 recipe a training step then costs about 1.1-1.2x a joint step, against
-2.7x with a meta update every step (30 steps timed side by side, ``benchmarks/fidelity.py --train_subset 1920``).
+3-4x the compute of a plain step and about twice its activation memory. ``meta_interval`` amortises it. The
+reference code's own default is 1 (a look-ahead every step); the one training command it publishes (ImageNet,
+batch 4096) uses 100. adaptnn defaults to 10: on issue 12's CIFAR-10 recipe a training step then costs about
+1.1-1.2x a joint step, against 2.7x with a look-ahead every step (30 steps timed side by side,
+``benchmarks/fidelity.py --train_subset 1920``); set ``meta_interval: 1`` for the reference default.
 The look-ahead ignores momentum and weight decay (plain SGD with the current learning rate). Under DDP
 each process runs the look-ahead on its own shard and the weight network's gradients are averaged.
 """
@@ -110,8 +111,8 @@ class L2WLoss(Strategy):
         meta_lr: Adam learning rate of the weight network.
         meta_weight_decay: its weight decay.
         hidden: hidden width of the weight network.
-        meta_interval: meta-update every this many optimizer steps (1 = every step; 10, the reference's
-            default, costs about 1.1-1.2x a joint step instead of 2.7x).
+        meta_interval: meta-update every this many optimizer steps (1 = every step, the reference code's
+            default, 2.7x the cost of a joint step; 10 costs about 1.1-1.2x).
         meta_fraction: share of each micro-batch held out as meta data.
         label_smoothing: of the backbone's cross-entropies.
     """
