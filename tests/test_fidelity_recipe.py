@@ -122,6 +122,8 @@ def test_msdnet_cifar100_recipes_are_the_published_one(strategy):
     assert t.strategy == strategy
     if strategy in ("boost", "imta"):
         assert t.strategy_options["rescale_scope"] == "head_inputs"
+    if strategy == "l2w":  # the reference's look-ahead on every step, not adaptnn's cheaper default
+        assert t.strategy_options["meta_interval"] == 1
 
 
 @pytest.mark.parametrize("step", [4, 7])
