@@ -329,6 +329,37 @@ def test_l2w_meta_step_and_backbone_step_without_model_copies(monkeypatch):
     assert set(out.metrics) == {"l2w_meta_loss", "l2w_weight_std"}
 
 
+def test_l2w_centre_all_keeps_only_the_overall_mean_weight_at_one():
+    torch.manual_seed(0)
+    losses = torch.rand(16, 3) * 4
+    by_exit, over_all = L2WLoss(centre="exit"), L2WLoss(centre="all")
+    for strategy in (by_exit, over_all):
+        strategy.setup(_mlp_model(num_exits=3))
+    over_all.weight_net.load_state_dict(by_exit.weight_net.state_dict())
+    w_exit, w_all = by_exit.sample_weights(losses).detach(), over_all.sample_weights(losses).detach()
+    torch.testing.assert_close(w_exit.mean(0), torch.ones(3))
+    torch.testing.assert_close(w_all.mean(), torch.tensor(1.0))
+    assert not torch.allclose(w_all.mean(0), torch.ones(3))  # the balance between exits moved
+    torch.testing.assert_close(w_all - w_all.mean(0), w_exit - w_exit.mean(0))  # same spread within each exit
+    assert float(w_all.min()) >= 0.0
+
+
+def test_l2w_meta_reduction_exit_sums_each_exits_mean():
+    torch.manual_seed(0)
+    logits = [torch.randn(12, 4) for _ in range(3)]
+    y = torch.randint(0, 4, (12,))
+    probs = torch.stack([lg.softmax(-1) for lg in logits])
+    exits = allocate_exits(probs.amax(-1), [1 / 3, 1 / 3, 1 / 3])
+    per_sample = torch.stack([F.cross_entropy(logits[int(k)][i : i + 1], y[i : i + 1]) for i, k in enumerate(exits)])
+    by_exit = sum(per_sample[exits == k].mean() for k in range(3) if bool((exits == k).any()))
+    torch.testing.assert_close(L2WLoss(meta_reduction="exit").meta_loss(logits, y), by_exit)
+    torch.testing.assert_close(L2WLoss().meta_loss(logits, y), per_sample.mean())
+    with pytest.raises(ConfigError, match="centre must be 'exit' or 'all'.*got 'rows'"):
+        L2WLoss(centre="rows")
+    with pytest.raises(ConfigError, match="meta_reduction 'sample' or 'exit'; got 'exit', 'sum'"):
+        L2WLoss(meta_reduction="sum")
+
+
 @pytest.mark.parametrize("name", ["joint", "distill", "boost", "imta", "l2w", "frozen"])
 def test_every_strategy_trains_through_the_trainer(tmp_path, name):
     torch.manual_seed(0)

@@ -30,13 +30,27 @@ batch 4096) uses 100. adaptnn defaults to 10: on issue 12's CIFAR-10 recipe a tr
 ``benchmarks/fidelity.py --train_subset 1920``); set ``meta_interval: 1`` for the reference default.
 The look-ahead ignores momentum and weight decay (plain SGD with the current learning rate). Under DDP
 each process runs the look-ahead on its own shard and the weight network's gradients are averaged.
+
+Where this differs from the authors' CIFAR training script (read for issue 12; options where cheap):
+
+* The script splits every loader batch into two halves and takes **two backbone SGD steps** per batch, one on
+  each half (each preceded, every ``meta_interval`` batches, by a look-ahead on that half with the other half
+  as meta data). Its backbone therefore trains with half the loader batch and twice the steps of a joint
+  run at the same ``batch_size``; adaptnn takes one step on the whole micro-batch, as every other strategy.
+  To compare at the script's step count, halve ``batch_size``.
+* Its look-ahead is an SGD step with the backbone optimizer's state (momentum buffers, weight decay).
+* Its meta loss sums each exit's mean (``meta_reduction: exit``); its published ImageNet command centres
+  the weights over the whole matrix (``centre: all``); adaptnn defaults to ``sample`` and ``exit``.
+* Its weight network's learning rate follows a cosine schedule; adaptnn's is constant. Its argparse
+  defaults are ``meta_lr`` 1e-5 and ``meta_weight_decay`` 0 (the ImageNet command: 1e-4 and 1e-4, ``eps``
+  0.3, hidden 500); it publishes no CIFAR command.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +129,14 @@ class L2WLoss(Strategy):
             default, 2.7x the cost of a joint step; 10 costs about 1.1-1.2x).
         meta_fraction: share of each micro-batch held out as meta data.
         label_smoothing: of the backbone's cross-entropies.
+        centre: how the weight network's outputs are centred over the batch: ``"exit"`` (per exit, so every
+            exit's mean weight is 1; the reference code's ``constraint_dimension row``) or ``"all"`` (one mean
+            over the whole ``[N, K]`` matrix, so only the overall mean weight is 1 and the balance between
+            exits can move too; ``mat``, what the reference's published ImageNet command uses).
+        meta_reduction: the meta loss over the meta samples: ``"sample"`` (the mean cross-entropy of every
+            sample at its allocated exit) or ``"exit"`` (the sum over exits of the mean cross-entropy of the
+            samples allocated there: every exit counts equally however many samples it takes; the reference
+            code's).
     """
 
     name = "l2w"
@@ -129,7 +151,14 @@ class L2WLoss(Strategy):
         meta_interval: int = 10,
         meta_fraction: float = 0.5,
         label_smoothing: float = 0.0,
+        centre: Literal["exit", "all"] = "exit",
+        meta_reduction: Literal["sample", "exit"] = "sample",
     ) -> None:
+        if centre not in ("exit", "all") or meta_reduction not in ("sample", "exit"):
+            raise ConfigError(
+                f"l2w: centre must be 'exit' or 'all' and meta_reduction 'sample' or 'exit'; got {centre!r}, "
+                f"{meta_reduction!r}"
+            )
         if not 0 <= eps <= 0.5:
             raise ConfigError(f"l2w: eps must be in [0, 0.5] so weights stay >= 0, got {eps}")
         if not target_p > 0 or not meta_lr > 0 or meta_interval < 1 or not 0 < meta_fraction < 1 or hidden < 1:
@@ -145,6 +174,8 @@ class L2WLoss(Strategy):
         self.meta_interval = int(meta_interval)
         self.meta_fraction = float(meta_fraction)
         self.label_smoothing = label_smoothing
+        self.centre = centre
+        self.meta_reduction = meta_reduction
         self.weight_net: WeightNet | None = None
         self.meta_optimizer: torch.optim.Optimizer | None = None
 
@@ -186,7 +217,8 @@ class L2WLoss(Strategy):
         if self.weight_net is None:
             raise ConfigError("l2w: the weight network is not built yet; call setup(model) first")
         t = self.weight_net(losses.detach().float())
-        return 1.0 + self.eps * (t - t.mean(dim=0, keepdim=True))
+        mean = t.mean(dim=0, keepdim=True) if self.centre == "exit" else t.mean()
+        return 1.0 + self.eps * (t - mean)
 
     def weighted_loss(self, exit_logits: list[Tensor], targets: Tensor, weights: Tensor) -> Tensor:
         """``mean_i sum_k w_ik * CE_ik``."""
@@ -201,12 +233,20 @@ class L2WLoss(Strategy):
         return (weights * losses).sum(dim=1).mean()
 
     def meta_loss(self, exit_logits: list[Tensor], targets: Tensor) -> Tensor:
-        """Cross-entropy of each sample at the exit the budgeted allocation (target p) gives it."""
+        """Cross-entropy of each sample at the exit the budgeted allocation (target p) gives it.
+
+        Reduced per ``meta_reduction``: the mean over samples, or the sum over exits of each exit's mean.
+        """
         probs = torch.stack([lg.detach().float().softmax(-1) for lg in exit_logits])  # [K, N, C]
         exits = allocate_exits(probs.amax(-1), exit_distribution(self.target_p, len(exit_logits)))
         stacked = torch.stack([lg.float() for lg in exit_logits])  # [K, N, C]
         chosen = stacked[exits, torch.arange(len(targets), device=targets.device)]
-        return F.cross_entropy(chosen, targets)
+        if self.meta_reduction == "sample":
+            return F.cross_entropy(chosen, targets)
+        per_sample = F.cross_entropy(chosen, targets, reduction="none")
+        counts = torch.bincount(exits, minlength=len(exit_logits)).to(per_sample.dtype)
+        sums = torch.zeros_like(counts).index_add(0, exits, per_sample)
+        return (sums / counts.clamp(min=1)).sum()  # exits without samples add 0
 
     def meta_step(self, model: StagedModel, lr: float, x: Tensor, y: Tensor, world_size: int = 1) -> float:
         """One meta update of the weight network from a micro-batch; returns the meta loss."""
