@@ -48,6 +48,7 @@ import statistics
 import sys
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -311,13 +312,22 @@ def run_label(setup: dict[str, Any], strategy: str) -> str:
     return ", ".join(parts) or "defaults"
 
 
-def controlled(paths: list[str]) -> dict[str, Any]:
-    """One table of every (report, strategy, seed) in the ``paths`` reports: the controlled runs side by side."""
+def controlled(
+    paths: list[str], seeds: Sequence[int] | None = None, strategies: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """One table of every (report, strategy, seed) in the ``paths`` reports: the controlled runs side by side.
+
+    ``seeds`` and ``strategies`` (``None``: all) keep only those records, e.g. one seed of a 3-seed report.
+    """
     rows, hardware = [], []
     for path in paths:
         report = json.loads(Path(path).read_text())
         hardware.append(report["hardware"]["summary"] + f" (load {report['hardware']['loadavg'][0]:.2f})")
         for r in report["records"]:
+            if (seeds is not None and r["seed"] not in seeds) or (
+                strategies is not None and r["strategy"] not in strategies
+            ):
+                continue
             rows.append({
                 "report": Path(path).stem,
                 "label": run_label(report["setup"], r["strategy"]),
@@ -421,7 +431,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--controlled", nargs="+", default=None, metavar="JSON",
-        help="train nothing: merge these reports into one controlled-run table at --out",
+        help="train nothing: merge these reports into one controlled-run table at --out (only the records of "
+        "--seeds and --strategies)",
     )  # fmt: skip
     parser.add_argument(
         "--merge", nargs="+", metavar="REPORT",
@@ -431,6 +442,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 0.0 <= args.min_lr_ratio <= 1.0:
         parser.error(f"--min_lr_ratio is the final lr as a fraction of --lr, in [0, 1]; got {args.min_lr_ratio}")
     return args
+
+
+def split_list(text: str, kind: type) -> list[Any]:
+    """The comma-separated items of a switch (``--seeds 0,1`` or ``--strategies joint,boost``), blanks dropped."""
+    try:
+        return [kind(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise SystemExit(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
 
 
 def resumed_records(out: Path, setup: dict[str, Any]) -> list[dict[str, Any]]:
@@ -453,7 +472,7 @@ def resumed_records(out: Path, setup: dict[str, Any]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.controlled:
-        table = controlled(args.controlled)
+        table = controlled(args.controlled, split_list(args.seeds, int), split_list(args.strategies, str))
         engine.save_report(table, args.out, controlled_markdown, controlled_plot)
         return table
     if args.merge:
@@ -473,8 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         perm = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(args.split_seed))
         splits.test = torch.utils.data.Subset(splits.test, perm[: args.test_subset].tolist())
     tmp = tempfile.TemporaryDirectory(prefix="adaptnn-fidelity-") if args.work_dir is None else None
-    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    names, seeds = split_list(args.strategies, str), split_list(args.seeds, int)
     overrides = train_overrides(args)
     setup = {
         "dataset": "image_folder (CIFAR-10 JPEG)",

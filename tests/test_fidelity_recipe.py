@@ -211,6 +211,10 @@ def test_controlled_table_labels_each_run_by_what_it_changed(tmp_path):
     assert [r["report"] for r in table["rows"]] == ["r0", "r1"]
     text = fidelity.controlled_markdown(table)
     assert "| r1 | boost | 0 | nesterov=False, r=0.5, rescale_scope=head_inputs | 60.00 | 50.00 | 70.00 |" in text
+    assert [r["report"] for r in fidelity.controlled(paths, seeds=[0], strategies=["boost"])["rows"]] == ["r1"]
+    assert fidelity.controlled(paths, seeds=[1])["rows"] == []
+    with pytest.raises(SystemExit, match="expected comma-separated int values, got '0,x'"):
+        fidelity.split_list("0,x", int)
 
 
 def test_run_label_names_a_learning_rate_that_does_not_decay():
