@@ -1,6 +1,8 @@
-"""Building blocks shared by models and adapters: exit heads, their per-family defaults, small blocks."""
+"""Building blocks shared by models and adapters: exit heads, their per-family defaults, small blocks, and the
+inline-collaboration transform of a trained model's exits (IMTA stage two)."""
 
 from .blocks import ConvBNReLU
+from .collaboration import inline_collaboration
 from .heads import (
     FAMILY_DEFAULT_HEADS,
     FAMILY_DEFAULT_OPTIONS,
@@ -23,5 +25,6 @@ __all__ = [
     "PoolLinearHead",
     "TokenHead",
     "default_head_kind",
+    "inline_collaboration",
     "make_head",
 ]
