@@ -3,12 +3,15 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from adaptnn.errors import ConfigError
 from adaptnn.layers.collaboration import PredictExit, inline_collaboration
-from adaptnn.models import create_model
+from adaptnn.models import create_model, load_model
 from adaptnn.policies import ConfidencePolicy
 from adaptnn.runtime import InputSpec, StagedModel
+from adaptnn.strategies import get
+from adaptnn.training import TrainConfig, Trainer
 from helpers import assert_realised_equals_simulated, randomise_stats
 
 
@@ -105,3 +108,30 @@ def test_only_the_new_classifiers_and_isc_modules_train():
 def test_heads_without_a_final_linear_layer_are_refused():
     with pytest.raises(ConfigError, match="heads ending in a linear layer named 'fc'; head 0 \\(Linear\\) has none"):
         inline_collaboration(_mlp(head=nn.Linear))
+
+
+def test_imta_isc_trains_only_the_collaboration_and_checkpoints_round_trip(tmp_path):
+    torch.manual_seed(0)
+    stage_one = create_model("msdnet_test_tiny")
+    model = inline_collaboration(stage_one)
+    model.model_spec = {"name": "msdnet_test_tiny", "kwargs": {"collaboration": "inline"}}
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(48, 3, 16, 16, generator=gen), torch.randint(0, stage_one.num_classes, (48,), generator=gen))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.1, device="cpu", progress=False, strategy="imta_isc")
+    Trainer(model, data, cfg, tmp_path).fit()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(".classifier." in name or ".isc." in name for name in changed)
+    assert any(".isc." in name for name in changed)
+    reloaded = load_model(tmp_path / "checkpoints" / "last.safetensors").eval()
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        for ours, theirs in zip(model.eval().forward_all(x), reloaded.forward_all(x), strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_imta_isc_refuses_a_model_without_collaborative_exits():
+    with pytest.raises(ConfigError, match="imta_isc trains IMTA's stage-two model.*this model has none"):
+        get("imta_isc").setup(_mlp())
+    with pytest.raises(ConfigError, match="collaboration must be 'none' or 'inline', got 'yes'"):
+        create_model("msdnet_test_tiny", collaboration="yes")

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..layers.blocks import ConvBNReLU
+from ..layers.collaboration import inline_collaboration
 from ..layers.heads import MSDNetConvHead
 from ..runtime.staged import InputSpec, StagedModel
 from ..runtime.state import State
@@ -275,6 +276,7 @@ def msdnet(
     in_chans: int = 3,
     head_channels: int | None = None,
     init: str = "torch_default",
+    collaboration: str = "none",
 ) -> StagedModel:
     """Build an MSDNet with one exit after each of its ``n_blocks`` blocks.
 
@@ -308,11 +310,16 @@ def msdnet(
             squared norm, which slows the early blocks, most of all under gradient rescaling (BoostNet, IMTA). On
             the reference CIFAR-10 recipe (3 epochs, seed 0) ``torch_default`` gave boost 74.15 vs joint 71.79 mean
             accuracy over budgets, ``he`` boost 68.78 vs joint 72.85 (benchmarks/results/fidelity_cifar10_controlled).
+        collaboration: ``'none'`` or ``'inline'``: IMTA's stage-two architecture, where every exit's classifier also
+            reads the previous exit's prediction (:func:`adaptnn.layers.collaboration.inline_collaboration`; the
+            ``imta_isc`` strategy trains it from a stage-one checkpoint).
     """
     if stem not in ("cifar", "imagenet"):
         raise ConfigError(f"stem must be 'cifar' (32x32 inputs) or 'imagenet' (224x224 inputs), got {stem!r}")
     if init not in INITS:
         raise ConfigError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if collaboration not in ("none", "inline"):
+        raise ConfigError(f"collaboration must be 'none' or 'inline', got {collaboration!r}")
     for name, value, low in (("n_blocks", n_blocks, 1), ("base", base, 1), ("step", step, 0)):
         if not isinstance(value, int) or value < low:
             raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -381,6 +388,8 @@ def msdnet(
     )
     if init == "he":
         _init_weights(model)
+    if collaboration == "inline":
+        model = inline_collaboration(model, freeze=False)
     return model
 
 

@@ -13,6 +13,7 @@ distill    self-distillation of earlier exits from the last exit or the ensemble
 boost      BoostNet: exits trained as an additive ensemble; ensemble policy at inference
 l2w        L2W-DEN: per-sample exit weights from a meta-trained weight network
 imta       IMTA gradient equilibrium (optionally with one-for-all distillation)
+imta_isc   IMTA stage two: collaborative exit classifiers on a frozen stage-one model, one-for-all distillation
 frozen     train only the exit heads of a frozen (pretrained) backbone
 sorted     sandwich-rule training of every member of an elastic family (+ in-place distillation)
 matryoshka every listed truncation of Matryoshka (nested-embedding) exit heads classifies
@@ -33,6 +34,7 @@ from .distill import SelfDistillation
 from .dynamicvit import DynamicViT
 from .frozen import FrozenBackbone, fit_heads_cached
 from .imta import GradientEquilibrium
+from .isc import InlineCollaborationLoss
 from .joint import JointLoss, exit_weights
 from .l2w import L2WLoss
 from .matryoshka import MatryoshkaLoss
@@ -52,6 +54,7 @@ __all__ = [
     "MatryoshkaLoss",
     "SkipGateLoss",
     "GradientEquilibrium",
+    "InlineCollaborationLoss",
     "FrozenBackbone",
     "boosted_logits",
     "exit_weights",
@@ -69,6 +72,7 @@ _STRATEGIES: dict[str, type[Strategy]] = {
 _STRATEGIES[DynamicViT.name] = DynamicViT  # token ViTs: learned token dropping (issue 15)
 _STRATEGIES[MatryoshkaLoss.name] = MatryoshkaLoss  # nested-embedding exit heads (issue 16)
 _STRATEGIES[SkipGateLoss.name] = SkipGateLoss  # per-sample layer skipping (issue 16)
+_STRATEGIES[InlineCollaborationLoss.name] = InlineCollaborationLoss  # IMTA stage two (issue 12)
 
 
 def available() -> list[str]:
