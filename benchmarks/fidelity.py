@@ -15,6 +15,10 @@ Controlled runs change one thing against the defaults: ``--no-nesterov`` (plain 
 ``--min_lr_ratio`` (1.0: a constant learning rate, what
 the reference BoostNet script's per-epoch multistep schedule amounts to over 3 epochs with its default milestones);
 ``--options`` passes any strategy option as JSON.
+
+``imta_isc`` is IMTA's stage two (collaborative exit classifiers with one-for-all distillation on the frozen
+stage-one network): it starts from the ``imta`` run of the same seed in ``--work_dir`` (list ``imta`` before it,
+or keep that run directory), trains ``--epochs`` more epochs, and its record holds both stages' training times.
 Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
 
 Full run (3 seeds, all strategies; hours on a 2-core CPU, minutes on a GPU)::
@@ -48,13 +52,16 @@ import statistics
 import sys
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from adaptnn.layers import inline_collaboration
+from adaptnn.models import load_model
+from adaptnn.runtime import StagedModel
 from adaptnn.strategies import resolved_options
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,7 +69,7 @@ import strategies as engine  # noqa: E402  (benchmarks/strategies.py: the side-b
 
 log = logging.getLogger("benchmarks.fidelity")
 
-STRATEGIES = ("joint", "boost", "l2w", "imta", "distill")
+STRATEGIES = ("joint", "boost", "l2w", "imta", "imta_isc", "distill")
 MODEL_KWARGS = {"n_blocks": 5, "step": 2, "base": 4, "step_mode": "even"}
 #: the model's own defaults of the switches a report may set (a run label names only what differs)
 MODEL_DEFAULTS = {"init": "torch_default"}
@@ -98,6 +105,24 @@ def strategy_options(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe's MSDNet with its init spelled out (``--init``, else the model's default), so a report says which."""
     return dict(MODEL_KWARGS, init=args.init or MODEL_DEFAULTS["init"])
+
+
+def stage_two_builder(run_args: argparse.Namespace) -> Callable[[], StagedModel]:
+    """``imta_isc`` (IMTA stage two) starts from the stage-one ``imta`` run of the same seed in ``--work_dir``."""
+    path = Path(run_args.work_dir) / "imta" / "checkpoints" / "last.safetensors"
+    if not path.is_file():
+        raise SystemExit(
+            f"imta_isc starts from the stage-one imta run of seed {run_args.seed}, expected at {path}; run "
+            "--strategies imta,imta_isc with one --work_dir"
+        )
+    spec = {"name": run_args.model, "kwargs": {**json.loads(run_args.model_kwargs), "collaboration": "inline"}}
+
+    def build() -> StagedModel:
+        model = inline_collaboration(load_model(path))
+        model.model_spec = spec
+        return model
+
+    return build
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -544,8 +569,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_args.work_dir = str(Path(args.work_dir or tmp.name) / f"seed{seed}")
             log.info("seed %d: training %s", seed, name)
             options = strategy_options(name, args)
-            result = engine.run_strategy(name, options, splits, subset, run_args, overrides, resume=args.resume)
+            build = stage_two_builder(run_args) if name == "imta_isc" else None
+            result = engine.run_strategy(
+                name, options, splits, subset, run_args, overrides, resume=args.resume, build_model=build
+            )
             records.append(dict(record(result, seed), hardware=engine._hardware()))  # the load while it trained
+            if name == "imta_isc":  # its full cost: stage one (the imta run it starts from) + stage two
+                first = [r["train_time_s"] for r in records if (r["strategy"], r["seed"]) == ("imta", seed)]
+                records[-1]["stage_one_train_time_s"] = first[0] if first else None
             log.info("%s seed %d: mean acc %.4f", name, seed, records[-1]["auc_mean_acc"])
             save()  # after every (strategy, seed): hours of training are never lost; --resume goes on from here
     if tmp is not None:

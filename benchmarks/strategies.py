@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from adaptnn.data import DataConfig, build_datasets
 from adaptnn.evaluation import collect_logits
 from adaptnn.io import write_json
 from adaptnn.policies import simulate_exits
+from adaptnn.runtime import StagedModel
 from adaptnn.runtime.cost import exit_macs
 from adaptnn.training import TrainConfig, Trainer, build_strategy, seed_everything
 
@@ -125,17 +127,22 @@ def run_strategy(
     args: argparse.Namespace,
     train_overrides: dict[str, Any] | None = None,
     resume: bool = False,
+    build_model: Callable[[], StagedModel] | None = None,
 ) -> dict:
     """Train one strategy and evaluate it; returns its result record.
 
     ``train_overrides`` sets further :class:`TrainConfig` fields (e.g. ``nesterov``, ``weight_decay_norm_bias``,
     ``exit_weights``) for controlled runs; the run directory is ``args.work_dir / name``. ``resume`` continues a
     run cut short there from its last epoch checkpoint (the Trainer refuses one made with another config); the
-    record's ``resumed_epochs`` says how many epochs an earlier process trained.
+    record's ``resumed_epochs`` says how many epochs an earlier process trained. ``build_model`` replaces
+    ``create_model(args.model, **args.model_kwargs)`` (e.g. a stage-two model made from a stage-one checkpoint);
+    it is called after seeding, and its model needs a ``model_spec`` that rebuilds it.
     """
     seed_everything(args.seed)  # identical initial weights for every strategy
-    kwargs = json.loads(args.model_kwargs)
-    model = create_model(args.model, **kwargs)
+    if build_model is not None:
+        model = build_model()
+    else:
+        model = create_model(args.model, **json.loads(args.model_kwargs))
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,

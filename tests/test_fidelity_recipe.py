@@ -13,6 +13,8 @@ from PIL import Image
 from adaptnn.data import DataConfig, build_datasets
 from adaptnn.data.transforms import resized_crop_transforms
 from adaptnn.errors import ConfigError
+from adaptnn.io.checkpoint import load_checkpoint
+from adaptnn.models import load_model
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -266,6 +268,32 @@ def test_a_run_cut_short_goes_on_from_its_last_epoch_checkpoint(tmp_path):
     assert len(resumed["train_loss"]) == 2 and resumed["train_loss"][0] == first["train_loss"][0]
     fresh = engine.run_strategy("joint", {}, splits, splits.train, args)  # without resume: starts over
     assert fresh["resumed_epochs"] == 0 and len(fresh["train_loss"]) == 2
+
+
+def test_imta_isc_trains_stage_two_from_the_stage_one_run_of_the_seed(tmp_path):
+    import argparse
+
+    fidelity = _fidelity_benchmark()
+    splits = build_datasets(DataConfig(name="digits", val_size=200))
+    args = argparse.Namespace(
+        model="mecnn_digits", model_kwargs='{"widths": [8, 8, 16, 16]}', epochs=1, batch_size=256, optimizer="sgd",
+        lr=0.05, weight_decay=0.0, warmup_epochs=0.0, seed=0, device="cpu", num_workers=0, precision="fp32",
+        work_dir=str(tmp_path),
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match="imta_isc starts from the stage-one imta run of seed 0, expected at"):
+        fidelity.stage_two_builder(args)
+    stage_one = fidelity.engine.run_strategy("imta", {}, splits, splits.train, args)
+    build = fidelity.stage_two_builder(args)
+    stage_two = fidelity.engine.run_strategy("imta_isc", {}, splits, splits.train, args, build_model=build)
+    assert stage_two["strategy"] == "imta_isc" and len(stage_two["anytime_accuracy"]) == 4
+    assert stage_two["exit_macs"][0] == stage_one["exit_macs"][0] < stage_two["exit_macs"][1]
+    assert stage_two["exit_macs"][1] > stage_one["exit_macs"][1]  # the ISC module and the wider classifier
+    frozen = load_model(tmp_path / "imta" / "checkpoints" / "last.safetensors").state_dict()
+    trained = load_checkpoint(tmp_path / "imta_isc" / "checkpoints" / "last.safetensors").model_state
+    assert any(key.startswith("segments.0.segment.") for key in trained)
+    for key, value in frozen.items():  # stage two left the stage-one weights as they were
+        if key.startswith("segments.") and key.endswith("weight"):
+            torch.testing.assert_close(trained["segments." + key.split(".", 1)[1].replace(".", ".segment.", 1)], value)
 
 
 def test_merge_joins_same_setup_reports_and_refuses_conflicts(tmp_path):
