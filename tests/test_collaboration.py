@@ -116,7 +116,8 @@ def test_imta_isc_trains_only_the_collaboration_and_checkpoints_round_trip(tmp_p
     model = inline_collaboration(stage_one)
     model.model_spec = {"name": "msdnet_test_tiny", "kwargs": {"collaboration": "inline"}}
     gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(48, 3, 16, 16, generator=gen), torch.randint(0, stage_one.num_classes, (48,), generator=gen))
+    labels = torch.randint(0, stage_one.num_classes, (48,), generator=gen)
+    data = TensorDataset(torch.randn(48, 3, 16, 16, generator=gen), labels)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     cfg = TrainConfig(epochs=1, batch_size=16, lr=0.1, device="cpu", progress=False, strategy="imta_isc")
     Trainer(model, data, cfg, tmp_path).fit()
@@ -135,3 +136,22 @@ def test_imta_isc_refuses_a_model_without_collaborative_exits():
         get("imta_isc").setup(_mlp())
     with pytest.raises(ConfigError, match="collaboration must be 'none' or 'inline', got 'yes'"):
         create_model("msdnet_test_tiny", collaboration="yes")
+
+
+def test_a_collaborative_msdnet_exports_stage_by_stage(tmp_path):
+    """The carried ``(state, logits)`` pair is a nested state like any other: export_stages verifies the ONNX stages
+    against run_dynamic before writing them."""
+    from adaptnn.export import StagesRunner, export_stages
+
+    torch.manual_seed(0)
+    model = _randomise_isc(randomise_stats(create_model("msdnet_test_tiny", collaboration="inline"))).eval()
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        confidence = torch.stack([lg.softmax(-1).amax(-1) for lg in model.forward_all(x)])
+    policy = ConfidencePolicy([float(confidence[0].median()), float(confidence[1].median())])
+    out = export_stages(model, policy, x, tmp_path / "onnx", exporter="torchscript")
+    ours = model.run_dynamic(x, policy)
+    logits, exits, _ = StagesRunner(out).run(x)
+    assert torch.equal(torch.as_tensor(exits), ours.exit_index)
+    assert 0 < int((ours.exit_index == 0).sum()) < len(x)  # a mix of exits: the carried prediction is compacted
+    torch.testing.assert_close(torch.as_tensor(logits), ours.logits, atol=1e-4, rtol=1e-4)
