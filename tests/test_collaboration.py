@@ -5,10 +5,13 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from adaptnn.errors import ConfigError
+from adaptnn.errors import CheckpointError, ConfigError
+from adaptnn.io.checkpoint import save_checkpoint
 from adaptnn.layers.collaboration import PredictExit, inline_collaboration
 from adaptnn.models import create_model, load_model
 from adaptnn.policies import ConfidencePolicy
+from adaptnn.runs import RunConfig, load_config, train_run
+from adaptnn.runs.train import initialise_from
 from adaptnn.runtime import InputSpec, StagedModel
 from adaptnn.strategies import get
 from adaptnn.training import TrainConfig, Trainer
@@ -155,3 +158,36 @@ def test_a_collaborative_msdnet_exports_stage_by_stage(tmp_path):
     assert torch.equal(torch.as_tensor(exits), ours.exit_index)
     assert 0 < int((ours.exit_index == 0).sum()) < len(x)  # a mix of exits: the carried prediction is compacted
     torch.testing.assert_close(torch.as_tensor(logits), ours.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_init_from_starts_a_collaborative_model_from_a_plain_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    plain = randomise_stats(create_model("msdnet_test_tiny")).eval()
+    path = save_checkpoint(tmp_path / "stage_one.safetensors", plain, {"model_spec": plain.model_spec})
+    collab = create_model("msdnet_test_tiny", collaboration="inline")
+    initialise_from(collab, path)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        for ours, theirs in zip(collab.eval().forward_all(x), plain.forward_all(x), strict=True):
+            torch.testing.assert_close(ours, theirs)
+    same = create_model("msdnet_test_tiny")
+    initialise_from(same, path)  # a plain checkpoint into its own architecture: fine-tuning
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), plain.state_dict().values(), strict=True))
+    with pytest.raises(CheckpointError, match="model.init_from"):
+        initialise_from(create_model("mecnn_digits"), path)
+
+
+def test_a_run_with_init_from_starts_from_those_weights(tmp_path, caplog):
+    config = {
+        "data": {"name": "digits", "val_size": 100, "augment": False},
+        "model": {"name": "mecnn_digits", "kwargs": {"widths": [4, 4, 4, 4]}},
+        "train": {"epochs": 1, "batch_size": 256, "lr": 0.05, "device": "cpu", "progress": False},
+    }
+    first = train_run(RunConfig.from_dict(config), tmp_path / "first")
+    config["model"]["init_from"] = str(first)
+    with caplog.at_level("INFO", logger="adaptnn.runs.train"):
+        train_run(RunConfig.from_dict(config), tmp_path / "second")
+    assert f"initialised the weights from {first}" in caplog.text
+    assert load_config(tmp_path / "second" / "config.yaml").model.init_from == str(first)  # round-trips
+    with pytest.raises(ConfigError, match="model.init_from must be the path of a .safetensors checkpoint, got ''"):
+        RunConfig.from_dict(dict(config, model=dict(config["model"], init_from=""))).validate()

@@ -51,10 +51,15 @@ class ModelConfig:
     """Which registered model to build (``adaptnn.list_models()``) and its keyword arguments.
 
     ``num_classes`` is filled in from the dataset when the factory takes it and ``kwargs`` does not set it.
+    ``init_from`` names an adaptnn checkpoint (``.safetensors``) whose weights a new run starts from instead of
+    the factory's initialisation (fine-tuning; IMTA's stage two starts an MSDNet with ``collaboration: inline``
+    from a stage-one checkpoint of the plain architecture). A resumed run ignores it: its weights come from its
+    own last checkpoint.
     """
 
     name: str = "mecnn_digits"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for an unregistered name or arguments its factory does not take."""
@@ -71,6 +76,8 @@ class ModelConfig:
             json.dumps(self.kwargs, allow_nan=False)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"model.kwargs must be plain JSON values (saved with checkpoints): {err}") from None
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise ConfigError(f"model.init_from must be the path of a .safetensors checkpoint, got {self.init_from!r}")
 
 
 @dataclass

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from ..data import DataSplits, build_datasets
 from ..io import RunLock, write_json
-from ..models import create_model, model_accepts, model_spec
+from ..io.checkpoint import load_weights
+from ..layers.collaboration import PredictExit, inline_collaboration
+from ..models import create_model, load_model, model_accepts, model_spec
 from ..runtime.staged import StagedModel
 from ..training import Trainer, seed_everything
 from ..training.distributed import process_layout
@@ -26,7 +28,7 @@ from .config import RunConfig, save_config
 from .integrity import check_model_data, check_resume_splits
 from .rundir import StagedOverwrite, check_config, holds_run, invalidate_derived, recover_run_dir
 
-__all__ = ["train_run", "build_model_for_data"]
+__all__ = ["train_run", "build_model_for_data", "initialise_from"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,23 @@ def build_model_for_data(config: RunConfig, splits: DataSplits) -> StagedModel:
     model = create_model(config.model.name, **kwargs)
     check_model_data(model, splits, built_from_config=True, model_name=config.model.name)
     return model
+
+
+def initialise_from(model: StagedModel, path: str | Path) -> None:
+    """Load the weights of checkpoint ``path`` into ``model`` (``model.init_from``; the header is data, never code).
+
+    The checkpoint must hold ``model``'s architecture, or the plain architecture of a collaborative ``model``
+    (IMTA's stage two): that one is given its collaborative exits first, each starting from the exit's own classifier.
+
+    Raises:
+        CheckpointError: unreadable file, refused header, or weights that do not fit ``model`` (one line).
+    """
+    source = load_model(path)
+    collaborative = any(isinstance(m, PredictExit) for m in model.modules())
+    if collaborative and not any(isinstance(m, PredictExit) for m in source.modules()):
+        source = inline_collaboration(source, freeze=False)
+    load_weights(model, source.state_dict(), source=f"model.init_from {path}")
+    log.info("initialised the weights from %s", path)
 
 
 def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, overwrite: bool = False) -> Path:
@@ -75,6 +94,8 @@ def train_run(config: RunConfig, run_dir: str | Path, *, resume: bool = True, ov
         start_over = overwrite or not resume
         # training from scratch never happens in place over another run: it is staged and swapped in
         from_scratch = start_over or not (run_dir / "checkpoints" / "last.safetensors").exists()
+        if from_scratch and config.model.init_from is not None:
+            initialise_from(model, config.model.init_from)
         staged = StagedOverwrite(run_dir, lock) if is_main and from_scratch and holds_run(run_dir) else None
         target = staged.path if staged is not None else run_dir
         if is_main:
