@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from importlib import resources
 
@@ -250,16 +251,19 @@ def test_resume_keeps_the_records_of_the_same_setup_only(tmp_path):
         fidelity.resumed_records(out, setup)
 
 
-def test_a_run_cut_short_goes_on_from_its_last_epoch_checkpoint(tmp_path):
-    import argparse
-
-    engine = _fidelity_benchmark().engine  # benchmarks/strategies.py, which trains every fidelity run
-    splits = build_datasets(DataConfig(name="digits", val_size=200))
-    args = argparse.Namespace(
+def _digits_run_args(work_dir) -> argparse.Namespace:
+    """What fidelity passes to ``run_strategy``, for a tiny CNN on scikit-learn's digits."""
+    return argparse.Namespace(
         model="mecnn_digits", model_kwargs='{"widths": [8, 8, 16, 16]}', epochs=1, batch_size=256, optimizer="sgd",
         lr=0.05, weight_decay=0.0, warmup_epochs=0.0, seed=0, device="cpu", num_workers=0, precision="fp32",
-        work_dir=str(tmp_path),
+        work_dir=str(work_dir),
     )  # fmt: skip
+
+
+def test_a_run_cut_short_goes_on_from_its_last_epoch_checkpoint(tmp_path):
+    engine = _fidelity_benchmark().engine  # benchmarks/strategies.py, which trains every fidelity run
+    splits = build_datasets(DataConfig(name="digits", val_size=200))
+    args = _digits_run_args(tmp_path)
     first = engine.run_strategy("joint", {}, splits, splits.train, args)  # the process that was cut short
     assert first["resumed_epochs"] == 0
     args.epochs = 2
@@ -271,15 +275,9 @@ def test_a_run_cut_short_goes_on_from_its_last_epoch_checkpoint(tmp_path):
 
 
 def test_imta_isc_trains_stage_two_from_the_stage_one_run_of_the_seed(tmp_path):
-    import argparse
-
     fidelity = _fidelity_benchmark()
     splits = build_datasets(DataConfig(name="digits", val_size=200))
-    args = argparse.Namespace(
-        model="mecnn_digits", model_kwargs='{"widths": [8, 8, 16, 16]}', epochs=1, batch_size=256, optimizer="sgd",
-        lr=0.05, weight_decay=0.0, warmup_epochs=0.0, seed=0, device="cpu", num_workers=0, precision="fp32",
-        work_dir=str(tmp_path),
-    )  # fmt: skip
+    args = _digits_run_args(tmp_path)
     with pytest.raises(SystemExit, match="imta_isc starts from the stage-one imta run of seed 0, expected at"):
         fidelity.stage_two_builder(args)
     stage_one = fidelity.engine.run_strategy("imta", {}, splits, splits.train, args)
