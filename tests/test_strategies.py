@@ -344,6 +344,21 @@ def test_l2w_centre_all_keeps_only_the_overall_mean_weight_at_one():
     assert float(w_all.min()) >= 0.0
 
 
+def test_l2w_meta_lr_follows_the_backbone_schedule_when_asked():
+    torch.manual_seed(0)
+    model = _mlp_model(num_exits=3).train()
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    for schedule, moves in (("follow", False), ("constant", True)):
+        strategy = L2WLoss(meta_lr=1e-2, meta_lr_schedule=schedule)
+        strategy.setup(model)
+        before = [p.detach().clone() for p in strategy.weight_net.parameters()]
+        strategy.meta_step(model, lr=0.1, x=x, y=y, lr_factor=0.0)  # the end of a cosine schedule
+        after = list(strategy.weight_net.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)) == moves, schedule
+    with pytest.raises(ConfigError, match="meta_lr_schedule must be 'constant' or 'follow', got 'cosine'"):
+        L2WLoss(meta_lr_schedule="cosine")
+
+
 def test_l2w_meta_reduction_exit_sums_each_exits_mean():
     torch.manual_seed(0)
     logits = [torch.randn(12, 4) for _ in range(3)]

@@ -53,6 +53,8 @@ class StepContext:
             backward per elastic member).
             ``None`` when the caller back-propagates ``StepOutput.loss`` itself (a hand-built context); under DDP
             a strategy should call it at most once per forward it syncs (DDP reduces once per iteration).
+        lr_factor: the schedule's factor at this step (``lr`` over the configured base lr, warm-up included), for a
+            strategy whose own optimizer follows the backbone's schedule.
     """
 
     model: StagedModel
@@ -62,6 +64,7 @@ class StepContext:
     epoch: int
     world_size: int = 1
     backward: Callable[[Tensor], None] | None = None
+    lr_factor: float = 1.0
 
 
 @dataclass

@@ -41,7 +41,8 @@ Where this differs from the authors' CIFAR training script (read for issue 12; o
 * Its look-ahead is an SGD step with the backbone optimizer's state (momentum buffers, weight decay).
 * Its meta loss sums each exit's mean (``meta_reduction: exit``); its published ImageNet command centres
   the weights over the whole matrix (``centre: all``); adaptnn defaults to ``sample`` and ``exit``.
-* Its weight network's learning rate follows a cosine schedule; adaptnn's is constant. Its argparse
+* Its weight network's learning rate follows a cosine schedule; adaptnn's is constant unless
+  ``meta_lr_schedule: follow``. Its argparse
   defaults are ``meta_lr`` 1e-5 and ``meta_weight_decay`` 0 (the ImageNet command: 1e-4 and 1e-4, ``eps``
   0.3, hidden 500); it publishes no CIFAR command.
 """
@@ -137,6 +138,9 @@ class L2WLoss(Strategy):
             sample at its allocated exit) or ``"exit"`` (the sum over exits of the mean cross-entropy of the
             samples allocated there: every exit counts equally however many samples it takes; the reference
             code's).
+        meta_lr_schedule: ``"constant"`` or ``"follow"``: the weight network's learning rate is ``meta_lr`` times the
+            backbone schedule's factor (the reference code decays it on a cosine over training, which ``follow``
+            matches under a cosine backbone schedule without warm-up).
     """
 
     name = "l2w"
@@ -153,12 +157,15 @@ class L2WLoss(Strategy):
         label_smoothing: float = 0.0,
         centre: Literal["exit", "all"] = "exit",
         meta_reduction: Literal["sample", "exit"] = "sample",
+        meta_lr_schedule: Literal["constant", "follow"] = "constant",
     ) -> None:
         if centre not in ("exit", "all") or meta_reduction not in ("sample", "exit"):
             raise ConfigError(
                 f"l2w: centre must be 'exit' or 'all' and meta_reduction 'sample' or 'exit'; got {centre!r}, "
                 f"{meta_reduction!r}"
             )
+        if meta_lr_schedule not in ("constant", "follow"):
+            raise ConfigError(f"l2w: meta_lr_schedule must be 'constant' or 'follow', got {meta_lr_schedule!r}")
         if not 0 <= eps <= 0.5:
             raise ConfigError(f"l2w: eps must be in [0, 0.5] so weights stay >= 0, got {eps}")
         if not target_p > 0 or not meta_lr > 0 or meta_interval < 1 or not 0 < meta_fraction < 1 or hidden < 1:
@@ -176,6 +183,7 @@ class L2WLoss(Strategy):
         self.label_smoothing = label_smoothing
         self.centre = centre
         self.meta_reduction = meta_reduction
+        self.meta_lr_schedule = meta_lr_schedule
         self.weight_net: WeightNet | None = None
         self.meta_optimizer: torch.optim.Optimizer | None = None
 
@@ -248,11 +256,18 @@ class L2WLoss(Strategy):
         sums = torch.zeros_like(counts).index_add(0, exits, per_sample)
         return (sums / counts.clamp(min=1)).sum()  # exits without samples add 0
 
-    def meta_step(self, model: StagedModel, lr: float, x: Tensor, y: Tensor, world_size: int = 1) -> float:
-        """One meta update of the weight network from a micro-batch; returns the meta loss."""
-        return float(self._meta_update(model, lr, x, y, world_size))
+    def meta_step(
+        self, model: StagedModel, lr: float, x: Tensor, y: Tensor, world_size: int = 1, lr_factor: float = 1.0
+    ) -> float:
+        """One meta update of the weight network from a micro-batch; returns the meta loss.
 
-    def _meta_update(self, model: StagedModel, lr: float, x: Tensor, y: Tensor, world_size: int) -> Tensor:
+        ``lr_factor`` is the backbone schedule's factor, which the meta lr follows under ``meta_lr_schedule: follow``.
+        """
+        return float(self._meta_update(model, lr, x, y, world_size, lr_factor))
+
+    def _meta_update(
+        self, model: StagedModel, lr: float, x: Tensor, y: Tensor, world_size: int, lr_factor: float = 1.0
+    ) -> Tensor:
         """:meth:`meta_step`, returning the detached meta loss as a tensor (no device sync)."""
         if self.weight_net is None or self.meta_optimizer is None:
             self.setup(model)
@@ -280,6 +295,8 @@ class L2WLoss(Strategy):
             for p in wnet_params:
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= world_size
+        for group in self.meta_optimizer.param_groups:
+            group["lr"] = self.meta_lr * (lr_factor if self.meta_lr_schedule == "follow" else 1.0)
         self.meta_optimizer.step()
         return meta.detach()
 
@@ -290,7 +307,7 @@ class L2WLoss(Strategy):
         """
         metrics: dict[str, Tensor | float] = {}
         if ctx.step % self.meta_interval == 0:
-            metrics["l2w_meta_loss"] = self._meta_update(ctx.model, ctx.lr, x, y, ctx.world_size)
+            metrics["l2w_meta_loss"] = self._meta_update(ctx.model, ctx.lr, x, y, ctx.world_size, ctx.lr_factor)
         logits = ctx.forward(x)
         losses = per_exit_cross_entropy(logits, y, self.label_smoothing)
         with torch.no_grad():

@@ -514,7 +514,7 @@ class Trainer:
                 lr = cfg.lr * factor
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                ctx = StepContext(self.model, forward, lr, step, epoch, self.world_size)
+                ctx = StepContext(self.model, forward, lr, step, epoch, self.world_size, lr_factor=factor)
                 stage = plan.stage_at(step) if plan is not None else None
                 optimizer.zero_grad(set_to_none=True)
                 n_micro = len(batches[b])
