@@ -4,9 +4,10 @@ Implemented: *gradient equilibrium* (GE) - the per-exit losses are the joint los
 pass through the trunk is rescaled (:mod:`adaptnn.strategies.gradient`) so the gradient reaching an early
 block is a convex combination of the exits' gradients rather than their sum, which the paper shows
 reduces gradient variance and conflicts - and, optionally, the paper's *one-for-all knowledge
-distillation* from the last exit (``kd_alpha > 0``). Not implemented: *inline subnetwork collaboration*,
-which changes the architecture (each exit receives the previous exit's logits) and would belong in a
-model family rather than in a loss.
+distillation* from the last exit (``kd_alpha > 0``). This is the paper's stage one. Its stage two, *inline
+subnetwork collaboration* (each exit's classifier also reads the previous exit's prediction) trained with
+one-for-all distillation on the frozen stage-one network, is the ``imta_isc`` strategy on the architecture
+:func:`adaptnn.layers.collaboration.inline_collaboration` builds.
 """
 
 from __future__ import annotations
