@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..runtime.staged import StagedModel
 from ..runtime.state import State
 
-__all__ = ["CarryPrediction", "PredictExit", "ReadPrediction", "inline_collaboration"]
+__all__ = ["CarryPrediction", "PredictExit", "ReadPrediction", "collaborative_exits", "inline_collaboration"]
 
 
 class PredictExit(nn.Module):
@@ -80,6 +80,11 @@ class ReadPrediction(nn.Module):
 
     def forward(self, state: tuple[State, Tensor]) -> Tensor:
         return state[1]
+
+
+def collaborative_exits(model: nn.Module) -> list[PredictExit]:
+    """The collaborative exits of ``model`` (empty for a model :func:`inline_collaboration` did not build)."""
+    return [m for m in model.modules() if isinstance(m, PredictExit)]
 
 
 def _split_head(k: int, head: nn.Module) -> tuple[nn.Module, nn.Linear]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..data import DataSplits, build_datasets
 from ..io import RunLock, write_json
 from ..io.checkpoint import load_weights
-from ..layers.collaboration import PredictExit, inline_collaboration
+from ..layers.collaboration import collaborative_exits, inline_collaboration
 from ..models import create_model, load_model, model_accepts, model_spec
 from ..runtime.staged import StagedModel
 from ..training import Trainer, seed_everything
@@ -53,8 +53,7 @@ def initialise_from(model: StagedModel, path: str | Path) -> None:
         CheckpointError: unreadable file, refused header, or weights that do not fit ``model`` (one line).
     """
     source = load_model(path)
-    collaborative = any(isinstance(m, PredictExit) for m in model.modules())
-    if collaborative and not any(isinstance(m, PredictExit) for m in source.modules()):
+    if collaborative_exits(model) and not collaborative_exits(source):
         source = inline_collaboration(source, freeze=False)
     load_weights(model, source.state_dict(), source=f"model.init_from {path}")
     log.info("initialised the weights from %s", path)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..layers.collaboration import PredictExit
+from ..layers.collaboration import collaborative_exits
 from .base import Strategy
 from .distill import SelfDistillation
 
@@ -62,7 +62,7 @@ class InlineCollaborationLoss(Strategy):
 
     def setup(self, model: StagedModel) -> None:
         """Freeze everything but the collaborative classifiers and ISC modules (refuses a model without them)."""
-        ends = [m for m in model.modules() if isinstance(m, PredictExit)]
+        ends = collaborative_exits(model)
         if not ends:
             raise ConfigError(
                 "imta_isc trains IMTA's stage-two model, whose exits read the previous exit's prediction; this "
