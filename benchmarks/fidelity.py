@@ -175,9 +175,16 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             paired = [pick(r) - pick(joint[s]) for s, r in runs.items() if s in joint]
             row[f"median_delta_{key}_vs_joint"] = statistics.median(paired) if paired and name != "joint" else None
         row["paired_seeds_vs_joint"] = sorted(s for s in runs if s in joint) if name != "joint" else []
+        row["paired_seeds_across_cpus"] = [
+            s for s in row["paired_seeds_vs_joint"] if _cpu(runs[s]) != _cpu(joint[s])
+        ]  # fmt: skip
         row["auc_mean_acc_per_seed"] = {s: runs[s]["auc_mean_acc"] for s in sorted(runs)}
         rows.append(row)
     return rows
+
+
+def _cpu(record: dict[str, Any]) -> str:
+    return engine.cpu_label(record["hardware"]) if "hardware" in record else "unknown"
 
 
 def _pct(value: float | None, signed: bool = False) -> str:
@@ -192,9 +199,11 @@ def verdict(row: dict[str, Any]) -> str:
     if mean is None or first is None:
         return ""
     beats = "beats joint" if mean > 0 and first > 0 else "does not beat joint"
+    across = row.get("paired_seeds_across_cpus")
     return (
         f"{row['strategy']} {beats} on the seeds both ran, {row['paired_seeds_vs_joint']}: "
         f"mean acc {_pct(mean, True)}, first exit {_pct(first, True)} points"
+        + (f" (seeds {across} paired across CPU models)" if across else "")
     )
 
 
@@ -241,7 +250,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "Per run, test accuracy of every exit (the strategy's predictions):", ""]
     for r in report["records"]:
         accs = " / ".join(_pct(a) for a in r["exit_test_accuracy"])
-        lines.append(f"- {r['strategy']} seed {r['seed']}: {accs}; mean acc {_pct(r['auc_mean_acc'])}")
+        lines.append(
+            f"- {r['strategy']} seed {r['seed']}: {accs}; mean acc {_pct(r['auc_mean_acc'])}; trained on {_cpu(r)}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -364,6 +375,7 @@ def controlled(
                 "exit_test_accuracy": r["exit_test_accuracy"],
                 "raw_head_test_accuracy": r["raw_head_test_accuracy"],
                 "train_time_s": r["train_time_s"],
+                "cpu": _cpu(r),
             })  # fmt: skip
     return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "reports": paths,
             "hardware": sorted(set(hardware)), "rows": rows}  # fmt: skip
@@ -378,8 +390,9 @@ def controlled_markdown(table: dict[str, Any]) -> str:
         "Accuracies in %; mean acc = area under the budgeted test curve over [first, last exit MACs] / width; "
         "exits = the strategy's predictions (boost: the additive ensemble); raw heads = each head alone.",
         "",
-        "| report | strategy | seed | switches | mean acc | first exit | last exit | exits | raw heads | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| report | strategy | seed | switches | mean acc | first exit | last exit | exits | raw heads | train s "
+        "| cpu |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table["rows"]:
         exits = " / ".join(_pct(a) for a in r["exit_test_accuracy"])
@@ -387,8 +400,12 @@ def controlled_markdown(table: dict[str, Any]) -> str:
         lines.append(
             f"| {r['report']} | {r['strategy']} | {r['seed']} | {r['label']} | {_pct(r['auc_mean_acc'])} | "
             f"{_pct(r['exit_test_accuracy'][0])} | {_pct(r['exit_test_accuracy'][-1])} | {exits} | {raw} | "
-            f"{r['train_time_s']:.0f} |"
+            f"{r['train_time_s']:.0f} | {r.get('cpu', 'unknown')} |"
         )
+    lines += [
+        "",
+        "Runs on different CPU models do not follow one float path: a pair across them is as loose as two seeds.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -67,10 +67,27 @@ def _hardware() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "loadavg": list(os.getloadavg()),
     }
-    model_line = next((line for line in lscpu if line.startswith("Model name")), "").split(":")[-1].strip()
-    cpus = next((line for line in lscpu if line.startswith("CPU(s)")), "").split(":")[-1].strip()
-    hw["summary"] = hw["cuda"] or f"{model_line} ({cpus} CPUs, {hw['torch_threads']} torch threads)"
+    cpus = _lscpu_field(lscpu, "CPU(s)")
+    hw["summary"] = hw["cuda"] or f"{cpu_label(hw)} ({cpus} CPUs, {hw['torch_threads']} torch threads)"
     return hw
+
+
+def _lscpu_field(lscpu: list[str], name: str) -> str:
+    return next((line for line in lscpu if line.split(":")[0].strip() == name), "").split(":")[-1].strip()
+
+
+def cpu_label(hw: dict[str, Any]) -> str:
+    """The processor a record was trained on, e.g. ``AMD EPYC family 25 model 17``, read from its ``lscpu`` lines.
+
+    Two CPUs sold under one name can differ in family and model, and with them in the float rounding of their
+    kernels: a run repeated on the other one does not follow the same float path, so a pairing across them is
+    only as tight as two seeds.
+    """
+    if hw.get("cuda"):
+        return hw["cuda"]
+    lscpu = hw.get("lscpu", [])
+    name, family, model = (_lscpu_field(lscpu, key) for key in ("Model name", "CPU family", "Model"))
+    return " ".join(part for part in (name, family and f"family {family}", model and f"model {model}") if part)
 
 
 def _curve(sweep: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:

@@ -339,3 +339,26 @@ def test_merge_joins_same_setup_reports_and_refuses_conflicts(tmp_path):
     (tmp_path / "junk.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match="junk.json is not a fidelity report"):
         fidelity.merge([a, str(tmp_path / "junk.json")], "merge")
+
+
+def test_pairs_trained_on_different_cpu_models_are_named():
+    """Two EPYCs of one name but other family/model round floats differently: the summary names such pairs."""
+    fidelity = _fidelity_benchmark()
+
+    def lscpu(family: int, model: int) -> dict:
+        lines = ["Architecture: x86_64", "Model name:   AMD EPYC", f"CPU family:   {family}", f"Model:        {model}"]
+        return {"lscpu": lines, "cuda": None}
+
+    def run(strategy: str, seed: int, hardware: dict) -> dict:
+        return {"strategy": strategy, "seed": seed, "auc_mean_acc": 0.7, "exit_test_accuracy": [0.6, 0.8],
+                "hardware": hardware}  # fmt: skip
+
+    assert fidelity.engine.cpu_label(lscpu(25, 17)) == "AMD EPYC family 25 model 17"
+    assert fidelity.engine.cpu_label({"lscpu": [], "cuda": "NVIDIA H200"}) == "NVIDIA H200"
+    rows = fidelity.summarise([
+        run("joint", 0, lscpu(25, 17)), run("joint", 1, lscpu(25, 17)),
+        run("boost", 0, lscpu(25, 17)), run("boost", 1, lscpu(23, 1)),
+    ])  # fmt: skip
+    boost = next(row for row in rows if row["strategy"] == "boost")
+    assert boost["paired_seeds_across_cpus"] == [1]
+    assert fidelity.verdict(boost).endswith("(seeds [1] paired across CPU models)")
