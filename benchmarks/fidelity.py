@@ -358,7 +358,7 @@ def controlled(
     rows, hardware = [], []
     for path in paths:
         report = json.loads(Path(path).read_text())
-        hardware.append(report["hardware"]["summary"] + f" (load {report['hardware']['loadavg'][0]:.2f})")
+        threads = report["hardware"]["summary"].partition("(")[2]  # "2 CPUs, 1 torch threads)"
         for r in report["records"]:
             if (seeds is not None and r["seed"] not in seeds) or (
                 strategies is not None and r["strategy"] not in strategies
@@ -375,10 +375,24 @@ def controlled(
                 "exit_test_accuracy": r["exit_test_accuracy"],
                 "raw_head_test_accuracy": r["raw_head_test_accuracy"],
                 "train_time_s": r["train_time_s"],
+                "resumed_epochs": r.get("resumed_epochs", 0),
+                "stage_one_train_time_s": r.get("stage_one_train_time_s"),
                 "cpu": _cpu(r),
             })  # fmt: skip
+            hw = r.get("hardware", report["hardware"])  # a record's own: the machine and load while it trained
+            hardware.append(f"{engine.cpu_label(hw)} ({threads}".rstrip(" (") + f" (load {hw['loadavg'][0]:.2f})")
     return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "reports": paths,
             "hardware": sorted(set(hardware)), "rows": rows}  # fmt: skip
+
+
+def _train_seconds(row: dict[str, Any]) -> str:
+    """The training time of a controlled row, saying what it leaves out (epochs trained earlier, stage one)."""
+    text = f"{row['train_time_s']:.0f}"
+    if row.get("resumed_epochs"):
+        text += f" (after {row['resumed_epochs']} resumed epochs)"
+    if row.get("stage_one_train_time_s") is not None:
+        text += f" + {row['stage_one_train_time_s']:.0f} stage one"
+    return text
 
 
 def controlled_markdown(table: dict[str, Any]) -> str:
@@ -400,7 +414,7 @@ def controlled_markdown(table: dict[str, Any]) -> str:
         lines.append(
             f"| {r['report']} | {r['strategy']} | {r['seed']} | {r['label']} | {_pct(r['auc_mean_acc'])} | "
             f"{_pct(r['exit_test_accuracy'][0])} | {_pct(r['exit_test_accuracy'][-1])} | {exits} | {raw} | "
-            f"{r['train_time_s']:.0f} | {r.get('cpu', 'unknown')} |"
+            f"{_train_seconds(r)} | {r.get('cpu', 'unknown')} |"
         )
     lines += [
         "",

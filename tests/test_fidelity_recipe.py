@@ -362,3 +362,6 @@ def test_pairs_trained_on_different_cpu_models_are_named():
     boost = next(row for row in rows if row["strategy"] == "boost")
     assert boost["paired_seeds_across_cpus"] == [1]
     assert fidelity.verdict(boost).endswith("(seeds [1] paired across CPU models)")
+    row = {"train_time_s": 10.0, "resumed_epochs": 2, "stage_one_train_time_s": 5.0}
+    assert fidelity._train_seconds(row) == "10 (after 2 resumed epochs) + 5 stage one"
+    assert fidelity._train_seconds({"train_time_s": 10.0}) == "10"
