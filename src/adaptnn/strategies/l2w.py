@@ -27,7 +27,9 @@ part, a backward with ``create_graph`` (about 2x a backward), one forward of the
 reference code's own default is 1 (a look-ahead every step); the one training command it publishes (ImageNet,
 batch 4096) uses 100. adaptnn defaults to 10: on issue 12's CIFAR-10 recipe a training step then costs about
 1.1-1.2x a joint step, against 2.7x with a look-ahead every step (30 steps timed side by side,
-``benchmarks/fidelity.py --train_subset 1920``); set ``meta_interval: 1`` for the reference default.
+``benchmarks/fidelity.py --train_subset 1920``), and a look-ahead every step did not train a better model there
+(seed 0, one CPU: mean accuracy over budgets 72.85 vs 72.92, first exit 69.79 vs 71.01;
+``benchmarks/results/fidelity_cifar10_controlled_seed0.md``); set ``meta_interval: 1`` for the reference default.
 The look-ahead ignores momentum and weight decay (plain SGD with the current learning rate). Under DDP
 each process runs the look-ahead on its own shard and the weight network's gradients are averaged.
 
