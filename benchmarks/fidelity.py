@@ -34,7 +34,9 @@ what is missing (the report must have the same setup); with a ``--work_dir``, a 
 short goes on from its last epoch checkpoint there (its record says how many epochs were ``resumed_epochs``).
 Strategies trained in parallel processes (or on other machines) into separate reports are joined into one table
 by ``--merge A.json B.json --out ...`` (same setup but the seeds and strategies; every report records each
-strategy's effective options, its defaults filled in).
+strategy's effective options, its defaults filled in). Every record names the CPU it was trained on: two CPU
+models round floats differently, so the same seed follows another path on each, and ``--cpu LABEL`` keeps only the
+records of one model, for a table whose every pair is controlled.
 
 Smoke run (proves the pipeline only)::
 
@@ -286,11 +288,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
 MERGED_SETUP_KEYS = ("seeds", "strategy_options", "effective_strategy_options")
 
 
-def merge(paths: list[str], command: str) -> dict[str, Any]:
+def merge(paths: list[str], command: str, cpu: str | None = None) -> dict[str, Any]:
     """One fidelity report of the records of same-setup reports (e.g. strategies trained in parallel processes).
 
     The reports must agree on every setup key but the seeds and the strategies run; a strategy in two reports must
-    have the same options there, and a (strategy, seed) may appear only once.
+    have the same options there, and a (strategy, seed) may appear only once. ``cpu`` keeps only the records
+    trained on that CPU model (:func:`strategies.cpu_label`): the same seed on another model is another float path.
     """
     if len(paths) < 2:
         raise SystemExit(f"--merge needs at least two reports, got {len(paths)}")
@@ -324,9 +327,16 @@ def merge(paths: list[str], command: str) -> dict[str, Any]:
                         f"--merge: {path} ran {name} with {key} {options}, another report with {merged[name]}"
                     )
         for r in report["records"]:
+            if cpu is not None and _cpu(r) != cpu:
+                continue
             if (r["strategy"], r["seed"]) in records:
                 raise SystemExit(f"--merge: {r['strategy']} seed {r['seed']} is in more than one report ({path})")
             records[(r["strategy"], r["seed"])] = r
+    if cpu is not None and not records:
+        found = sorted({_cpu(r) for report in reports for r in report["records"]})
+        raise SystemExit(f"--merge --cpu: no record was trained on {cpu!r}; the reports' records name {found}")
+    if cpu is not None:
+        setup["cpu"] = cpu
     order = {name: i for i, name in enumerate(STRATEGIES)}
     ordered = [records[k] for k in sorted(records, key=lambda k: (k[1], order.get(k[0], len(order)), k[0]))]
     setup.update(seeds=sorted(seeds), **merged_options)
@@ -494,6 +504,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--merge", nargs="+", metavar="REPORT",
         help="train nothing: join same-setup reports (e.g. strategies run in parallel processes) into one at --out",
     )  # fmt: skip
+    parser.add_argument(
+        "--cpu", default=None, metavar="LABEL",
+        help="with --merge: keep only the records trained on this CPU (as the per-run list names it, e.g. 'AMD EPYC "
+        "family 23 model 1'), so every pair in the table shares one float path",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if not 0.0 <= args.min_lr_ratio <= 1.0:
         parser.error(f"--min_lr_ratio is the final lr as a fraction of --lr, in [0, 1]; got {args.min_lr_ratio}")
@@ -535,7 +550,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         command = "python " + " ".join(
             shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
         )
-        report = merge(args.merge, command)
+        report = merge(args.merge, command, cpu=args.cpu)
         engine.save_report(report, args.out, markdown, plot)
         return report
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

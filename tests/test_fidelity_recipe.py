@@ -365,3 +365,36 @@ def test_pairs_trained_on_different_cpu_models_are_named():
     row = {"train_time_s": 10.0, "resumed_epochs": 2, "stage_one_train_time_s": 5.0}
     assert fidelity._train_seconds(row) == "10 (after 2 resumed epochs) + 5 stage one"
     assert fidelity._train_seconds({"train_time_s": 10.0}) == "10"
+
+
+def test_merge_can_keep_the_records_of_one_cpu_model(tmp_path):
+    """``--merge --cpu`` builds a table whose every pair shares one CPU model; a label no record has is refused."""
+    import json
+
+    fidelity = _fidelity_benchmark()
+
+    def lscpu(family: int) -> dict:
+        return {"lscpu": ["Model name: AMD EPYC", f"CPU family: {family}", "Model: 1"], "cuda": None}
+
+    def run(strategy: str, seed: int, family: int) -> dict:
+        return {"strategy": strategy, "seed": seed, "auc_mean_acc": 0.7, "exit_test_accuracy": [0.6, 0.8],
+                "hardware": lscpu(family)}  # fmt: skip
+
+    def report(name: str, records: list) -> str:
+        setup = {"epochs": 3, "seeds": [0], "strategy_options": {}, "effective_strategy_options": {}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"command": name, "setup": setup, "hardware": {}, "records": records}))
+        return str(path)
+
+    a = report("a", [run("joint", 0, 25), run("imta", 0, 25)])
+    b = report("b", [run("joint", 0, 23), run("imta", 0, 23), run("l2w", 0, 23)])
+    with pytest.raises(SystemExit, match="joint seed 0 is in more than one report"):
+        fidelity.merge([a, b], "merge")
+    merged = fidelity.merge([a, b], "merge", cpu="AMD EPYC family 23 model 1")
+    assert [(r["strategy"], fidelity._cpu(r)) for r in merged["records"]] == [
+        ("joint", "AMD EPYC family 23 model 1"), ("l2w", "AMD EPYC family 23 model 1"),
+        ("imta", "AMD EPYC family 23 model 1"),
+    ]  # fmt: skip
+    assert merged["setup"]["cpu"] == "AMD EPYC family 23 model 1"
+    with pytest.raises(SystemExit, match=r"no record was trained on 'Intel'; the reports' records name \['AMD EPYC"):
+        fidelity.merge([a, b], "merge", cpu="Intel")
