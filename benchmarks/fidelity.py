@@ -390,7 +390,8 @@ def controlled(
                 "cpu": _cpu(r),
             })  # fmt: skip
             hw = r.get("hardware", report["hardware"])  # a record's own: the machine and load while it trained
-            hardware.append(f"{engine.cpu_label(hw)} ({threads}".rstrip(" (") + f" (load {hw['loadavg'][0]:.2f})")
+            where = f"{engine.cpu_label(hw)} ({threads}" if threads else engine.cpu_label(hw)
+            hardware.append(f"{where} (load {hw['loadavg'][0]:.2f})")
     return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "reports": paths,
             "hardware": sorted(set(hardware)), "rows": rows}  # fmt: skip
 
