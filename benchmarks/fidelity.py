@@ -186,7 +186,8 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _cpu(record: dict[str, Any]) -> str:
-    return engine.cpu_label(record["hardware"]) if "hardware" in record else "unknown"
+    hardware = record.get("hardware")  # a report is data from disk: a missing or malformed entry is "unknown"
+    return engine.cpu_label(hardware) if isinstance(hardware, dict) else "unknown"
 
 
 def _pct(value: float | None, signed: bool = False) -> str:
