@@ -210,8 +210,18 @@ def verdict(row: dict[str, Any]) -> str:
     )
 
 
+def _hardware_line(report: dict[str, Any]) -> str:
+    """Where the records were trained: every CPU model among them, then the (first) report's own hardware line."""
+    hw = report["hardware"]
+    load = ", ".join(f"{x:.2f}" for x in hw["loadavg"])
+    cpus = sorted({_cpu(r) for r in report["records"]})
+    where = "merged report; records trained on " if "merged_from" in report else "records trained on "
+    own = "the first merged report's run" if "merged_from" in report else "this run"
+    return f"Hardware: {where}{'; '.join(cpus)}; {own}: {hw['summary']}, load average at the end {load}."
+
+
 def markdown(report: dict[str, Any]) -> str:
-    s, hw = report["setup"], report["hardware"]
+    s = report["setup"]
     macs = report["records"][0]["exit_macs"]
     options = s.get("effective_strategy_options", s["strategy_options"])  # reports before it: the passed options
     lines = ["# Fidelity: strategies vs joint on the reference MSDNet CIFAR recipe (issue 12)", ""]
@@ -225,7 +235,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"seeds planned {s['seeds']} (per strategy, the table lists those trained); "
         f"switches {s['train_overrides']}; strategy options (defaults filled in) {options}.",
         "",
-        f"Hardware: {hw['summary']}; load average at the end {', '.join(f'{x:.2f}' for x in hw['loadavg'])}.",
+        _hardware_line(report),
         "",
         "Exit MACs: " + ", ".join(f"{c / 1e6:.1f}M" for c in macs),
         "",

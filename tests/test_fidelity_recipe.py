@@ -396,5 +396,12 @@ def test_merge_can_keep_the_records_of_one_cpu_model(tmp_path):
         ("imta", "AMD EPYC family 23 model 1"),
     ]  # fmt: skip
     assert merged["setup"]["cpu"] == "AMD EPYC family 23 model 1"
+    merged["hardware"] = {"summary": "AMD EPYC (2 CPUs)", "loadavg": [1.0, 1.0, 1.0]}
+    assert fidelity._hardware_line(merged).startswith("Hardware: merged report; records trained on AMD EPYC family 23")
+    both = fidelity.merge([a, report("c", [run("l2w", 0, 23)])], "merge")
+    both["hardware"] = merged["hardware"]
+    assert "trained on AMD EPYC family 23 model 1; AMD EPYC family 25 model 1; the first" in fidelity._hardware_line(
+        both
+    )
     with pytest.raises(SystemExit, match=r"no record was trained on 'Intel'; the reports' records name \['AMD EPYC"):
         fidelity.merge([a, b], "merge", cpu="Intel")
