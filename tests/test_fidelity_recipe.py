@@ -405,3 +405,43 @@ def test_merge_can_keep_the_records_of_one_cpu_model(tmp_path):
     )
     with pytest.raises(SystemExit, match=r"no record was trained on 'Intel'; the reports' records name \['AMD EPYC"):
         fidelity.merge([a, b], "merge", cpu="Intel")
+
+
+def test_l2w_weights_reads_what_an_l2w_run_learned_and_refuses_other_runs(tmp_path):
+    """``benchmarks/l2w_weights.py`` rebuilds an l2w checkpoint's weight network and reports, per exit, how its
+    weights move with the loss; a checkpoint of another strategy gets a one-line refusal."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    engine = _fidelity_benchmark().engine
+    splits = build_datasets(DataConfig(name="digits", val_size=200))
+    args = _digits_run_args(tmp_path)
+    engine.run_strategy("l2w", {"meta_interval": 1}, splits, splits.train, args)
+    engine.run_strategy("joint", {}, splits, splits.train, args)
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("_bench_l2w_weights", bench / "l2w_weights.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+    l2w_ckpt = str(tmp_path / "l2w" / "checkpoints" / "last.safetensors")
+    out = tmp_path / "weights"
+    report = module.main([l2w_ckpt, "--dataset", "digits", "--val_size", "200", "--samples", "96", "--out", str(out)])
+    (profile,) = report["profiles"]
+    assert profile["epoch"] == 1 and profile["strategy_options"] == {"meta_interval": 1}
+    assert len(profile["pearson"]) == len(profile["spearman"]) == len(profile["weight_std"]) == 4
+    assert all(-1.0 <= c <= 1.0 for c in profile["pearson"] + profile["spearman"])
+    for corr, easy, hard in zip(
+        profile["pearson"], profile["mean_weight_easiest_quarter"], profile["mean_weight_hardest_quarter"], strict=True
+    ):
+        if abs(corr) > 0.5:  # a clear correlation shows in the quarters too
+            assert (hard - easy) * corr > 0
+    assert json.loads(out.with_suffix(".json").read_text())["profiles"][0]["pearson"] == profile["pearson"]
+    assert f"{tmp_path.name}/l2w | 1 | {{'meta_interval': 1}} |" in out.with_suffix(".md").read_text()  # named by run
+    joint_ckpt = str(tmp_path / "joint" / "checkpoints" / "last.safetensors")
+    with pytest.raises(SystemExit, match="is a 'joint' checkpoint without l2w state; expected an l2w run's"):
+        module.main([joint_ckpt, "--dataset", "digits", "--val_size", "200", "--out", str(out)])

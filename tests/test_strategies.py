@@ -326,7 +326,19 @@ def test_l2w_meta_step_and_backbone_step_without_model_copies(monkeypatch):
     weights = strategy.sample_weights(torch.rand(32, 3)).detach()
     torch.testing.assert_close(weights.mean(0), torch.ones(3))  # centred: each exit's mean weight is 1
     assert float(weights.min()) >= 0.0 and float(weights.std()) > 0
-    assert set(out.metrics) == {"l2w_meta_loss", "l2w_weight_std"}
+    assert set(out.metrics) == {"l2w_meta_loss", "l2w_weight_std"} | {f"l2w_weight_loss_corr_{k}" for k in range(3)}
+
+
+def test_l2w_weight_loss_correlation_tells_which_samples_an_exit_weights_more():
+    """+1 where an exit's weights rise with its losses (hard samples count more), -1 where they fall, 0 if flat."""
+    from adaptnn.strategies.l2w import weight_loss_correlation
+
+    losses = torch.tensor([[0.1, 0.1, 0.1], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [4.0, 4.0, 4.0]])
+    weights = torch.stack([1 + 0.1 * losses[:, 0], 1 - 0.05 * losses[:, 1], torch.ones(4)], dim=1)
+    torch.testing.assert_close(weight_loss_correlation(weights, losses), torch.tensor([1.0, -1.0, 0.0]))
+    noisy = torch.tensor([[0.9], [1.3], [0.8], [1.0]])  # rank order of losses 0,1,2,3 vs weights: 2,0,3,1
+    expected = torch.corrcoef(torch.stack([noisy[:, 0], losses[:, 0]]))[0, 1]
+    torch.testing.assert_close(weight_loss_correlation(noisy, losses[:, :1]), expected.reshape(1))
 
 
 def test_l2w_centre_all_keeps_only_the_overall_mean_weight_at_one():

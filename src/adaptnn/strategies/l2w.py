@@ -67,7 +67,7 @@ from .base import StepContext, StepOutput, Strategy, per_exit_cross_entropy
 if TYPE_CHECKING:
     from ..runtime.staged import StagedModel
 
-__all__ = ["L2WLoss", "WeightNet", "allocate_exits"]
+__all__ = ["L2WLoss", "WeightNet", "allocate_exits", "weight_loss_correlation"]
 
 
 class WeightNet(nn.Module):
@@ -117,6 +117,19 @@ def allocate_exits(confidence: Tensor, fractions: Sequence[float]) -> Tensor:
         free[taken] = False
         remaining -= take
     return exit_index
+
+
+def weight_loss_correlation(weights: Tensor, losses: Tensor) -> Tensor:
+    """Per exit, the Pearson correlation over the samples of their weights ``[N, K]`` with their losses ``[N, K]``.
+
+    The paper's premise is that early exits should weight easy (low-loss) samples more and late exits hard ones:
+    a negative value at early exits and a positive one at late exits. Returns ``[K]``; 0 where either column is
+    constant (e.g. ``eps: 0``).
+    """
+    w = weights.detach().float() - weights.detach().float().mean(0)
+    loss = losses.detach().float() - losses.detach().float().mean(0)
+    scale = (w.square().sum(0) * loss.square().sum(0)).sqrt()
+    return torch.where(scale > 0, (w * loss).sum(0) / scale.clamp_min(1e-30), torch.zeros_like(scale))
 
 
 class L2WLoss(Strategy):
@@ -305,7 +318,9 @@ class L2WLoss(Strategy):
     def training_step(self, ctx: StepContext, x: Tensor, y: Tensor) -> StepOutput:
         """A meta update every ``meta_interval`` steps, then the weighted loss of the whole micro-batch.
 
-        Metrics: ``l2w_meta_loss`` (steps with a meta update) and ``l2w_weight_std`` (spread of the weights).
+        Metrics: ``l2w_meta_loss`` (steps with a meta update), ``l2w_weight_std`` (spread of the weights) and
+        ``l2w_weight_loss_corr_<k>`` for each exit k (:func:`weight_loss_correlation` within the micro-batch: does
+        exit k weight hard samples more, > 0, or easy ones, < 0?).
         """
         metrics: dict[str, Tensor | float] = {}
         if ctx.step % self.meta_interval == 0:
@@ -315,4 +330,6 @@ class L2WLoss(Strategy):
         with torch.no_grad():
             weights = self.sample_weights(losses)
         metrics["l2w_weight_std"] = weights.std()
+        for k, corr in enumerate(weight_loss_correlation(weights, losses)):
+            metrics[f"l2w_weight_loss_corr_{k}"] = corr
         return StepOutput((weights * losses).sum(dim=1).mean(), metrics)
