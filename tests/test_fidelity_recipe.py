@@ -172,20 +172,25 @@ def test_anchored_mean_accuracy():
     assert bench.anchored_mean_accuracy(flat) == pytest.approx(0.6, abs=1e-4)  # the straight line between anchors
 
 
-def _fidelity_benchmark():
+def _benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (it imports its sibling ``strategies.py``, the side-by-side engine)."""
     import importlib.util
     import sys
     from pathlib import Path
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench))  # fidelity.py imports its sibling strategies.py
+    sys.path.insert(0, str(bench))
     try:
-        spec = importlib.util.spec_from_file_location("_bench_fidelity", bench / "fidelity.py")
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", bench / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(bench))
     return module
+
+
+def _fidelity_benchmark():
+    return _benchmark("fidelity")
 
 
 def test_controlled_table_labels_each_run_by_what_it_changed(tmp_path):
@@ -410,24 +415,14 @@ def test_merge_can_keep_the_records_of_one_cpu_model(tmp_path):
 def test_l2w_weights_reads_what_an_l2w_run_learned_and_refuses_other_runs(tmp_path):
     """``benchmarks/l2w_weights.py`` rebuilds an l2w checkpoint's weight network and reports, per exit, how its
     weights move with the loss; a checkpoint of another strategy gets a one-line refusal."""
-    import importlib.util
     import json
-    import sys
-    from pathlib import Path
 
     engine = _fidelity_benchmark().engine
     splits = build_datasets(DataConfig(name="digits", val_size=200))
     args = _digits_run_args(tmp_path)
     engine.run_strategy("l2w", {"meta_interval": 1}, splits, splits.train, args)
     engine.run_strategy("joint", {}, splits, splits.train, args)
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    try:
-        spec = importlib.util.spec_from_file_location("_bench_l2w_weights", bench / "l2w_weights.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(bench))
+    module = _benchmark("l2w_weights")
     l2w_ckpt = str(tmp_path / "l2w" / "checkpoints" / "last.safetensors")
     out = tmp_path / "weights"
     report = module.main([l2w_ckpt, "--dataset", "digits", "--val_size", "200", "--samples", "96", "--out", str(out)])
