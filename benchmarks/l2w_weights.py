@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adaptnn.errors import AdaptnnError, ConfigError
 from adaptnn.io import load_checkpoint
 from adaptnn.io.checkpoint import unpack_tensors
 from adaptnn.models import load_model
@@ -50,15 +51,20 @@ def _ranks(values: torch.Tensor) -> torch.Tensor:
 
 def weight_profile(path: str, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
     """The per-exit weight statistics of the l2w checkpoint ``path`` on ``images`` (see the module docstring)."""
-    ckpt = load_checkpoint(path)
-    config = dataclass_from_mapping(TrainConfig, ckpt.meta["train_config"], f"{path}: train_config")
-    strategy = build_strategy(config)
-    if not isinstance(strategy, L2WLoss) or not ckpt.meta.get("strategy_state"):
-        raise SystemExit(f"{path} is a {config.strategy!r} checkpoint without l2w state; expected an l2w run's")
-    model = load_model(path).eval()
-    strategy.setup(model)
-    tensors = {f"strategy.{k}": v for k, v in ckpt.extra.get("strategy", {}).items()}
-    strategy.load_state_dict(unpack_tensors(ckpt.meta["strategy_state"], tensors))
+    try:
+        ckpt = load_checkpoint(path)
+        if not isinstance(ckpt.meta.get("train_config"), dict):
+            raise ConfigError(f"{path} has no train_config; expected a training checkpoint (checkpoints/last)")
+        config = dataclass_from_mapping(TrainConfig, ckpt.meta["train_config"], f"{path}: train_config")
+        strategy = build_strategy(config)
+        if not isinstance(strategy, L2WLoss) or not ckpt.meta.get("strategy_state"):
+            raise ConfigError(f"{path} is a {config.strategy!r} checkpoint without l2w state; expected an l2w run's")
+        model = load_model(path).eval()
+        strategy.setup(model)
+        tensors = {f"strategy.{k}": v for k, v in ckpt.extra.get("strategy", {}).items()}
+        strategy.load_state_dict(unpack_tensors(ckpt.meta["strategy_state"], tensors))
+    except AdaptnnError as err:  # a checkpoint is data: a bad one is a one-line error
+        raise SystemExit(str(err)) from None
     with torch.no_grad():
         chunks = [model.forward_all(images[i : i + 256]) for i in range(0, len(images), 256)]
         logits = [torch.cat(per_exit) for per_exit in zip(*chunks, strict=True)]

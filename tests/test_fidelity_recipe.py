@@ -440,3 +440,6 @@ def test_l2w_weights_reads_what_an_l2w_run_learned_and_refuses_other_runs(tmp_pa
     joint_ckpt = str(tmp_path / "joint" / "checkpoints" / "last.safetensors")
     with pytest.raises(SystemExit, match="is a 'joint' checkpoint without l2w state; expected an l2w run's"):
         module.main([joint_ckpt, "--dataset", "digits", "--val_size", "200", "--out", str(out)])
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="junk.safetensors is not a readable safetensors file"):
+        module.main([str(tmp_path / "junk.safetensors"), "--dataset", "digits", "--val_size", "200"])
