@@ -66,7 +66,11 @@ def weight_profile(path: str, images: torch.Tensor, labels: torch.Tensor) -> dic
     except AdaptnnError as err:  # a checkpoint is data: a bad one is a one-line error
         raise SystemExit(str(err)) from None
     with torch.no_grad():
-        chunks = [model.forward_all(images[i : i + 256]) for i in range(0, len(images), 256)]
+        try:
+            chunks = [model.forward_all(images[i : i + 256]) for i in range(0, len(images), 256)]
+        except (RuntimeError, AdaptnnError) as err:
+            shape = tuple(images.shape[1:])
+            raise SystemExit(f"{path}: its model does not take this dataset's inputs {shape} ({err})") from None
         logits = [torch.cat(per_exit) for per_exit in zip(*chunks, strict=True)]
         losses = torch.stack([F.cross_entropy(lg, labels, reduction="none") for lg in logits], dim=1)  # [N, K]
         batch = config.batch_size
