@@ -162,11 +162,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="benchmarks/results/l2w_weights")
     args = parser.parse_args(argv)
-    if args.samples < 8:
-        raise SystemExit(f"--samples must be at least 8, got {args.samples}")
+    if args.samples < 8 or args.threads < 0:
+        raise SystemExit(f"--samples must be at least 8 and --threads >= 0, got {args.samples} and {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    splits, _ = engine.load_data(args.dataset, args.root, args.val_size, args.split_seed, False)
+    try:
+        splits, _ = engine.load_data(args.dataset, args.root, args.val_size, args.split_seed, False)
+    except AdaptnnError as err:  # an unknown dataset, a missing root: one line
+        raise SystemExit(f"--dataset {args.dataset!r}: {err}") from None
     count = min(args.samples, len(splits.train))
     chosen = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(args.split_seed))[:count]
     items = [splits.train[int(i)] for i in chosen]

@@ -133,8 +133,8 @@ def weight_loss_correlation(weights: Tensor, losses: Tensor) -> Tensor:
     a negative value at early exits and a positive one at late exits. Returns ``[K]``; 0 where either column is
     constant (e.g. ``eps: 0``).
     """
-    w = weights.detach().float() - weights.detach().float().mean(0)
-    loss = losses.detach().float() - losses.detach().float().mean(0)
+    w, loss = weights.detach().float(), losses.detach().float()
+    w, loss = w - w.mean(0), loss - loss.mean(0)
     scale = (w.square().sum(0) * loss.square().sum(0)).sqrt()
     return torch.where(scale > 0, (w * loss).sum(0) / scale.clamp_min(1e-30), torch.zeros_like(scale))
 
