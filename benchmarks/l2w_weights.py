@@ -11,6 +11,10 @@ loss (:func:`adaptnn.strategies.l2w.weight_loss_correlation`), and the mean weig
 quarter of the samples by that loss. Runs trained since this script exist also log the Pearson figure per epoch
 (``l2w_weight_loss_corr_<k>`` in ``metrics.jsonl``).
 
+``--weight_net init`` weighs the same losses with the weight network the run *started* from instead (the trainer
+seeds with the run's seed and builds it first, so it is rebuilt exactly): did meta-training move the weights, or
+do they still show the random initialisation's slopes?
+
 Example (the fidelity runs of issue 12; a minute on one CPU core)::
 
     python benchmarks/l2w_weights.py W/seed0/l2w/checkpoints/last.safetensors \\
@@ -39,6 +43,7 @@ from adaptnn.models import load_model
 from adaptnn.strategies.l2w import L2WLoss, weight_loss_correlation
 from adaptnn.training import TrainConfig, build_strategy
 from adaptnn.training.config import dataclass_from_mapping
+from adaptnn.training.device import seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import strategies as engine  # noqa: E402  (benchmarks/strategies.py: data loading, hardware, reports)
@@ -49,8 +54,13 @@ def _ranks(values: torch.Tensor) -> torch.Tensor:
     return values.argsort(0).argsort(0).float()
 
 
-def weight_profile(path: str, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-    """The per-exit weight statistics of the l2w checkpoint ``path`` on ``images`` (see the module docstring)."""
+def weight_profile(
+    path: str, images: torch.Tensor, labels: torch.Tensor, weight_net: str = "trained"
+) -> dict[str, Any]:
+    """The per-exit weight statistics of the l2w checkpoint ``path`` on ``images`` (see the module docstring).
+
+    ``weight_net``: ``"trained"`` (the checkpoint's) or ``"init"`` (the one its run started from).
+    """
     try:
         ckpt = load_checkpoint(path)
         if not isinstance(ckpt.meta.get("train_config"), dict):
@@ -60,9 +70,13 @@ def weight_profile(path: str, images: torch.Tensor, labels: torch.Tensor) -> dic
         if not isinstance(strategy, L2WLoss) or not ckpt.meta.get("strategy_state"):
             raise ConfigError(f"{path} is a {config.strategy!r} checkpoint without l2w state; expected an l2w run's")
         model = load_model(path).eval()
-        strategy.setup(model)
-        tensors = {f"strategy.{k}": v for k, v in ckpt.extra.get("strategy", {}).items()}
-        strategy.load_state_dict(unpack_tensors(ckpt.meta["strategy_state"], tensors))
+        if weight_net == "init":  # as the trainer does: seed, then build the weight network before anything else
+            seed_everything(config.seed)
+            strategy.setup(model)
+        else:
+            strategy.setup(model)
+            tensors = {f"strategy.{k}": v for k, v in ckpt.extra.get("strategy", {}).items()}
+            strategy.load_state_dict(unpack_tensors(ckpt.meta["strategy_state"], tensors))
     except AdaptnnError as err:  # a checkpoint is data: a bad one is a one-line error
         raise SystemExit(str(err)) from None
     with torch.no_grad():
@@ -82,6 +96,7 @@ def weight_profile(path: str, images: torch.Tensor, labels: torch.Tensor) -> dic
     return {
         "checkpoint": path,
         "epoch": int(ckpt.meta["epoch"]) + 1,
+        "weight_net": weight_net,
         "strategy_options": ckpt.meta["train_config"].get("strategy_options", {}),
         "weight_std": weights.std(0).tolist(),
         "pearson": weight_loss_correlation(weights, losses).tolist(),
@@ -116,12 +131,13 @@ def markdown(report: dict[str, Any]) -> str:
         "(< 0: easy samples weighted more, the paper's premise for early exits; > 0: hard samples weighted more), "
         "and the mean weight of the easiest / hardest quarter by that exit's loss.",
         "",
-        "| run | epoch | options | Pearson | Spearman | easiest quarter | hardest quarter | weight std |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | epoch | weight net | options | Pearson | Spearman | easiest quarter | hardest quarter | weight std |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["profiles"]:
         lines.append(
-            f"| {_short(r['checkpoint'])} | {r['epoch']} | {r['strategy_options'] or 'defaults'} | "
+            f"| {_short(r['checkpoint'])} | {r['epoch']} | {r.get('weight_net', 'trained')} | "
+            f"{r['strategy_options'] or 'defaults'} | "
             f"{_signed(r['pearson'])} | {_signed(r['spearman'])} | {_plain(r['mean_weight_easiest_quarter'])} | "
             f"{_plain(r['mean_weight_hardest_quarter'])} | {_plain(r['weight_std'])} |"
         )
@@ -137,7 +153,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for r in report["profiles"]:
         exits = np.arange(1, len(r["pearson"]) + 1)
-        ax.plot(exits, r["pearson"], marker="o", label=_short(r["checkpoint"]))
+        init = r.get("weight_net") == "init"
+        label = _short(r["checkpoint"]) + (" (initial weight net)" if init else "")
+        ax.plot(exits, r["pearson"], marker="o", ls="--" if init else "-", label=label)
         ax.set_xticks(exits)
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xlabel("exit")
@@ -160,6 +178,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--split_seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=2048, help="training images to weigh (a seeded draw)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--weight_net",
+        choices=["trained", "init", "both"],
+        default="trained",
+        help="the checkpoint's weight network, the one its run started from, or both (a row each)",
+    )
     parser.add_argument("--out", default="benchmarks/results/l2w_weights")
     args = parser.parse_args(argv)
     if args.samples < 8 or args.threads < 0:
@@ -175,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     items = [splits.train[int(i)] for i in chosen]
     images = torch.stack([x for x, _ in items])
     labels = torch.tensor([int(y) for _, y in items])
-    profiles = [weight_profile(path, images, labels) for path in args.checkpoints]
+    kinds = ["init", "trained"] if args.weight_net == "both" else [args.weight_net]
+    profiles = [weight_profile(path, images, labels, kind) for path in args.checkpoints for kind in kinds]
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     setup = (
         f"{count} training images of {args.dataset} (split seed {args.split_seed}, val {args.val_size}, no "

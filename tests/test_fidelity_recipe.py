@@ -16,6 +16,7 @@ from adaptnn.data.transforms import resized_crop_transforms
 from adaptnn.errors import ConfigError
 from adaptnn.io.checkpoint import load_checkpoint
 from adaptnn.models import load_model
+from adaptnn.strategies.l2w import L2WLoss
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -420,7 +421,16 @@ def test_l2w_weights_reads_what_an_l2w_run_learned_and_refuses_other_runs(tmp_pa
     engine = _fidelity_benchmark().engine
     splits = build_datasets(DataConfig(name="digits", val_size=200))
     args = _digits_run_args(tmp_path)
-    engine.run_strategy("l2w", {"meta_interval": 1}, splits, splits.train, args)
+    built = []  # the weight network the trainer starts from, as it was at set-up
+    original_setup = L2WLoss.setup
+
+    def recording_setup(self, model):
+        original_setup(self, model)
+        built.append({k: v.clone() for k, v in self.weight_net.state_dict().items()})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(L2WLoss, "setup", recording_setup)
+        engine.run_strategy("l2w", {"meta_interval": 1}, splits, splits.train, args)
     engine.run_strategy("joint", {}, splits, splits.train, args)
     module = _benchmark("l2w_weights")
     l2w_ckpt = str(tmp_path / "l2w" / "checkpoints" / "last.safetensors")
@@ -436,7 +446,32 @@ def test_l2w_weights_reads_what_an_l2w_run_learned_and_refuses_other_runs(tmp_pa
         if abs(corr) > 0.5:  # a clear correlation shows in the quarters too
             assert (hard - easy) * corr > 0
     assert json.loads(out.with_suffix(".json").read_text())["profiles"][0]["pearson"] == profile["pearson"]
-    assert f"{tmp_path.name}/l2w | 1 | {{'meta_interval': 1}} |" in out.with_suffix(".md").read_text()  # named by run
+    assert f"{tmp_path.name}/l2w | 1 | trained | {{'meta_interval': 1}} |" in out.with_suffix(".md").read_text()
+    # --weight_net init rebuilds exactly the network the run started from, and weighs the same losses with it
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(L2WLoss, "setup", recording_setup)
+        both = module.main(
+            [
+                l2w_ckpt,
+                "--dataset",
+                "digits",
+                "--val_size",
+                "200",
+                "--samples",
+                "96",
+                "--weight_net",
+                "both",
+                "--out",
+                str(out),
+            ]
+        )
+    assert len(built) == 3  # the run's set-up, then the script's init and trained rebuilds
+    at_start, at_rebuild = built[0], built[1]  # the trainer's set-up, then the script's init rebuild
+    assert all(torch.equal(at_start[k], at_rebuild[k]) for k in at_start)
+    init, trained = both["profiles"]
+    assert (init["weight_net"], trained["weight_net"]) == ("init", "trained")
+    assert trained["pearson"] == profile["pearson"] and init["mean_loss"] == profile["mean_loss"]
+    assert init["weight_std"] != trained["weight_std"]  # a look-ahead every step moved the network
     joint_ckpt = str(tmp_path / "joint" / "checkpoints" / "last.safetensors")
     with pytest.raises(SystemExit, match="is a 'joint' checkpoint without l2w state; expected an l2w run's"):
         module.main([joint_ckpt, "--dataset", "digits", "--val_size", "200", "--out", str(out)])
