@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import socket
 import statistics
@@ -52,6 +51,7 @@ from pathlib import Path
 import torch
 
 from adaptnn import ConfidencePolicy, create_model
+from adaptnn.measure import machine_info
 from adaptnn.serve import Engine, TorchBackend
 
 RESULTS = Path(__file__).parent / "results"
@@ -735,16 +735,6 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["msdnet", "resnet50"])
@@ -774,7 +764,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     result = {
-        "machine": f"{_cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}",
+        "machine": f"{machine_info()['processor']} ({os.cpu_count()} cores), torch {torch.__version__}",
         "threads": args.threads,
         "loadavg_before": [round(v, 2) for v in os.getloadavg()],
         "command": "python benchmarks/serve_load.py " + " ".join(

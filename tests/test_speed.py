@@ -7,7 +7,7 @@ from torch.utils.data import TensorDataset
 from adaptnn import ConfidencePolicy, ConfigError, create_model, simulate_exits
 from adaptnn.evaluation import realised_run
 from adaptnn.measure.speed import bench_policy, full_model_macs, latency_percentiles, thresholds_for_macs_fraction
-from adaptnn.measure.timing import interleaved_medians
+from adaptnn.measure.timing import _cpu_name, interleaved_medians
 from adaptnn.runtime import index_state
 from adaptnn.runtime.cost import cost_breakdown
 
@@ -149,3 +149,12 @@ def test_bench_in_bfloat16_counts_the_same_macs():
         dtype=torch.bfloat16,
     )
     assert result["dtype"] == "bfloat16" and result["full_model_macs"] == full32
+
+
+def test_machine_lines_name_the_cpu_family_and_model():
+    """Two CPUs sold under one name round floats differently: a figure's machine line names family and model,
+    read from the first processor's block only, and falls back to the name alone where the kernel gives no more."""
+    two_cpus = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n\n"
+    two_cpus += "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC 9B14\n"
+    assert _cpu_name(two_cpus) == "AMD EPYC family 23 model 1"
+    assert _cpu_name("processor\t: 0\nmodel name\t: Some ARM core\nBogoMIPS\t: 50.00\n") == "Some ARM core"

@@ -157,12 +157,26 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, object]:
     return info
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+def _cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU's name with its family and model where the kernel reports them (``AMD EPYC family 23 model 1``).
+
+    Two processors sold under one name can differ in family and model, and with them in their kernels' float
+    rounding and speed, so a figure names both. ``cpuinfo``: the text of ``/proc/cpuinfo`` (read when None).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep or not key.strip():
+            if fields:  # the first processor's block has ended
+                break
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    family, model = fields.get("cpu family"), fields.get("model")
+    return " ".join(part for part in (name, family and f"family {family}", model and f"model {model}") if part)
