@@ -39,6 +39,10 @@ sorted step back-propagates each member right after its forward: its peak is abo
 Usage::
 
     python benchmarks/elastic.py --steps 300 --threads 1
+
+Seeds can train in parallel processes (one core each) and be joined into one table afterwards:
+``--merge results/A.json results/B.json --name C`` checks that the reports share the recipe and the CPU model
+(a gap measured on another CPU's float path does not pair with these) and that no seed repeats.
 """
 
 from __future__ import annotations
@@ -496,6 +500,8 @@ def markdown(res: dict) -> str:
     lines.append(
         f"Machine: {res['machine']['processor']}, {res['machine']['cpu_count']} CPUs; command `{res['command']}`"
     )
+    for part in res.get("merged_from", []):
+        lines += ["", f"Merged from `{part['path']}`: `{part['command']}`"]
     lines += ["", f"Allocator: {res.get('allocator', 'glibc malloc (defaults)')}", ""]
     if len(res.get("train_seeds", [])) > 1:
         lines += seeds_markdown(res)
@@ -616,6 +622,54 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+MERGE_KEYS = ("steps", "batch", "epochs", "num_random")
+
+
+def merge_reports(paths: list[str]) -> dict:
+    """One report holding the train part of every report in ``paths``, its seeds in order.
+
+    Refuses (one line) a report that is unreadable or has no train part, reports of different recipes
+    (:data:`MERGE_KEYS`) or members, different CPU models, and a seed trained twice.
+    """
+    reports = []
+    for path in paths:
+        try:
+            report = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"--merge: {path} is not a readable JSON report ({err})") from None
+        runs = report.get("train_seeds") if isinstance(report, dict) else None
+        if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) and "seed" in r for r in runs):
+            raise SystemExit(f"--merge: {path} has no train part (train_seeds); expected a report of --parts train")
+        machine = report.get("machine")
+        if not isinstance(machine, dict) or not {"processor", "cpu_count", "torch_threads"} <= machine.keys():
+            raise SystemExit(f"--merge: {path} has no machine entry (processor, cpu_count, torch_threads)")
+        reports.append(report)
+    first = reports[0]
+    members = [m.get("variant") for m in first["train_seeds"][0].get("members", [])]
+    for path, report in zip(paths[1:], reports[1:], strict=True):
+        for key in MERGE_KEYS:
+            if report.get(key) != first.get(key):
+                raise SystemExit(f"--merge: {path} has {key} {report.get(key)!r}, {paths[0]} has {first.get(key)!r}")
+        if report["machine"].get("processor") != first["machine"].get("processor"):
+            raise SystemExit(
+                f"--merge: {path} ran on {report['machine'].get('processor')!r}, {paths[0]} on "
+                f"{first['machine'].get('processor')!r}; gaps pair only on one CPU model"
+            )
+        theirs = [m.get("variant") for m in report["train_seeds"][0].get("members", [])]
+        if theirs != members:
+            raise SystemExit(f"--merge: {path} has members {theirs}, {paths[0]} has {members}")
+    runs = sorted((run for report in reports for run in report["train_seeds"]), key=lambda run: run["seed"])
+    seeds = [run["seed"] for run in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--merge: a seed appears twice among {seeds}")
+    merged = {key: first[key] for key in ("machine", "allocator", *MERGE_KEYS) if key in first}
+    merged["merged_from"] = [
+        {"path": path, "command": r.get("command", "?")} for path, r in zip(paths, reports, strict=True)
+    ]
+    merged["train_seeds"], merged["train"] = runs, runs[0]
+    return merged
+
+
 def seed_list(text: str) -> list[int]:
     """``"0,1,2"`` -> ``[0, 1, 2]``; anything else is refused by the parser with one line."""
     try:
@@ -646,7 +700,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--separate-from", default=None, help="reuse the separate networks of an earlier results JSON")
     parser.add_argument("--keep-freed-memory", action="store_true", help="re-run with glibc keeping freed memory")
     parser.add_argument("--summed-too", action="store_true", help="train part: also the former summed backward")
+    parser.add_argument("--merge", nargs="+", default=None, help="join these reports' train parts into --name")
     args = parser.parse_args(argv)
+    if args.merge:
+        merged = merge_reports(args.merge)
+        merged["command"] = " ".join(["python", *sys.argv])
+        save(merged, args.name)
+        print(markdown(merged))
+        return 0
     if args.keep_freed_memory and any(os.environ.get(k) != v for k, v in KEEP_FREED.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **KEEP_FREED))
     torch.set_num_threads(args.threads)

@@ -52,3 +52,20 @@ def assert_realised_equals_simulated(
             assert torch.equal(out.exit_index, sim_exit[start : start + batch]), (batch, start)
             assert torch.allclose(out.logits, sim_pred[start : start + batch], atol=1e-5), (batch, start)
     return sim_exit
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (it may import its siblings, e.g. ``strategies.py``)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", bench / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+    return module

@@ -142,3 +142,45 @@ def test_menu_command_on_a_sorted_run(tmp_path, capsys):
     assert main([*argv, "--budget_macs", "10"]) == 2  # nothing fits: one line, the menu is still written
     err = capsys.readouterr().err
     assert "no variant fits macs <= 10" in err and "Traceback" not in err
+
+
+def test_elastic_benchmark_merges_seeds_trained_in_parallel_and_refuses_mismatched_reports(tmp_path):
+    """``benchmarks/elastic.py --merge``: seeds trained in separate processes join into one seed table (here a
+    shipped 3-seed report split in two and joined again); reports of another recipe or CPU model, a seed trained
+    twice, and a file that is not a report are refused in one line."""
+    from pathlib import Path
+
+    from helpers import load_benchmark
+
+    elastic = load_benchmark("elastic")
+    shipped = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "elastic_cpu_accuracy_s22.json"
+    whole = json.loads(shipped.read_text())
+    assert [run["seed"] for run in whole["train_seeds"]] == [0, 1, 2]
+
+    def part(name: str, runs: list, **changes) -> str:
+        report = dict(whole, train_seeds=runs, train=runs[0], **changes)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(report))
+        return str(path)
+
+    later = part("later", whole["train_seeds"][2:])  # given first: the merge orders seeds
+    earlier = part("earlier", whole["train_seeds"][:2])
+    merged = elastic.merge_reports([later, earlier])
+    assert merged["train_seeds"] == whole["train_seeds"] and merged["train"] == whole["train_seeds"][0]
+    assert [p["path"] for p in merged["merged_from"]] == [later, earlier]
+    merged["command"] = "python benchmarks/elastic.py --merge ..."
+    text = elastic.markdown(merged)
+    assert "over seeds [0, 1, 2]" in text and "| w0.25_d2 | +0.59 | +0.90 | +0.44 | +0.59 |" in text
+
+    other_cpu = part("other_cpu", whole["train_seeds"][2:], machine=dict(whole["machine"], processor="Other CPU"))
+    other_steps = part("other_steps", whole["train_seeds"][2:], steps=whole["steps"] + 1)
+    (tmp_path / "junk.json").write_text("{not json")
+    refusals = {
+        (earlier, other_cpu): "ran on 'Other CPU'.*gaps pair only on one CPU model",
+        (earlier, other_steps): "has steps 851",
+        (earlier, earlier): r"a seed appears twice among \[0, 0, 1, 1\]",
+        (earlier, str(tmp_path / "junk.json")): "junk.json is not a readable JSON report",
+    }
+    for paths, message in refusals.items():
+        with pytest.raises(SystemExit, match=message):
+            elastic.merge_reports(list(paths))

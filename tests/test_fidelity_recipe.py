@@ -17,6 +17,7 @@ from adaptnn.errors import ConfigError
 from adaptnn.io.checkpoint import load_checkpoint
 from adaptnn.models import load_model
 from adaptnn.strategies.l2w import L2WLoss
+from helpers import load_benchmark
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -145,14 +146,7 @@ def test_msdnet_imagenet_recipes(step):
 
 
 def _strategies_benchmark():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "strategies.py"
-    spec = importlib.util.spec_from_file_location("_bench_strategies", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("strategies")
 
 
 def test_anchored_mean_accuracy():
@@ -173,25 +167,8 @@ def test_anchored_mean_accuracy():
     assert bench.anchored_mean_accuracy(flat) == pytest.approx(0.6, abs=1e-4)  # the straight line between anchors
 
 
-def _benchmark(name: str):
-    """``benchmarks/<name>.py`` as a module (it imports its sibling ``strategies.py``, the side-by-side engine)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    try:
-        spec = importlib.util.spec_from_file_location(f"_bench_{name}", bench / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(bench))
-    return module
-
-
 def _fidelity_benchmark():
-    return _benchmark("fidelity")
+    return load_benchmark("fidelity")
 
 
 def test_controlled_table_labels_each_run_by_what_it_changed(tmp_path):
@@ -432,7 +409,7 @@ def test_l2w_weights_reads_what_an_l2w_run_learned_and_refuses_other_runs(tmp_pa
         patch.setattr(L2WLoss, "setup", recording_setup)
         engine.run_strategy("l2w", {"meta_interval": 1}, splits, splits.train, args)
     engine.run_strategy("joint", {}, splits, splits.train, args)
-    module = _benchmark("l2w_weights")
+    module = load_benchmark("l2w_weights")
     l2w_ckpt = str(tmp_path / "l2w" / "checkpoints" / "last.safetensors")
     out = tmp_path / "weights"
     report = module.main([l2w_ckpt, "--dataset", "digits", "--val_size", "200", "--samples", "96", "--out", str(out)])
