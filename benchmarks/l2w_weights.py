@@ -151,11 +151,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    runs = list(dict.fromkeys(r["checkpoint"] for r in report["profiles"]))  # one colour per run, init dashed
     for r in report["profiles"]:
         exits = np.arange(1, len(r["pearson"]) + 1)
         init = r.get("weight_net") == "init"
         label = _short(r["checkpoint"]) + (" (initial weight net)" if init else "")
-        ax.plot(exits, r["pearson"], marker="o", ls="--" if init else "-", label=label)
+        colour = f"C{runs.index(r['checkpoint']) % 10}"
+        ax.plot(exits, r["pearson"], marker="o", ls="--" if init else "-", color=colour, label=label)
         ax.set_xticks(exits)
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xlabel("exit")
