@@ -39,7 +39,8 @@ and the later exits' signs changed from seed to seed (``benchmarks/results/l2w_w
 same losses with each run's *initial* weight network (``--weight_net both``) separates the two: the first exit's slope
 towards hard samples is already the random initialisation's (+0.39 to +0.97), and of the 11 exits whose correlation
 meta-training moved by more than 0.3, 10 moved towards hard samples. So the meta objective (a one-step look-ahead,
-then the loss at each meta sample's allocated exit) rewards weight on hard samples, not the paper's split by exit.
+then the loss at each meta sample's allocated exit) rewards weight on hard samples, not the paper's split by exit;
+the reference's ``meta_reduction: exit`` did the same on seed 0 (``l2w_weights_cifar10_meta_reduction_exit.md``).
 A likely mechanism (not measured here): a weight's meta gradient is the inner product of its sample's training
 gradient with the meta gradient, and on clean labels a hard sample's larger gradient makes the larger product.
 
