@@ -625,6 +625,13 @@ def markdown(res: dict) -> str:
 MERGE_KEYS = ("steps", "batch", "epochs", "num_random")
 
 
+def _is_train_run(run: object) -> bool:
+    """A train part's record of one seed, as far as the merge reads it."""
+    if not isinstance(run, dict) or not isinstance(run.get("seed"), int) or not isinstance(run.get("members"), list):
+        return False
+    return all(isinstance(m, dict) and isinstance(m.get("variant"), str) for m in run["members"])
+
+
 def merge_reports(paths: list[str]) -> dict:
     """One report holding the train part of every report in ``paths``, its seeds in order.
 
@@ -638,14 +645,17 @@ def merge_reports(paths: list[str]) -> dict:
         except (OSError, ValueError) as err:
             raise SystemExit(f"--merge: {path} is not a readable JSON report ({err})") from None
         runs = report.get("train_seeds") if isinstance(report, dict) else None
-        if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) and "seed" in r for r in runs):
-            raise SystemExit(f"--merge: {path} has no train part (train_seeds); expected a report of --parts train")
+        if not isinstance(runs, list) or not runs or not all(_is_train_run(r) for r in runs):
+            raise SystemExit(
+                f"--merge: {path} has no train part (train_seeds, each with an integer seed and members that name "
+                "their variant); expected a report of --parts train"
+            )
         machine = report.get("machine")
         if not isinstance(machine, dict) or not {"processor", "cpu_count", "torch_threads"} <= machine.keys():
             raise SystemExit(f"--merge: {path} has no machine entry (processor, cpu_count, torch_threads)")
         reports.append(report)
     first = reports[0]
-    members = [m.get("variant") for m in first["train_seeds"][0].get("members", [])]
+    members = [m["variant"] for m in first["train_seeds"][0]["members"]]
     for path, report in zip(paths[1:], reports[1:], strict=True):
         for key in MERGE_KEYS:
             if report.get(key) != first.get(key):
@@ -655,7 +665,7 @@ def merge_reports(paths: list[str]) -> dict:
                 f"--merge: {path} ran on {report['machine'].get('processor')!r}, {paths[0]} on "
                 f"{first['machine'].get('processor')!r}; gaps pair only on one CPU model"
             )
-        theirs = [m.get("variant") for m in report["train_seeds"][0].get("members", [])]
+        theirs = [m["variant"] for m in report["train_seeds"][0]["members"]]
         if theirs != members:
             raise SystemExit(f"--merge: {path} has members {theirs}, {paths[0]} has {members}")
     runs = sorted((run for report in reports for run in report["train_seeds"]), key=lambda run: run["seed"])
@@ -704,9 +714,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.merge:
         merged = merge_reports(args.merge)
-        merged["command"] = " ".join(["python", *sys.argv])
+        merged["command"] = " ".join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+        try:
+            text = markdown(merged)
+        except (KeyError, TypeError, ValueError) as err:  # a report is data: a field missing is one line
+            raise SystemExit(
+                f"--merge: a report lacks a field the table needs or holds the wrong type: {err!r}"
+            ) from None
         save(merged, args.name)
-        print(markdown(merged))
+        print(text)
         return 0
     if args.keep_freed_memory and any(os.environ.get(k) != v for k, v in KEEP_FREED.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **KEEP_FREED))

@@ -184,3 +184,11 @@ def test_elastic_benchmark_merges_seeds_trained_in_parallel_and_refuses_mismatch
     for paths, message in refusals.items():
         with pytest.raises(SystemExit, match=message):
             elastic.merge_reports(list(paths))
+    text_seed = [dict(whole["train_seeds"][2], seed="2")]
+    with pytest.raises(SystemExit, match="has no train part"):
+        elastic.merge_reports([earlier, part("text_seed", text_seed)])
+    no_gap = dict(whole["train_seeds"][2])
+    no_gap["members"] = [{k: v for k, v in m.items() if k != "gap_pt"} for m in no_gap["members"]]
+    with pytest.raises(SystemExit, match="lacks a field the table needs.*gap_pt"):  # refused before anything is saved
+        elastic.main(["--merge", earlier, part("no_gap", [no_gap]), "--name", "never_written"])
+    assert not (shipped.parent / "never_written.json").exists()
