@@ -54,29 +54,31 @@ def _ranks(values: torch.Tensor) -> torch.Tensor:
     return values.argsort(0).argsort(0).float()
 
 
-def weight_profile(
-    path: str, images: torch.Tensor, labels: torch.Tensor, weight_net: str = "trained"
-) -> dict[str, Any]:
-    """The per-exit weight statistics of the l2w checkpoint ``path`` on ``images`` (see the module docstring).
-
-    ``weight_net``: ``"trained"`` (the checkpoint's) or ``"init"`` (the one its run started from).
-    """
+def weight_profiles(
+    path: str, images: torch.Tensor, labels: torch.Tensor, weight_nets: tuple[str, ...] = ("trained",)
+) -> list[dict[str, Any]]:
+    """The per-exit weight statistics of the l2w checkpoint ``path`` on ``images`` (see the module docstring), one
+    profile per weight network in ``weight_nets``: ``"trained"`` (the checkpoint's) or ``"init"`` (the one its run
+    started from). The losses are computed once and weighed by each."""
     try:
         ckpt = load_checkpoint(path)
         if not isinstance(ckpt.meta.get("train_config"), dict):
             raise ConfigError(f"{path} has no train_config; expected a training checkpoint (checkpoints/last)")
         config = dataclass_from_mapping(TrainConfig, ckpt.meta["train_config"], f"{path}: train_config")
-        strategy = build_strategy(config)
-        if not isinstance(strategy, L2WLoss) or not ckpt.meta.get("strategy_state"):
+        if not isinstance(build_strategy(config), L2WLoss) or not ckpt.meta.get("strategy_state"):
             raise ConfigError(f"{path} is a {config.strategy!r} checkpoint without l2w state; expected an l2w run's")
         model = load_model(path).eval()
-        if weight_net == "init":  # as the trainer does: seed, then build the weight network before anything else
-            seed_everything(config.seed)
-            strategy.setup(model)
-        else:
-            strategy.setup(model)
-            tensors = {f"strategy.{k}": v for k, v in ckpt.extra.get("strategy", {}).items()}
-            strategy.load_state_dict(unpack_tensors(ckpt.meta["strategy_state"], tensors))
+        strategies = {}
+        for kind in weight_nets:
+            strategy = build_strategy(config)
+            if kind == "init":  # as the trainer does: seed, then build the weight network before anything else
+                seed_everything(config.seed)
+                strategy.setup(model)
+            else:
+                strategy.setup(model)
+                tensors = {f"strategy.{k}": v for k, v in ckpt.extra.get("strategy", {}).items()}
+                strategy.load_state_dict(unpack_tensors(ckpt.meta["strategy_state"], tensors))
+            strategies[kind] = strategy
     except AdaptnnError as err:  # a checkpoint is data: a bad one is a one-line error
         raise SystemExit(str(err)) from None
     with torch.no_grad():
@@ -87,24 +89,29 @@ def weight_profile(
             raise SystemExit(f"{path}: its model does not take this dataset's inputs {shape} ({err})") from None
         logits = [torch.cat(per_exit) for per_exit in zip(*chunks, strict=True)]
         losses = torch.stack([F.cross_entropy(lg, labels, reduction="none") for lg in logits], dim=1)  # [N, K]
-        batch = config.batch_size
-        weights = torch.cat([strategy.sample_weights(losses[i : i + batch]) for i in range(0, len(losses), batch)])
     quarter = max(1, len(losses) // 4)
     order = losses.argsort(0)  # per exit, easiest first
-    easiest = torch.gather(weights, 0, order[:quarter]).mean(0)
-    hardest = torch.gather(weights, 0, order[-quarter:]).mean(0)
-    return {
-        "checkpoint": path,
-        "epoch": int(ckpt.meta["epoch"]) + 1,
-        "weight_net": weight_net,
-        "strategy_options": ckpt.meta["train_config"].get("strategy_options", {}),
-        "weight_std": weights.std(0).tolist(),
-        "pearson": weight_loss_correlation(weights, losses).tolist(),
-        "spearman": weight_loss_correlation(_ranks(weights), _ranks(losses)).tolist(),
-        "mean_weight_easiest_quarter": easiest.tolist(),
-        "mean_weight_hardest_quarter": hardest.tolist(),
-        "mean_loss": losses.mean(0).tolist(),
-    }
+    profiles = []
+    for kind, strategy in strategies.items():
+        batch = config.batch_size
+        with torch.no_grad():
+            chunks = [strategy.sample_weights(losses[i : i + batch]) for i in range(0, len(losses), batch)]
+        weights = torch.cat(chunks)
+        profiles.append(
+            {
+                "checkpoint": path,
+                "epoch": int(ckpt.meta["epoch"]) + 1,
+                "weight_net": kind,
+                "strategy_options": ckpt.meta["train_config"].get("strategy_options", {}),
+                "weight_std": weights.std(0).tolist(),
+                "pearson": weight_loss_correlation(weights, losses).tolist(),
+                "spearman": weight_loss_correlation(_ranks(weights), _ranks(losses)).tolist(),
+                "mean_weight_easiest_quarter": torch.gather(weights, 0, order[:quarter]).mean(0).tolist(),
+                "mean_weight_hardest_quarter": torch.gather(weights, 0, order[-quarter:]).mean(0).tolist(),
+                "mean_loss": losses.mean(0).tolist(),
+            }
+        )
+    return profiles
 
 
 def _short(path: str) -> str:
@@ -201,8 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     items = [splits.train[int(i)] for i in chosen]
     images = torch.stack([x for x, _ in items])
     labels = torch.tensor([int(y) for _, y in items])
-    kinds = ["init", "trained"] if args.weight_net == "both" else [args.weight_net]
-    profiles = [weight_profile(path, images, labels, kind) for path in args.checkpoints for kind in kinds]
+    kinds = ("init", "trained") if args.weight_net == "both" else (args.weight_net,)
+    profiles = [profile for path in args.checkpoints for profile in weight_profiles(path, images, labels, kinds)]
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     setup = (
         f"{count} training images of {args.dataset} (split seed {args.split_seed}, val {args.val_size}, no "
