@@ -21,6 +21,12 @@ per server config (``--http-configs``: stage-level ``fill``, request-level ``old
 closed-loop capacity, then Poisson runs at ``--http-loads`` times it: client-side latency per exit, the server's own
 queue/compute/latency times from the answers, the shed answers' latency.
 
+Before the runs each model's latency model is profiled (``adaptnn.measure.profile_latency``, every piece alone at
+batch sizes up to the cap) and predicts three saturation rates: the full model, request-level early exit (each batch
+of ``--max-batch`` requests runs its deep stages on its own survivors) and ideal pooling (every stage on full
+batches, ``LatencyModel.predict_pooled``). Their ratio is the most stage-level pooling can gain on this device: on a
+CPU, where a row costs about the same at any batch size, it is small, and the measured ratio is read against it.
+
 Models (random weights, thresholds set on random inputs so that about ``--exit-rate`` of the rows still running
 stop at each early exit): ``msdnet_cifar10`` (3x32x32) and a timm ResNet-50 staged at its stages (3x64x64 input
 to fit a small CPU). Bounded: ``--count`` requests and ``--max-seconds`` per run.
@@ -52,6 +58,7 @@ import torch
 
 from adaptnn import ConfidencePolicy, create_model
 from adaptnn.measure import machine_info
+from adaptnn.measure.latency import profile_latency
 from adaptnn.serve import Engine, TorchBackend
 
 RESULTS = Path(__file__).parent / "results"
@@ -130,6 +137,25 @@ class EngineServer:
 
     def step(self) -> bool:
         return self.engine.step() > 0
+
+
+def pooling_bound(model, inputs: torch.Tensor, exits: torch.Tensor, args) -> dict:
+    """What the latency model (each piece measured alone at batch sizes up to the cap) predicts per request.
+
+    Saturation req/s of the full model, of request-level early exit (each batch of ``--max-batch`` requests runs its
+    deep stages on its own survivors) and of ideal pooling (every stage on full batches); ``bound`` = pooled over
+    request-level: the most stage-level pooling can gain on this device, engine bookkeeping not counted."""
+    b = args.max_batch
+    sizes = sorted({s for s in (1, 2, 4, 8, 16, 32, 64) if s < b} | {b})
+    lm = profile_latency(model, inputs, batch_sizes=sizes, repeats=10, warmup_s=0.3, num_threads=args.threads)
+    order = torch.randperm(8 * len(exits), generator=torch.Generator().manual_seed(0))
+    mixed = exits.repeat(8)[order]  # the served inputs' exits in shuffled batches, as requests arrive
+    rps = {
+        "full": 1e3 * b / lm.predict_full(b),
+        "request_level": 1e3 * b / lm.predict_batches(mixed, b),
+        "pooled": 1e3 * b / lm.predict_pooled(mixed, b),
+    }
+    return {"predicted_saturation_rps": rps, "bound": rps["pooled"] / rps["request_level"], "batch_sizes": sizes}
 
 
 def make_server(system: str, model, policy, args):
@@ -494,10 +520,15 @@ def bench_model(name: str, args) -> dict:
     costs = model.exit_costs(inputs).tolist()
     ideal = costs[-1] / (sum(c * m for c, m in zip(costs, mix, strict=True)) / len(inputs))
     print(f"{name}: exits {model.num_exits}, mix on 64 inputs {mix}, MACs-ideal speedup {ideal:.2f}x", flush=True)
+    bound = pooling_bound(model, inputs, exits, args)
+    print(
+        f"  latency model: saturation {bound['predicted_saturation_rps']}, pooling bound {bound['bound']:.2f}x",
+        flush=True,
+    )
     if args.http_only:
         http = http_runs(name, inputs, model.num_exits, args)
         return {"model": name, "input_shape": list(shape), "exit_macs": costs, "thresholds": policy.thresholds,
-                "exit_mix_64": mix, "macs_ideal_speedup": ideal, "http": http}  # fmt: skip
+                "exit_mix_64": mix, "macs_ideal_speedup": ideal, "latency_model": bound, "http": http}  # fmt: skip
     for system in SYSTEMS:  # warm-up: every server on a short closed loop
         drive(make_server(system, model, policy, args), inputs, argparse.Namespace(**{**vars(args), "count": 40,
               "max_seconds": 3.0}), rate=None, seed=0)  # fmt: skip
@@ -535,6 +566,7 @@ def bench_model(name: str, args) -> dict:
         "thresholds": policy.thresholds,
         "exit_mix_64": mix,
         "macs_ideal_speedup": ideal,
+        "latency_model": bound,
         "saturation_rps": sat,
         "saturation_runs_rps": saturation,
         "closed_loop": closed,
@@ -585,6 +617,8 @@ def _in_process_acceptance(entry: dict) -> dict:
         "deepest_exit_taken_at_half_load": deepest,
         "p99_2x_vs_p99_0.8x": p99_2x / p99_80 if p99_2x and p99_80 else None,
     }
+    if "latency_model" in entry:
+        out["pooling_bound_latency_model"] = entry["latency_model"]["bound"]
     return out
 
 
@@ -689,6 +723,21 @@ def _in_process_markdown(entry: dict, lines: list[str]) -> None:
         "|" + "---|" * len(SYSTEMS),
         "| " + " | ".join(f"{entry['saturation_rps'][s]:.1f}" for s in SYSTEMS) + " |",
         "",
+    ]
+    lm = entry.get("latency_model")
+    if lm:
+        pred = lm["predicted_saturation_rps"]
+        measured = entry["saturation_rps"]["stage_engine"] / max(
+            entry["saturation_rps"]["req_ee_own_exit"], entry["saturation_rps"]["req_ee_batch_end"]
+        )
+        lines += [
+            f"Latency model (every piece measured alone at batch {lm['batch_sizes']}), predicted saturation req/s: "
+            f"full {pred['full']:.1f}, request-level early exit {pred['request_level']:.1f}, every stage on full "
+            f"batches {pred['pooled']:.1f}: pooling can gain at most **{lm['bound']:.2f}x** here (measured "
+            f"{measured:.2f}x).",
+            "",
+        ]
+    lines += [
         "Open loop (Poisson) at multiples of the stage engine's saturation (deepest: the deepest exit taken):",
         "",
         "| load | server | answered | shed | p50 ms | p99 ms | p50 exit 0 | p50 deepest | deep-stage batch |",

@@ -101,3 +101,22 @@ def test_ms_budget_the_latency_model_cannot_meet_is_refused():
         )  # fmt: skip
     with pytest.raises(ConfigError, match="no latency model for the settings"):
         joint_choice(policy, {"only": (logits, costs)}, labels, costs[-1], unit="ms", batch=BATCH, latency_models={})
+
+
+def test_predict_pooled_runs_every_stage_at_the_full_batch():
+    model = _model(fixed_ms=2.0)
+    segment = model.segment_ms[0]
+    exits = torch.tensor([0, 1] * BATCH)  # half leave at exit 0; every batch of 64 has 32 survivors
+    # pooled: stage 0 once per batch, stage 1 on full batches of survivors (half as many calls)
+    assert model.predict_pooled(exits, BATCH) == pytest.approx(segment(BATCH) + 0.5 * segment(BATCH))
+    # request-level batches run stage 1 on 32 rows, paying its fixed cost per batch: pooling saves half of it
+    saved = model.predict_batches(exits, BATCH) - model.predict_pooled(exits, BATCH)
+    assert saved == pytest.approx(0.5 * 2.0)
+    # no fixed cost per call: pooling saves nothing
+    linear = _model(fixed_ms=0.0)
+    assert linear.predict_pooled(exits, BATCH) == pytest.approx(linear.predict_batches(exits, BATCH))
+    # nobody leaves early: both are the whole batch through every stage
+    last = torch.ones(BATCH, dtype=torch.long)
+    assert model.predict_pooled(last, BATCH) == pytest.approx(model.predict([0, BATCH]))
+    with pytest.raises(ConfigError, match=r"exit indices must be in \[0, 2\), got 0..2"):
+        model.predict_pooled(torch.tensor([0, 2]), BATCH)

@@ -207,6 +207,38 @@ class LatencyModel:
         batches = exits[: (exits.numel() // b) * b].view(-1, b)
         return statistics.fmean(self.predict(torch.bincount(row, minlength=k).tolist()) for row in batches)
 
+    def predict_pooled(self, exit_index: Sequence[int] | torch.Tensor, batch_size: int) -> float:
+        """Predicted ms per ``batch_size`` samples when every stage runs full batches of ``batch_size`` rows.
+
+        This is what a stage-level engine that pools the survivors of many batches costs at saturation: each stage
+        pays its ``batch_size``-row cost once per ``batch_size`` rows that reach it, so a deep stage is as efficient
+        per row as the first. Its ratio to :meth:`predict_batches` is the most pooling can raise throughput over
+        request-level early exit on this device (engine bookkeeping not counted).
+        """
+        b = int(batch_size)
+        exits = torch.as_tensor(exit_index).reshape(-1).long().cpu()
+        if exits.numel() == 0 or b < 1:
+            raise ConfigError(
+                f"need exits of >= 1 sample and a batch size >= 1, got {exits.numel()} and {batch_size!r}"
+            )
+        if int(exits.min()) < 0 or int(exits.max()) >= self.num_exits:
+            raise ConfigError(
+                f"exit indices must be in [0, {self.num_exits}), got {int(exits.min())}..{int(exits.max())}"
+            )
+        counts = torch.bincount(exits, minlength=self.num_exits).double()
+        reach = counts.flip(0).cumsum(0).flip(0) / exits.numel()  # share of samples reaching stage k
+        leave = [float(c) / float(r * exits.numel()) if r > 0 else 0.0 for c, r in zip(counts, reach, strict=True)]
+        full = [b] * len(self.segment_ms)  # every segment of a stage runs a full batch
+        compacts = [0.0 < f < 1.0 for f in leave]
+        host = self._per_stage(full, compacts, self.segment_ms, self.head_ms, self.exit_overhead_ms, self.compaction_ms)
+        per_stage = host
+        if self.segment_gpu_ms is not None and self.head_gpu_ms is not None and self.exit_gpu_ms is not None:
+            gpu = self._per_stage(
+                full, compacts, self.segment_gpu_ms, self.head_gpu_ms, self.exit_gpu_ms, self.compaction_gpu_ms
+            )
+            per_stage = [max(h, g) for h, g in zip(host, gpu, strict=True)]
+        return sum(float(r) * ms for r, ms in zip(reach, per_stage, strict=True))
+
     def predict_full(self, batch_size: int) -> float:
         """Predicted ms of the plain full model (every segment, only the last head, no exit overhead)."""
         host = sum(f(batch_size) for f in self.segment_ms) + self.head_ms[-1](batch_size)
