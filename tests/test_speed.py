@@ -50,6 +50,25 @@ def test_bench_policy_reports_consistent_figures():
     assert set(result["results"][0]["latency_ms"]) == {"full", "dynamic", "dynamic_by_exit_median"}
 
 
+def test_timing_engine_blocks_time_each_group_together_and_rotate_the_blocks():
+    calls = []
+    variants = {name: (lambda batch, name=name: calls.append((name, batch))) for name in "abc"}
+    medians = interleaved_medians(
+        variants, ["x", "y"], rounds=2, warmup_s=0.0, warmup_batches=1, blocks=[["a", "b"], ["c"]]
+    )
+    assert set(medians) == {"a", "b", "c"} and all(len(v) == 2 for v in medians.values())
+    timed = calls[3:]  # after the warm-up of every variant on the first batch
+    # round 0: block ab (re-warmed on x, then interleaved over x, y), then block c; round 1: c first
+    assert timed[:8] == [("a", "x"), ("b", "x"), ("a", "x"), ("b", "x"), ("b", "y"), ("a", "y"), ("c", "x"),
+                         ("c", "x")]  # fmt: skip
+    assert timed[8:12] == [("c", "y"), ("c", "x"), ("c", "x"), ("c", "y")]
+    assert timed[12:] == [("a", "x"), ("b", "x"), ("b", "x"), ("a", "x"), ("a", "y"), ("b", "y")]
+    with pytest.raises(ConfigError, match="blocks must hold every variant exactly once"):
+        interleaved_medians(variants, ["x"], blocks=[["a", "b"]])
+    with pytest.raises(ConfigError, match="blocks must hold every variant exactly once"):
+        interleaved_medians(variants, ["x"], blocks=[["a", "b"], ["b", "c"]])
+
+
 def test_timing_engine_interleaves_in_rotating_order():
     calls = []
     variants = {name: (lambda batch, name=name: calls.append((name, batch))) for name in "abc"}

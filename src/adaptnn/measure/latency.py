@@ -539,7 +539,9 @@ def profile_settings(
     timed apart from the engine's per-call work, so load drift between settings and the engine's overhead would
     skew a choice between them. With ``anchor_batch`` the cumulative time to each exit is also *measured* at that
     batch size: ``run_dynamic`` with every sample leaving at exit k (:func:`exit_policy`), for every setting and
-    exit, interleaved on the same batches (:func:`~adaptnn.measure.timing.interleaved_medians`); it is kept as
+    exit, on the same batches (:func:`~adaptnn.measure.timing.interleaved_medians`: one block per setting, its
+    exits interleaved call by call, the settings' blocks rotating round by round, so each setting is timed with
+    its own weights in the caches, as deployed, and drift still spreads over all); it is kept as
     ``info["anchor"]["exit_ms"]`` (ms per batch) and each profile is scaled so its last-exit prediction equals the
     measured one (``info["anchor_scale"]``).
     """
@@ -572,6 +574,7 @@ def profile_settings(
             rounds=anchor_rounds,
             warmup_s=float(options.get("warmup_s", 0.5)),
             timer=Timer(device),
+            blocks=[[f"{label}|{k}" for k in range(m.num_exits)] for label, m in models.items()],
         )
     out = {}
     for label, profile in profiles.items():
