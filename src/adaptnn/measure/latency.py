@@ -184,13 +184,8 @@ class LatencyModel:
         """Predicted ms of a batch of ``batch_size`` whose samples exit with the given fractions."""
         return self.predict([batch_size * f for f in exit_fractions])
 
-    def predict_batches(self, exit_index: Sequence[int] | torch.Tensor, batch_size: int) -> float:
-        """Mean predicted ms per batch of samples exiting at ``exit_index`` (in order) run in batches of ``batch_size``.
-
-        Each batch is predicted from its own exit counts: the later stages of a batch with mixed exits run on fewer
-        rows (less efficient per row) and pay a compaction, which a per-sample average of the exits' latencies
-        misses. Fewer samples than one batch: one batch with the same exit fractions.
-        """
+    def _checked_exits(self, exit_index: Sequence[int] | torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+        """``exit_index`` as a 1-D CPU long tensor and the batch size, or a one-line error naming what is wrong."""
         b = int(batch_size)
         exits = torch.as_tensor(exit_index).reshape(-1).long().cpu()
         if exits.numel() == 0 or b < 1:
@@ -201,6 +196,16 @@ class LatencyModel:
             raise ConfigError(
                 f"exit indices must be in [0, {self.num_exits}), got {int(exits.min())}..{int(exits.max())}"
             )
+        return exits, b
+
+    def predict_batches(self, exit_index: Sequence[int] | torch.Tensor, batch_size: int) -> float:
+        """Mean predicted ms per batch of samples exiting at ``exit_index`` (in order) run in batches of ``batch_size``.
+
+        Each batch is predicted from its own exit counts: the later stages of a batch with mixed exits run on fewer
+        rows (less efficient per row) and pay a compaction, which a per-sample average of the exits' latencies
+        misses. Fewer samples than one batch: one batch with the same exit fractions.
+        """
+        exits, b = self._checked_exits(exit_index, batch_size)
         k = self.num_exits
         if exits.numel() < b:
             return self.predict_fractions(b, (torch.bincount(exits, minlength=k) / exits.numel()).tolist())
@@ -215,16 +220,7 @@ class LatencyModel:
         per row as the first. Its ratio to :meth:`predict_batches` is the most pooling can raise throughput over
         request-level early exit on this device (engine bookkeeping not counted).
         """
-        b = int(batch_size)
-        exits = torch.as_tensor(exit_index).reshape(-1).long().cpu()
-        if exits.numel() == 0 or b < 1:
-            raise ConfigError(
-                f"need exits of >= 1 sample and a batch size >= 1, got {exits.numel()} and {batch_size!r}"
-            )
-        if int(exits.min()) < 0 or int(exits.max()) >= self.num_exits:
-            raise ConfigError(
-                f"exit indices must be in [0, {self.num_exits}), got {int(exits.min())}..{int(exits.max())}"
-            )
+        exits, b = self._checked_exits(exit_index, batch_size)
         counts = torch.bincount(exits, minlength=self.num_exits).double()
         reach = counts.flip(0).cumsum(0).flip(0) / exits.numel()  # share of samples reaching stage k
         leave = [float(c) / float(r * exits.numel()) if r > 0 else 0.0 for c, r in zip(counts, reach, strict=True)]
