@@ -167,6 +167,10 @@ def test_profiles_of_settings_are_anchored_to_interleaved_engine_runs(one_thread
         anchor = profile.info["anchor"]
         assert anchor["batch_size"] == 4 and len(anchor["exit_ms"]) == profile.num_exits
         assert profile.exit_latency_ms(4)[-1] == pytest.approx(anchor["exit_ms"][-1])
+        # the profiled size below the anchor batch is anchored by its own whole last-exit run
+        assert set(anchor["last_exit_ms_by_batch"]) == {"1"}
+        assert profile.exit_latency_ms(1)[-1] == pytest.approx(anchor["last_exit_ms_by_batch"]["1"])
+        assert set(profile.info["anchor_scales"]) == {"1", "4"}
         doubled = profile.scaled(2.0)
         assert doubled.exit_latency_ms(4) == pytest.approx([2 * t for t in profile.exit_latency_ms(4)])
-        assert doubled.info["anchor_scale"] == pytest.approx(2 * profile.info["anchor_scale"])
+        assert doubled.info["anchor_scale"] == pytest.approx(2.0)

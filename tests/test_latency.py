@@ -120,3 +120,23 @@ def test_profile_separates_decision_and_compaction():
     assert lm.compaction_ms is not None and len(lm.compaction_ms) == model.num_exits
     assert all(f(1) == 0.0 for f in lm.compaction_ms)  # one sample never compacts
     assert all(f(8) >= 0.0 for f in lm.compaction_ms)
+
+
+def test_scaled_by_batch_multiplies_each_knot_by_its_factor():
+    curve = PiecewiseLinear([1.0, 16.0, 64.0], [1.0, 10.0, 40.0])
+    model = LatencyModel(exit_after=[0], segment_ms=[curve], head_ms=[PiecewiseLinear([1.0], [0.0])],
+                         exit_overhead_ms=[])  # fmt: skip
+    scaled = model.scaled_by_batch({16: 1.2, 64: 1.0})
+    # at the anchored sizes the factor itself; below the smallest anchored size the nearest one's
+    assert scaled.segment_ms[0].values == pytest.approx([1.2, 12.0, 40.0])
+    assert scaled.info["anchor_scales"] == {"16": 1.2, "64": 1.0}
+    # between anchored sizes the factor is interpolated: 1.1 at 40 rows
+    mid = LatencyModel(exit_after=[0], segment_ms=[PiecewiseLinear([40.0], [20.0])],
+                       head_ms=[PiecewiseLinear([1.0], [0.0])], exit_overhead_ms=[])  # fmt: skip
+    assert mid.scaled_by_batch({16: 1.2, 64: 1.0}).segment_ms[0].values == pytest.approx([22.0])
+    # every anchored size predicts exactly its factor times the profile, even where that makes a piece dip
+    assert model.scaled_by_batch({1: 1.0, 16: 5.0, 64: 1.0}).segment_ms[0].values == pytest.approx([1.0, 50.0, 40.0])
+    with pytest.raises(ConfigError, match="a latency scale must be a finite number > 0"):
+        model.scaled_by_batch({16: float("nan")})
+    with pytest.raises(ConfigError, match="needs at least one"):
+        model.scaled_by_batch({})

@@ -36,7 +36,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def _check_scale(factor: float) -> None:
+    if not math.isfinite(factor) or factor <= 0:
+        raise ConfigError(f"a latency scale must be a finite number > 0, got {factor!r}")
 
 
 @dataclass
@@ -253,21 +258,52 @@ class LatencyModel:
 
     def scaled(self, factor: float) -> LatencyModel:
         """A copy with every piece's time multiplied by ``factor`` (recorded as ``info["anchor_scale"]``)."""
-        if not math.isfinite(factor) or factor <= 0:
-            raise ConfigError(f"a latency scale must be a finite number > 0, got {factor!r}")
+        _check_scale(factor)
+        scale = factor * float(self.info.get("anchor_scale", 1.0))
+        return self._rescaled(lambda _knot: factor, {"anchor_scale": scale})
+
+    def scaled_by_batch(self, factors: Mapping[int, float]) -> LatencyModel:
+        """A copy whose times at each batch size are multiplied by the factor measured there.
+
+        ``factors`` maps batch sizes to (whole run measured) / (predicted); between them the factor is interpolated
+        linearly, beyond them it is the nearest one's. Anchoring the pieces at several batch sizes corrects what one
+        anchor cannot: pieces timed apart can read low at small batches and right at large ones, and a stage that
+        runs on a batch's survivors runs at a small batch. Recorded as ``info["anchor_scales"]``.
+        """
+        if not factors:
+            raise ConfigError("scaled_by_batch needs at least one (batch size, factor)")
+        sizes = sorted(float(n) for n in factors)
+        values = [float(factors[n]) for n in sorted(factors)]
+        for f in values:
+            _check_scale(f)
+        curve = PiecewiseLinear(sizes, values)
+
+        def at(knot: float) -> float:
+            return values[0] if knot <= sizes[0] else values[-1] if knot >= sizes[-1] else curve(knot)
+
+        return self._rescaled(at, {"anchor_scales": {str(int(n)): f for n, f in zip(sizes, values, strict=True)}})
+
+    def _rescaled(self, factor_at: Callable[[float], float], info: dict[str, Any]) -> LatencyModel:
+        """A copy with each curve's value at each knot multiplied by ``factor_at(knot)``.
+
+        Not made non-decreasing again: the anchored sizes must predict exactly what was measured there, and a piece
+        whose scaled times dip between two sizes is as noisy as the dip (the sum over pieces is what is anchored).
+        """
 
         def times(curves: list[PiecewiseLinear] | None) -> list[PiecewiseLinear] | None:
-            return (
-                None if curves is None else [PiecewiseLinear(c.knots, [factor * v for v in c.values]) for c in curves]
-            )
+            if curves is None:
+                return None
+            return [
+                PiecewiseLinear(list(c.knots), [factor_at(k) * v for k, v in zip(c.knots, c.values, strict=True)])
+                for c in curves
+            ]
 
-        scale = factor * float(self.info.get("anchor_scale", 1.0))
         return LatencyModel(
             exit_after=list(self.exit_after),
             segment_ms=times(self.segment_ms) or [],
             head_ms=times(self.head_ms) or [],
             exit_overhead_ms=times(self.exit_overhead_ms) or [],
-            info={**self.info, "anchor_scale": scale},
+            info={**self.info, **info},
             segment_gpu_ms=times(self.segment_gpu_ms),
             head_gpu_ms=times(self.head_gpu_ms),
             exit_gpu_ms=times(self.exit_gpu_ms),
@@ -538,8 +574,11 @@ def profile_settings(
     exit, on the same batches (:func:`~adaptnn.measure.timing.interleaved_medians`: one block per setting, its
     exits interleaved call by call, the settings' blocks rotating round by round, so each setting is timed with
     its own weights in the caches, as deployed, and drift still spreads over all); it is kept as
-    ``info["anchor"]["exit_ms"]`` (ms per batch) and each profile is scaled so its last-exit prediction equals the
-    measured one (``info["anchor_scale"]``).
+    ``info["anchor"]["exit_ms"]`` (ms per batch). The profiled batch sizes below ``anchor_batch`` are anchored
+    too, each by a whole last-exit run at that size in the same blocks (``info["anchor"]["last_exit_ms_by_batch"]``),
+    and each profile is scaled by batch size so its last-exit prediction equals the measured one at every anchored
+    size (:meth:`LatencyModel.scaled_by_batch`, ``info["anchor_scales"]``): a batch's survivors run its later stages
+    at a smaller batch, where pieces timed apart read low.
     """
     if not models:
         raise ConfigError("profile_settings needs at least one model (label -> staged model)")
@@ -551,33 +590,51 @@ def profile_settings(
         raise ConfigError(f"anchor_batch must be >= 1, got {anchor_batch!r}")
     device = options.get("device", "cpu")
     n_pool = sample.shape[0]
-    batches = [sample[(torch.arange(b) + i * b) % n_pool].to(device) for i in range(max(1, min(8, n_pool // b)))]
+    count = max(1, min(8, n_pool // b))
+    # the profiled batch sizes below b are anchored too, each by a whole last-exit run at that size
+    smaller = sorted({int(n) for p in profiles.values() for n in p.info["batch_sizes"] if int(n) < b})
+    batches = {n: [sample[(torch.arange(n) + i * n) % n_pool].to(device) for i in range(count)] for n in [b, *smaller]}
 
-    def leave_at(model: StagedModel, k: int) -> Callable[[torch.Tensor], Any]:
+    def leave_at(model: StagedModel, k: int, n: int) -> Callable[[int], Any]:
         policy = exit_policy(model.num_exits, k)
 
-        def call(x: torch.Tensor) -> Any:
+        def call(i: int) -> Any:
             with torch.inference_mode():
-                return model.run_dynamic(to_model(model, x), policy, check_finite=False)
+                return model.run_dynamic(to_model(model, batches[n][i]), policy, check_finite=False)
 
         return call
 
-    calls = {(label, k): leave_at(m, k) for label, m in models.items() for k in range(m.num_exits)}
+    calls: dict[str, Callable[[int], Any]] = {}
+    blocks = []
+    for label, m in models.items():
+        block = {f"{label}|{k}": leave_at(m, k, b) for k in range(m.num_exits)}
+        block.update({f"{label}|last@{n}": leave_at(m, m.num_exits - 1, n) for n in smaller})
+        calls.update(block)
+        blocks.append(list(block))
     with pinned_threads(options.get("num_threads")):
         medians = interleaved_medians(
-            {f"{label}|{k}": fn for (label, k), fn in calls.items()},
-            batches,
+            calls,
+            list(range(count)),
             rounds=anchor_rounds,
             warmup_s=float(options.get("warmup_s", 0.5)),
             timer=Timer(device),
-            blocks=[[f"{label}|{k}" for k in range(m.num_exits)] for label, m in models.items()],
+            blocks=blocks,
         )
     out = {}
     for label, profile in profiles.items():
         exit_ms = [statistics.fmean(medians[f"{label}|{k}"]) for k in range(models[label].num_exits)]
-        predicted = profile.exit_latency_ms(b)[-1]
-        out[label] = profile.scaled(exit_ms[-1] / predicted) if predicted > 0 else profile
-        out[label].info["anchor"] = {"batch_size": b, "exit_ms": exit_ms}
+        last_ms = {n: statistics.fmean(medians[f"{label}|last@{n}"]) for n in smaller}
+        factors = {
+            n: measured / predicted
+            for n, measured in [(b, exit_ms[-1]), *last_ms.items()]
+            if (predicted := profile.exit_latency_ms(n)[-1]) > 0 and measured > 0
+        }
+        out[label] = profile.scaled_by_batch(factors) if factors else profile
+        out[label].info["anchor"] = {
+            "batch_size": b,
+            "exit_ms": exit_ms,
+            "last_exit_ms_by_batch": {str(n): ms for n, ms in last_ms.items()},
+        }
     return out
 
 
