@@ -69,3 +69,11 @@ def load_benchmark(name: str):
     finally:
         sys.path.remove(str(bench))
     return module
+
+
+def between_middle_values(values: torch.Tensor) -> float:
+    """A threshold halfway between the two middle values: about half are above it and none sits on it (a sample on
+    its threshold leaves or not by float noise between two runtimes, e.g. onnxruntime vs PyTorch)."""
+    ordered = values.flatten().sort().values
+    k = len(ordered) // 2
+    return float((ordered[k - 1] + ordered[k]) / 2)
