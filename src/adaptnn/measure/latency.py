@@ -154,15 +154,19 @@ class LatencyModel:
             raise ConfigError(f"got {len(exit_counts)} exit counts for a model with {self.num_exits} exits")
         alive = alive_per_segment(self.exit_after, len(self.segment_ms), exit_counts)
         compacts = [0 < c < alive[seg] for c, seg in zip(exit_counts, self.exit_after, strict=True)]
+        return sum(self._stage_ms(alive, compacts))
+
+    def _stage_ms(self, alive: list[int] | list[float], compacts: list[bool]) -> list[float]:
+        """ms of each stage on the device: host time, or on a GPU profile ``max(host, GPU)`` per stage."""
         host = self._per_stage(
             alive, compacts, self.segment_ms, self.head_ms, self.exit_overhead_ms, self.compaction_ms
         )
         if self.segment_gpu_ms is None or self.head_gpu_ms is None or self.exit_gpu_ms is None:
-            return sum(host)
+            return host
         gpu = self._per_stage(
             alive, compacts, self.segment_gpu_ms, self.head_gpu_ms, self.exit_gpu_ms, self.compaction_gpu_ms
         )
-        return sum(max(h, g) for h, g in zip(host, gpu, strict=True))
+        return [max(h, g) for h, g in zip(host, gpu, strict=True)]
 
     def _per_stage(
         self,
@@ -226,19 +230,12 @@ class LatencyModel:
         request-level early exit on this device (engine bookkeeping not counted).
         """
         exits, b = self._checked_exits(exit_index, batch_size)
-        counts = torch.bincount(exits, minlength=self.num_exits).double()
-        reach = counts.flip(0).cumsum(0).flip(0) / exits.numel()  # share of samples reaching stage k
-        leave = [float(c) / float(r * exits.numel()) if r > 0 else 0.0 for c, r in zip(counts, reach, strict=True)]
+        counts = torch.bincount(exits, minlength=self.num_exits)
+        reaching = counts.flip(0).cumsum(0).flip(0)  # samples reaching stage k
+        compacts = [0 < int(c) < int(r) for c, r in zip(counts, reaching, strict=True)]
         full = [b] * len(self.segment_ms)  # every segment of a stage runs a full batch
-        compacts = [0.0 < f < 1.0 for f in leave]
-        host = self._per_stage(full, compacts, self.segment_ms, self.head_ms, self.exit_overhead_ms, self.compaction_ms)
-        per_stage = host
-        if self.segment_gpu_ms is not None and self.head_gpu_ms is not None and self.exit_gpu_ms is not None:
-            gpu = self._per_stage(
-                full, compacts, self.segment_gpu_ms, self.head_gpu_ms, self.exit_gpu_ms, self.compaction_gpu_ms
-            )
-            per_stage = [max(h, g) for h, g in zip(host, gpu, strict=True)]
-        return sum(float(r) * ms for r, ms in zip(reach, per_stage, strict=True))
+        per_stage = self._stage_ms(full, compacts)
+        return sum(int(r) / exits.numel() * ms for r, ms in zip(reaching, per_stage, strict=True))
 
     def predict_full(self, batch_size: int) -> float:
         """Predicted ms of the plain full model (every segment, only the last head, no exit overhead)."""
@@ -278,8 +275,8 @@ class LatencyModel:
             _check_scale(f)
         curve = PiecewiseLinear(sizes, values)
 
-        def at(knot: float) -> float:
-            return values[0] if knot <= sizes[0] else values[-1] if knot >= sizes[-1] else curve(knot)
+        def at(knot: float) -> float:  # clamped to the anchored sizes: the nearest factor beyond them
+            return curve(min(max(knot, sizes[0]), sizes[-1]))
 
         return self._rescaled(at, {"anchor_scales": {str(int(n)): f for n, f in zip(sizes, values, strict=True)}})
 
