@@ -29,7 +29,14 @@ CPU, where a row costs about the same at any batch size, it is small, and the me
 
 Models (random weights, thresholds set on random inputs so that about ``--exit-rate`` of the rows still running
 stop at each early exit): ``msdnet_cifar10`` (3x32x32) and a timm ResNet-50 staged at its stages (3x64x64 input
-to fit a small CPU). Bounded: ``--count`` requests and ``--max-seconds`` per run.
+to fit a small CPU; ``--resnet-input``). Bounded: ``--count`` requests and ``--max-seconds`` per run.
+
+``--device cuda``: every server runs CUDA graphs captured at bucketed batch sizes up to ``--max-batch``
+(:class:`adaptnn.runtime.GraphedModel`): ``full`` is the graphed full model, ``req_ee_batch_end`` its fused
+``run_dynamic``, and both engine servers replay one stage graph per pooled batch
+(:class:`adaptnn.runtime.cuda_graphs.PooledGraphStages`). The figure of merit there is the stage engine's
+saturation over the graphed full model's, next to the MACs-ideal speed-up (no latency-model bound: it times
+eager pieces).
 
 Usage::
 
@@ -65,14 +72,15 @@ RESULTS = Path(__file__).parent / "results"
 SYSTEMS = ("full", "req_ee_batch_end", "req_ee_own_exit", "stage_engine")
 
 
-def build(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
+def build(name: str, resnet_input: int = 64) -> tuple[torch.nn.Module, tuple[int, ...]]:
     if name == "msdnet":
         return create_model("msdnet_cifar10").eval(), (3, 32, 32)
     if name == "mecnn":  # a small 4-exit CNN: per-call overhead dominates, as in the issue's prototype
         return create_model("mecnn_cifar").eval(), (3, 32, 32)
     from adaptnn.adapters import from_timm
 
-    return from_timm("resnet50", num_classes=10, input_size=(3, 64, 64)).eval(), (3, 64, 64)
+    shape = (3, resnet_input, resnet_input)
+    return from_timm("resnet50", num_classes=10, input_size=shape).eval(), shape
 
 
 def calibrate(model, x: torch.Tensor, rate: float) -> ConfidencePolicy:
@@ -90,12 +98,12 @@ def calibrate(model, x: torch.Tensor, rate: float) -> ConfidencePolicy:
 
 
 class BatchServer:
-    """Request batching over whole requests: ``full`` or ``req_ee_batch_end``."""
+    """Request batching over whole requests: ``full`` or ``req_ee_batch_end`` (``model`` eager or a GraphedModel)."""
 
-    def __init__(self, model, policy, max_batch: int, dynamic: bool) -> None:
+    def __init__(self, model, policy, max_batch: int, dynamic: bool, num_exits: int) -> None:
         self.model, self.policy, self.max_batch, self.dynamic = model, policy, max_batch, dynamic
         self.waiting: deque = deque()
-        self.last = model.num_exits - 1
+        self.last = num_exits - 1
 
     @property
     def inflight(self) -> int:
@@ -112,7 +120,9 @@ class BatchServer:
         with torch.inference_mode():
             exits = self.model.run_dynamic(x, self.policy).exit_index.tolist() if self.dynamic else None
             if not self.dynamic:
-                self.model(x)
+                out = self.model(x)
+                if out.is_cuda:  # answered once computed
+                    torch.cuda.synchronize()
         for i, (rid, _, done) in enumerate(batch):
             done(rid, self.last if exits is None else exits[i])
         return True
@@ -121,9 +131,12 @@ class BatchServer:
 class EngineServer:
     """The engine (``oldest``: request-level early exit answering at own exit; ``fill``: stage-level pooling)."""
 
-    def __init__(self, model, policy, max_batch: int, scheduler: str, max_wait_ms: float) -> None:
+    def __init__(self, model, policy, max_batch: int, scheduler: str, max_wait_ms: float, executor=None) -> None:
         self.engine = Engine(
-            TorchBackend(model, policy), max_batch=max_batch, scheduler=scheduler, max_wait_ms=max_wait_ms
+            TorchBackend(model, policy, executor=executor),
+            max_batch=max_batch,
+            scheduler=scheduler,
+            max_wait_ms=max_wait_ms,
         )
         self.batches: list[tuple[int, int]] = []
         self.engine.on_batch = lambda b: self.batches.append((b.stage, b.size))
@@ -158,13 +171,14 @@ def pooling_bound(model, inputs: torch.Tensor, exits: torch.Tensor, args) -> dic
     return {"predicted_saturation_rps": rps, "bound": rps["pooled"] / rps["request_level"], "batch_sizes": sizes}
 
 
-def make_server(system: str, model, policy, args):
-    if system == "full":
-        return BatchServer(model, policy, args.max_batch, dynamic=False)
-    if system == "req_ee_batch_end":
-        return BatchServer(model, policy, args.max_batch, dynamic=True)
+def make_server(system: str, model, policy, args, graphed=None):
+    """One server; with ``graphed`` (a GraphedModel of ``model``) every system runs through its CUDA graphs."""
+    if system in ("full", "req_ee_batch_end"):
+        runner = graphed if graphed is not None else model
+        return BatchServer(runner, policy, args.max_batch, dynamic=system != "full", num_exits=model.num_exits)
     scheduler = "oldest" if system == "req_ee_own_exit" else "fill"
-    return EngineServer(model, policy, args.max_batch, scheduler, args.max_wait_ms)
+    executor = graphed.pooled_executor() if graphed is not None else None
+    return EngineServer(model, policy, args.max_batch, scheduler, args.max_wait_ms, executor=executor)
 
 
 def drive(server, inputs: torch.Tensor, args, *, rate: float | None, seed: int) -> dict:
@@ -511,7 +525,7 @@ def _http_summary(runs: dict[str, list[dict]], args) -> dict:
 
 def bench_model(name: str, args) -> dict:
     torch.manual_seed(0)
-    model, shape = build(name)
+    model, shape = build(name, args.resnet_input)
     calib = torch.randn(128, *shape)
     policy = calibrate(model, calib, args.exit_rate)
     inputs = torch.randn(64, *shape)
@@ -520,23 +534,35 @@ def bench_model(name: str, args) -> dict:
     costs = model.exit_costs(inputs).tolist()
     ideal = costs[-1] / (sum(c * m for c, m in zip(costs, mix, strict=True)) / len(inputs))
     print(f"{name}: exits {model.num_exits}, mix on 64 inputs {mix}, MACs-ideal speedup {ideal:.2f}x", flush=True)
-    bound = pooling_bound(model, inputs, exits, args)
-    print(
-        f"  latency model: saturation {bound['predicted_saturation_rps']}, pooling bound {bound['bound']:.2f}x",
-        flush=True,
-    )
+    graphed = None
+    if args.device == "cuda" or args.emulate_graphs:
+        from adaptnn.runtime import GraphedModel
+
+        model, inputs = model.to(args.device), inputs.to(args.device)
+        t0 = time.perf_counter()
+        graphed = GraphedModel(model, inputs, max_batch=args.max_batch)
+        served = torch.bincount(graphed.run_dynamic(inputs, policy).exit_index, minlength=model.num_exits).tolist()
+        print(f"  CUDA graphs: {len(graphed.buckets)} buckets captured in {time.perf_counter() - t0:.1f} s; "
+              f"exit mix on the GPU {served}", flush=True)  # fmt: skip
+        bound = None
+    else:
+        bound = pooling_bound(model, inputs, exits, args)
+        print(
+            f"  latency model: saturation {bound['predicted_saturation_rps']}, pooling bound {bound['bound']:.2f}x",
+            flush=True,
+        )
     if args.http_only:
         http = http_runs(name, inputs, model.num_exits, args)
         return {"model": name, "input_shape": list(shape), "exit_macs": costs, "thresholds": policy.thresholds,
                 "exit_mix_64": mix, "macs_ideal_speedup": ideal, "latency_model": bound, "http": http}  # fmt: skip
     for system in SYSTEMS:  # warm-up: every server on a short closed loop
-        drive(make_server(system, model, policy, args), inputs, argparse.Namespace(**{**vars(args), "count": 40,
-              "max_seconds": 3.0}), rate=None, seed=0)  # fmt: skip
+        short = argparse.Namespace(**{**vars(args), "count": 40, "max_seconds": 3.0})
+        drive(make_server(system, model, policy, args, graphed), inputs, short, rate=None, seed=0)
     saturation: dict[str, list[float]] = {s: [] for s in SYSTEMS}
     closed: dict[str, dict] = {}
     for rep in range(args.repeats):
         for system in SYSTEMS[rep % 2 :] + SYSTEMS[: rep % 2]:  # who goes first rotates
-            run = drive(make_server(system, model, policy, args), inputs, args, rate=None, seed=rep)
+            run = drive(make_server(system, model, policy, args, graphed), inputs, args, rate=None, seed=rep)
             summary = summarise(run, model.num_exits)
             saturation[system].append(summary["throughput_rps"])
             closed[system] = summary
@@ -547,7 +573,7 @@ def bench_model(name: str, args) -> dict:
     for load in args.loads:
         open_loop[f"{load}x"] = {}
         for system in SYSTEMS:
-            server = make_server(system, model, policy, args)
+            server = make_server(system, model, policy, args, graphed)
             run = drive(server, inputs, args, rate=load * capacity, seed=int(100 * load))
             summary = summarise(run, model.num_exits)
             if isinstance(server, EngineServer):
@@ -561,12 +587,14 @@ def bench_model(name: str, args) -> dict:
             )
     out = {
         "model": name,
+        "device": args.device,
         "input_shape": list(shape),
         "exit_macs": costs,
         "thresholds": policy.thresholds,
         "exit_mix_64": mix,
         "macs_ideal_speedup": ideal,
         "latency_model": bound,
+        "cuda_graph_buckets": graphed.buckets if graphed is not None else None,
         "saturation_rps": sat,
         "saturation_runs_rps": saturation,
         "closed_loop": closed,
@@ -617,8 +645,14 @@ def _in_process_acceptance(entry: dict) -> dict:
         "deepest_exit_taken_at_half_load": deepest,
         "p99_2x_vs_p99_0.8x": p99_2x / p99_80 if p99_2x and p99_80 else None,
     }
-    if "latency_model" in entry:
+    if entry.get("latency_model"):
         out["pooling_bound_latency_model"] = entry["latency_model"]["bound"]
+    full = sat["full"]
+    out["stage_vs_full_throughput"] = sat["stage_engine"] / full
+    out["stage_vs_full_over_macs_ideal"] = sat["stage_engine"] / full / entry["macs_ideal_speedup"]
+    out["request_ee_vs_full_over_macs_ideal"] = (
+        max(sat["req_ee_own_exit"], sat["req_ee_batch_end"]) / full / entry["macs_ideal_speedup"]
+    )
     return out
 
 
@@ -797,6 +831,9 @@ def main() -> None:
     parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8, 2.0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: every server on CUDA graphs.")
+    parser.add_argument("--emulate-graphs", action="store_true", help=argparse.SUPPRESS)  # CPU smoke test of cuda
+    parser.add_argument("--resnet-input", type=int, default=64, help="ResNet-50's input side (224: ImageNet's).")
     parser.add_argument("--http", action="store_true", help="Also run over loopback HTTP (uvicorn).")
     parser.add_argument("--http-only", action="store_true", help="Only the HTTP runs (no in-process comparison).")
     parser.add_argument("--http-configs", nargs="+", default=list(HTTP_CONFIGS), choices=list(HTTP_CONFIGS))
@@ -813,7 +850,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     result = {
-        "machine": f"{machine_info()['processor']} ({os.cpu_count()} cores), torch {torch.__version__}",
+        "machine": f"{machine_info()['processor']} ({os.cpu_count()} cores), torch {torch.__version__}"
+        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
         "threads": args.threads,
         "loadavg_before": [round(v, 2) for v in os.getloadavg()],
         "command": "python benchmarks/serve_load.py " + " ".join(
@@ -823,18 +861,19 @@ def main() -> None:
         "args": vars(args),
         "models": [],
     }  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         entry = bench_model(name, args)
         entry["acceptance"] = acceptance(entry)
         print(f"  acceptance: {entry['acceptance']}", flush=True)
         result["models"].append(entry)
-    result["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result, out.with_suffix(".md"))
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')}, .md and .png")
+        result["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+        # after every model: a bounded run (a lent GPU's time) keeps what it measured
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        write_markdown(result, out.with_suffix(".md"))
+        plot(result, out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.json')}, .md and .png", flush=True)
 
 
 if __name__ == "__main__":

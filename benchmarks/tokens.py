@@ -12,8 +12,15 @@ Parts (``--parts``, results merged into one JSON so parts can be run separately)
   over a grid of budgets, in MACs and in ms (per-knob latency profiles at the batch size); then timed for real
   (``run_dynamic``) on the test split, interleaved, with the latency model's prediction next to the measurement.
 * ``vits``: a random-weight ViT-S/16 (= DeiT-S shape) at 224x224, ToMe r=13 vs none, batch 1 and 64.
+* ``graphs`` (``--device cuda``): CUDA graphs captured per (knob, bucket) (:class:`adaptnn.runtime.GraphedModel`,
+  buckets ``--graph_batches``) for the trained ViT's knobs and a random-weight ViT-S/16's; the full model's ms,
+  eager and graphed, at each bucket, timed interleaved with CUDA synchronisation; graphed vs eager outputs compared.
+  Inputs are random (a fixed knob fixes every shape, so the time does not depend on the pixels); accuracy is the
+  ``knobs`` part's. On a CPU the part runs the graphs' CPU emulation (a smoke test, not a figure).
 
     python benchmarks/tokens.py --run_dir runs/vit_fmnist --threads 1
+    python benchmarks/tokens.py --run_dir runs/vit_fmnist --parts graphs --device cuda \
+        --out benchmarks/results/tokens_cuda
 """
 
 from __future__ import annotations
@@ -265,6 +272,106 @@ def part_vits(args, out: dict) -> dict:
     return out
 
 
+VITS_GRAPH_KNOBS = (
+    TokenKnob(),
+    TokenKnob("tome", 8),
+    TokenKnob("tome", 13),
+    TokenKnob("tome", 16),
+    TokenKnob("evit", 0.7),
+)
+
+
+def part_graphs(args, out: dict) -> dict:
+    import timm
+
+    from adaptnn.adapters.vit_tokens import token_vit
+    from adaptnn.measure.timing import Timer
+    from adaptnn.runtime import GraphedModel
+
+    device = torch.device(args.device)
+    sizes = sorted(set(args.graph_batches))
+    timer = Timer(device)
+    sets = []
+    ckpt = args.checkpoint or args.run_dir / "model.safetensors"
+    if ckpt.exists():
+        trained = load_model(ckpt).eval()
+        sets.append((f"trained ViT ({args.run_dir})", trained, tuple(trained.input_spec.shape), knob_list()))
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=1000).eval()
+    sets.append(("vit_small_patch16_224 (random weights)", token_vit(vit, verify=False), (3, 224, 224),
+                 list(VITS_GRAPH_KNOBS)))  # fmt: skip
+    models = []
+    for name, base, shape, knobs in sets:
+        x = torch.randn(max(sizes) + 8, *shape, device=device)
+        rows, variants = [], {}
+        for knob in knobs:
+            m = set_token_knob(copy.deepcopy(base), knob).eval().to(device)
+            t0 = time.perf_counter()
+            g = GraphedModel(m, x[:8], buckets=sizes)
+            capture_s = time.perf_counter() - t0
+            with torch.inference_mode():
+                probe = x[: min(64, max(sizes))]
+                diff = float((g(probe) - m(probe)).abs().max())
+            label = knob.label()
+            rows.append({"knob": label, "method": knob.method, "value": knob.value, "macs": exit_macs(m, shape)[-1],
+                         "capture_s": capture_s, "graphs_vs_eager_max_abs_diff": diff, "ms": {}})  # fmt: skip
+            variants[f"{label}|eager"], variants[f"{label}|graphs"] = m, g
+            print(f"{name} {label}: captured {len(sizes)} buckets in {capture_s:.1f} s, max |graphs - eager| "
+                  f"{diff:.2e}", flush=True)  # fmt: skip
+        for size in sizes:
+            count = max(1, min(16, 256 // size))
+            batches = batches_of(x, size, count)
+            with torch.inference_mode():
+                med = interleaved_medians(variants, batches, rounds=args.rounds, warmup_s=1.0, timer=timer)
+            for row in rows:
+                row["ms"][str(size)] = {
+                    mode: float(np.median(med[f"{row['knob']}|{mode}"])) for mode in ("eager", "graphs")
+                }
+            per = [f"{r['knob']} {r['ms'][str(size)]['eager']:.2f}/{r['ms'][str(size)]['graphs']:.2f}" for r in rows]
+            print(f"  batch {size} (ms eager/graphs): " + ", ".join(per), flush=True)
+        base_row = rows[0]
+        for row in rows:
+            row["macs_ratio"] = base_row["macs"] / row["macs"]
+            row["speedup_graphs"] = {b: base_row["ms"][b]["graphs"] / row["ms"][b]["graphs"] for b in row["ms"]}
+            row["speedup_eager"] = {b: base_row["ms"][b]["eager"] / row["ms"][b]["eager"] for b in row["ms"]}
+            row["graphs_over_eager_speedup"] = {b: row["ms"][b]["eager"] / row["ms"][b]["graphs"] for b in row["ms"]}
+        tome = [r for r in rows if r["method"] == "tome"]
+        b1 = str(sizes[0])
+        models.append({
+            "model": name,
+            "input_shape": list(shape),
+            "rows": rows,
+            "acceptance": {
+                f"tome_graphed_b{b1}_ms_over_none_graphed": {r["knob"]: 1 / r["speedup_graphs"][b1] for r in tome},
+                f"tome_graphed_b{b1}_no_slower_than_none": all(r["speedup_graphs"][b1] >= 1.0 for r in tome),
+            },
+        })  # fmt: skip
+    out["graphs"] = {"device": str(device), "gpu": machine_info(device).get("gpu"), "batch_sizes": sizes,
+                     "rounds": args.rounds, "models": models}  # fmt: skip
+    return out
+
+
+def _graphs_markdown(g: dict, lines: list[str]) -> None:
+    emulated = g["device"] == "cpu"
+    lines += [f"## CUDA graphs per (knob, bucket) on {g.get('gpu') or g['device']}"
+              + (" (CPU emulation: a smoke test, not a figure)" if emulated else ""), "", _part_line(g), "",
+              "Full model, fp32, ms per batch: eager / graphed (median of interleaved calls, CUDA synchronised); "
+              "speed-up: the unreduced model's graphed ms over the knob's graphed ms.", ""]  # fmt: skip
+    for m in g["models"]:
+        sizes = [str(b) for b in g["batch_sizes"]]
+        lines += [f"### {m['model']}", "",
+                  "| knob | MMACs | MACs ratio | " + " | ".join(f"b{b} eager / graphs ms | b{b} speed-up (graphs)"
+                                                                for b in sizes) + " | max abs diff |",
+                  "|---|---|---|" + "---|---|" * len(sizes) + "---|"]  # fmt: skip
+        for r in m["rows"]:
+            cells = " | ".join(f"{r['ms'][b]['eager']:.3f} / {r['ms'][b]['graphs']:.3f} | {r['speedup_graphs'][b]:.2f}"
+                               for b in sizes)  # fmt: skip
+            lines.append(f"| {r['knob']} | {r['macs'] / 1e6:.1f} | {r['macs_ratio']:.2f} | {cells} | "
+                         f"{r['graphs_vs_eager_max_abs_diff']:.1e} |")  # fmt: skip
+        acc = m["acceptance"]
+        lines += ["", "Acceptance: " + "; ".join(f"{k}: {v}" for k, v in acc.items()), ""]
+
+
 def _part_line(part: dict) -> str:
     return (
         f"Measured with `{part.get('command')}`; load average before/after: {part.get('loadavg_before')} / "
@@ -274,8 +381,9 @@ def _part_line(part: dict) -> str:
 
 def write_markdown(out: dict, path: Path) -> None:
     m = out["machine"]
+    where = f"{m['gpu']} (CUDA)" if m.get("gpu") else "CPU"
     lines = [
-        "# Token reduction on CPU (ToMe, EViT; exits vs tokens vs both)",
+        f"# Token reduction on {where} (ToMe, EViT; exits vs tokens vs both)",
         "",
         f"Machine: {m['processor']}, {m['cpu_count']} cores, torch {m['torch']}, {out['threads']} thread(s). Each "
         "part below names its command and the load average around it (the machine was shared with other jobs).",
@@ -331,6 +439,8 @@ def write_markdown(out: dict, path: Path) -> None:
                     f"{v['speedup_vs_full']:.2f} | {v['predicted_over_measured']:.2f} |"
                 )
         lines.append("")
+    if "graphs" in out:
+        _graphs_markdown(out["graphs"], lines)
     if "vits" in out:
         v = out["vits"]
         lines += [
@@ -389,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vits_rounds", type=int, default=3)
     parser.add_argument("--profile_repeats", type=int, default=5)
     parser.add_argument("--tolerance", type=float, default=0.005)
+    parser.add_argument("--device", default="cpu", help="graphs part: cuda (cpu: the graphs' emulation, a smoke test)")
+    parser.add_argument("--graph_batches", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--out", type=Path, default=RESULTS / "tokens_cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -396,12 +508,12 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.out.with_suffix(".json")
     out = json.loads(json_path.read_text()) if json_path.exists() else {}
     out.update(
-        machine=machine_info("cpu"),
+        machine=machine_info(args.device),
         threads=args.threads,
         loadavg_before=[round(v, 2) for v in os.getloadavg()],
         command="python benchmarks/tokens.py " + " ".join(sys.argv[1:] if argv is None else argv),
     )
-    steps = [("knobs", part_knobs), ("joint", part_joint), ("vits", part_vits)]
+    steps = [("knobs", part_knobs), ("joint", part_joint), ("vits", part_vits), ("graphs", part_graphs)]
     for name, part in steps:
         if name in parts or (name == "knobs" and "joint" in parts):
             before = [round(v, 2) for v in os.getloadavg()]

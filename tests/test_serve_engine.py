@@ -112,6 +112,33 @@ def test_engine_decides_like_run_dynamic(name, kind, max_batch, sizes, order, st
     assert sum(b.size for b in batches if b.stage == 0) == N  # every row ran stage 0 exactly once
 
 
+@settings(max_examples=6, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(
+    name=st.sampled_from(["mecnn_digits", "msdnet_test_tiny"]),
+    kind=st.sampled_from(["confidence", "patience"]),
+    max_batch=st.integers(1, 24),
+    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=12),
+    order=st.lists(st.integers(0, 40), min_size=1, max_size=12),
+    scheduler=st.sampled_from(["oldest", "fill"]),
+)
+def test_engine_over_pooled_graph_stages_decides_like_run_dynamic(name, kind, max_batch, sizes, order, scheduler):
+    """Rows of many requests copied into the captured buffers of their bucket (graphs emulated on CPU)."""
+    from adaptnn.runtime import GraphedModel
+
+    model, x, thresholds = _model(name)
+    policy = _policy(kind, thresholds)
+    reference = model.run_dynamic(x, policy)
+    graphed = GraphedModel(model, x[:5], max_batch=max_batch, use_graphs=False)
+    batches = []
+    backend = TorchBackend(model, policy, executor=graphed.pooled_executor())
+    engine = Engine(backend, max_batch=max_batch, scheduler=scheduler, on_batch=batches.append)
+    requests = _serve(engine, x, sizes, order, [1, 0, 2])
+    assert torch.equal(torch.cat([r.result.exit_index for r in requests]), reference.exit_index)
+    logits = torch.cat([r.result.logits for r in requests])
+    torch.testing.assert_close(logits, reference.logits, atol=BATCH_INVARIANCE_ATOL, rtol=1e-5)
+    assert all(b.size <= max_batch for b in batches)
+
+
 def test_confidence_run_exercises_every_exit_path() -> None:
     model, x, thresholds = _model("mecnn_digits")
     exits = model.run_dynamic(x, ConfidencePolicy(thresholds)).exit_index
@@ -250,7 +277,7 @@ def test_cuda_graph_executor_is_refused_with_the_alternative() -> None:
     from adaptnn.runtime.cuda_graphs import GraphedStages
 
     model, _, thresholds = _model("mecnn_digits")
-    with pytest.raises(ConfigError, match="EagerStages"):
+    with pytest.raises(ConfigError, match="PooledGraphStages"):
         TorchBackend(model, ConfidencePolicy(thresholds), executor=GraphedStages.__new__(GraphedStages))
 
 

@@ -43,11 +43,11 @@ from ..errors import ConfigError, InputError
 from .execution import dynamic_loop
 from .policy import ExitPolicy
 from .staged import DynamicOutput, StagedModel, check_policy
-from .state import State, copy_rows, index_state, slice_state
+from .state import State, copy_rows, index_state, map_state, slice_state, state_tensors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GraphedModel", "GraphedStages", "default_buckets"]
+__all__ = ["GraphedModel", "GraphedStages", "PooledGraphStages", "default_buckets"]
 
 # (bucket, index of the last stage run (-1: none yet), running samples)
 Handle = tuple[int, int, int]
@@ -230,6 +230,10 @@ class GraphedModel:
     def executor(self) -> GraphedStages:
         """The stage executor for :func:`adaptnn.runtime.execution.dynamic_loop` / ``oracle_loop``."""
         return GraphedStages(self)
+
+    def pooled_executor(self) -> PooledGraphStages:
+        """The stage executor for rows pooled from many batches (the serving engine's ``TorchBackend``)."""
+        return PooledGraphStages(self)
 
     def __call__(self, x: Tensor) -> Tensor:
         """The full model (one graph per bucket): ``[B, C]`` logits."""
@@ -466,3 +470,40 @@ class GraphedStages:
 
     def own(self, prediction: Tensor) -> Tensor:
         return prediction.clone()
+
+
+class PooledGraphStages:
+    """Stage executor over a :class:`GraphedModel` whose handle is a plain state (rows of any origin).
+
+    :class:`GraphedStages` keeps a batch's rows in the captured buffers from stage to stage, so no other rows can
+    join them. A serving engine pools the survivors of many requests between stages instead: here each call
+    copies its ``n`` rows into the input buffer of stage ``k``'s graph at ``bucket_for(n)``, replays that one
+    graph and returns copies of its outputs (the buffers are reused by the next replay). The copies are a few
+    device-to-device kernels; what the graph saves is dozens of kernel launches per stage.
+    """
+
+    def __init__(self, graphed: GraphedModel) -> None:
+        self.g = graphed
+
+    def start(self, x: Tensor) -> State:
+        return x
+
+    def run(self, k: int, handle: State) -> tuple[State, Tensor]:
+        tensors = state_tensors(handle)
+        if not tensors:
+            raise InputError(f"stage {k} got a state without tensors")
+        n = tensors[0].shape[0]
+        b = self.g.bucket_for(n)
+        copy_rows(self.g._x[b] if k == 0 else self.g._stage_out[(b, k - 1)][0], handle)
+        self.g._stage_replay[(b, k)]()
+        state, logits = self.g._stage_out[(b, k)]
+        return map_state(slice_state(state, n), lambda t: t.clone()), logits[:n].clone()
+
+    def keep(self, handle: State, keep_idx: Tensor) -> State:
+        return index_state(handle, keep_idx)
+
+    def prefix(self, handle: State, n: int) -> State:
+        return slice_state(handle, n)
+
+    def own(self, prediction: Tensor) -> Tensor:
+        return prediction

@@ -7,7 +7,8 @@ requests can be concatenated, split and compacted between stages.
 
 * :class:`TorchBackend`: a :class:`~adaptnn.runtime.StagedModel` and an :class:`~adaptnn.runtime.ExitPolicy`,
   the stage run by an executor whose handle is the state (:class:`~adaptnn.runtime.EagerStages`, also over a
-  model whose parts were compiled with :meth:`~adaptnn.runtime.StagedModel.compile_parts`);
+  model whose parts were compiled with :meth:`~adaptnn.runtime.StagedModel.compile_parts`; on a GPU
+  :class:`~adaptnn.runtime.cuda_graphs.PooledGraphStages`, one CUDA graph per stage and batch-size bucket);
 * :class:`OnnxBackend`: the per-stage files of a ``stages`` export, run with onnxruntime through
   :meth:`~adaptnn.export.StagesRunner.run_stage` (the exit rule's state, if any, travels inside the export's
   carried state).
@@ -98,7 +99,8 @@ class TorchBackend:
         if isinstance(executor, GraphedStages):
             raise ConfigError(
                 "GraphedStages keeps rows in its captured CUDA-graph buffers, so rows of other requests cannot join "
-                "them between stages; serve with EagerStages (optionally over model.compile_parts()) instead"
+                "them between stages; serve with PooledGraphStages (GraphedModel.pooled_executor()) or EagerStages "
+                "(optionally over model.compile_parts()) instead"
             )
         self.executor = executor if executor is not None else EagerStages(model)
         self.num_exits = model.num_exits
