@@ -70,6 +70,7 @@ from adaptnn.serve import Engine, TorchBackend
 
 RESULTS = Path(__file__).parent / "results"
 SYSTEMS = ("full", "req_ee_batch_end", "req_ee_own_exit", "stage_engine")
+FLAGS = ("http", "http_only", "out", "emulate_graphs")  # written apart in the command line of the results
 
 
 def build(name: str, resnet_input: int = 64) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -856,8 +857,9 @@ def main() -> None:
         "loadavg_before": [round(v, 2) for v in os.getloadavg()],
         "command": "python benchmarks/serve_load.py " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k not in ("http", "http_only", "out") and not k.startswith("serve_"))
-            + (" --http" if args.http else "") + (" --http-only" if args.http_only else "") + f" --out {args.out}",
+            for k, v in vars(args).items() if k not in FLAGS and not k.startswith("serve_"))
+            + (" --http" if args.http else "") + (" --http-only" if args.http_only else "")
+            + (" --emulate-graphs" if args.emulate_graphs else "") + f" --out {args.out}",
         "args": vars(args),
         "models": [],
     }  # fmt: skip
