@@ -3,12 +3,14 @@
 #   1. tokens.py --parts graphs: CUDA graphs per (knob, bucket) for the trained ViT (RUN_DIR) and a ViT-S/16;
 #   2. serve_load.py --device cuda: the stage-level engine (pooled rows, one CUDA graph per stage and bucket) vs
 #      the CUDA-graphed full model and request-level early exit, batch cap 256, MSDNet and ResNet-50 at 224x224.
+#   0. first, the GPU tests of the serving engine and the token graphs (tests/test_cuda.py, bounded);
 # Runs from the repository root without installing (PYTHONPATH=src; the machine's own torch and timm).
 # Usage: bash benchmarks/gpu_checks.sh OUT_DIR [RUN_DIR]   (copy OUT_DIR's files to benchmarks/results/)
+# SKIP_TOKENS=1 leaves out part 1; MODELS="msdnet" narrows part 2.
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [RUN_DIR]}
 run=${2:-runs/vit_fmnist}
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 py=${PYTHON:-python3}
 mkdir -p "$out"
 {
@@ -17,7 +19,9 @@ mkdir -p "$out"
   "$py" -c "import sys, torch, timm; print(sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
   uptime
 } 2>&1 | tee "$out/gpu_checks.log"
-timeout "${TOKENS_S:-150}" "$py" benchmarks/tokens.py --run_dir "$run" --parts graphs --device cuda --rounds 10 \
+timeout "${TESTS_S:-120}" "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py \
+  -k "pipelined or token_knob or cuda_graphs_equal" 2>&1 | tail -15 | tee -a "$out/gpu_checks.log"
+[ "${SKIP_TOKENS:-0}" = 1 ] || timeout "${TOKENS_S:-150}" "$py" benchmarks/tokens.py --run_dir "$run" --parts graphs --device cuda --rounds 10 \
   --out "$out/tokens_cuda" 2>&1 | tee -a "$out/gpu_checks.log"
 echo "tokens exit: ${PIPESTATUS[0]}" | tee -a "$out/gpu_checks.log"
 timeout "${SERVE_S:-330}" "$py" benchmarks/serve_load.py --device cuda --models ${MODELS:-resnet50 msdnet} \

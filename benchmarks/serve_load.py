@@ -99,25 +99,36 @@ def calibrate(model, x: torch.Tensor, rate: float) -> ConfidencePolicy:
 
 
 class BatchServer:
-    """Request batching over whole requests: ``full`` or ``req_ee_batch_end`` (``model`` eager or a GraphedModel)."""
+    """Request batching over whole requests: ``full`` or ``req_ee_batch_end`` (``model`` eager or a GraphedModel).
 
-    def __init__(self, model, policy, max_batch: int, dynamic: bool, num_exits: int) -> None:
+    On a GPU the full model is pipelined like the engine: the next batch is launched before the previous one is
+    waited for, so the host's answering overlaps the device's compute (``run_dynamic`` reads its exit counts
+    as it goes and cannot be)."""
+
+    def __init__(self, model, policy, max_batch: int, dynamic: bool, num_exits: int, pipeline: bool = False) -> None:
         self.model, self.policy, self.max_batch, self.dynamic = model, policy, max_batch, dynamic
         self.waiting: deque = deque()
+        self.launched: deque = deque()  # (batch, CUDA event) of full-model batches not answered yet
+        self.pipeline = pipeline and not dynamic
         self.last = num_exits - 1
 
     @property
     def inflight(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + sum(len(b) for b, _ in self.launched)
 
     def submit(self, rid: int, x: torch.Tensor, done: Callable[[int, int], None]) -> None:
         self.waiting.append((rid, x, done))
 
+    def _take(self) -> tuple[list, torch.Tensor]:
+        batch = [self.waiting.popleft() for _ in range(min(self.max_batch, len(self.waiting)))]
+        return batch, torch.cat([b[1] for b in batch])
+
     def step(self) -> bool:
+        if self.pipeline:
+            return self._pipelined_step()
         if not self.waiting:
             return False
-        batch = [self.waiting.popleft() for _ in range(min(self.max_batch, len(self.waiting)))]
-        x = torch.cat([b[1] for b in batch])
+        batch, x = self._take()
         with torch.inference_mode():
             exits = self.model.run_dynamic(x, self.policy).exit_index.tolist() if self.dynamic else None
             if not self.dynamic:
@@ -126,6 +137,23 @@ class BatchServer:
                     torch.cuda.synchronize()
         for i, (rid, _, done) in enumerate(batch):
             done(rid, self.last if exits is None else exits[i])
+        return True
+
+    def _pipelined_step(self) -> bool:
+        if self.waiting:
+            batch, x = self._take()
+            with torch.inference_mode():
+                self.model(x)
+            event = torch.cuda.Event()
+            event.record()
+            self.launched.append((batch, event))
+        if not self.launched:
+            return False
+        if len(self.launched) >= 2 or not self.waiting:
+            batch, event = self.launched.popleft()
+            event.synchronize()
+            for rid, _, done in batch:
+                done(rid, self.last)
         return True
 
 
@@ -147,7 +175,7 @@ class EngineServer:
         return self.engine.pending_rows
 
     def submit(self, rid: int, x: torch.Tensor, done: Callable[[int, int], None]) -> None:
-        self.engine.submit(x, callback=lambda r: done(rid, int(r.result.exit_index[0])), checked=True)
+        self.engine.submit(x, callback=lambda r: done(rid, r.result.exits[0]), checked=True)
 
     def step(self) -> bool:
         return self.engine.step() > 0
@@ -176,7 +204,8 @@ def make_server(system: str, model, policy, args, graphed=None):
     """One server; with ``graphed`` (a GraphedModel of ``model``) every system runs through its CUDA graphs."""
     if system in ("full", "req_ee_batch_end"):
         runner = graphed if graphed is not None else model
-        return BatchServer(runner, policy, args.max_batch, dynamic=system != "full", num_exits=model.num_exits)
+        return BatchServer(runner, policy, args.max_batch, dynamic=system != "full", num_exits=model.num_exits,
+                           pipeline=args.device == "cuda")  # fmt: skip
     scheduler = "oldest" if system == "req_ee_own_exit" else "fill"
     executor = graphed.pooled_executor() if graphed is not None else None
     return EngineServer(model, policy, args.max_batch, scheduler, args.max_wait_ms, executor=executor)

@@ -190,3 +190,49 @@ def test_stateful_policy_decisions_captured_on_cuda():
     assert all(d is not None for d in graphed._decisions.values())
     assert torch.equal(out.exit_index, eager.exit_index)
     torch.testing.assert_close(out.logits, eager.logits, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("executor", ["eager", "pooled_graphs"])
+@pytest.mark.parametrize("scheduler", ["oldest", "fill"])
+def test_pipelined_serving_engine_decides_like_run_dynamic_on_cuda(executor, scheduler):
+    """Two batches in flight (decisions read through pinned host memory), rows pooled across requests."""
+    from adaptnn.runtime import GraphedModel
+    from adaptnn.serve import Engine, TorchBackend
+
+    torch.manual_seed(0)
+    model = randomise_stats(create_model("msdnet_test_tiny")).cuda().double().eval()
+    x = torch.randn(40, 3, 16, 16, device="cuda", dtype=torch.float64)
+    with torch.inference_mode():
+        scores = torch.stack([o.softmax(-1).amax(-1) for o in model.forward_all(x)])
+    policy = ConfidencePolicy([float(s.median()) for s in scores[:-1]])
+    reference = model.run_dynamic(x, policy)
+    pooled = GraphedModel(model, x[:4], max_batch=16).pooled_executor() if executor == "pooled_graphs" else None
+    backend = TorchBackend(model, policy, executor=pooled)
+    assert backend.asynchronous
+    engine = Engine(backend, max_batch=16, scheduler=scheduler, max_wait_ms=0.0)
+    assert engine.pipeline
+    requests = []
+    for i in range(0, 40, 3):
+        requests.append(engine.submit(x[i : i + 3]))
+        engine.step()
+    engine.drain()
+    assert torch.equal(torch.cat([r.result.exit_index for r in requests]), reference.exit_index.cpu())
+    logits = torch.cat([r.result.logits for r in requests])
+    torch.testing.assert_close(logits, reference.logits, atol=1e-9, rtol=1e-9)
+
+
+def test_token_knob_models_capture_as_cuda_graphs():
+    """A fixed ToMe / EViT knob fixes every shape: the graphed model equals eager (fp32 noise)."""
+    import timm
+
+    from adaptnn.adapters.vit_tokens import token_vit
+    from adaptnn.layers.tokens import TokenKnob, set_token_knob
+    from adaptnn.runtime import GraphedModel
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=64).eval()
+    x = torch.randn(6, 3, 64, 64, device="cuda")
+    for knob in (TokenKnob("tome", 4), TokenKnob("evit", 0.7)):
+        m = set_token_knob(token_vit(vit, verify=False), knob).cuda().eval()
+        graphed = GraphedModel(m, x[:2], buckets=[1, 4, 8])
+        with torch.inference_mode():
+            torch.testing.assert_close(graphed(x), m(x), atol=1e-4, rtol=1e-4)

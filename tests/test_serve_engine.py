@@ -94,13 +94,20 @@ def _serve(engine: Engine, x: torch.Tensor, sizes: list[int], order: list[int], 
     order=st.lists(st.integers(0, 40), min_size=1, max_size=12),
     steps=st.lists(st.integers(0, 3), min_size=1, max_size=5),
     scheduler=st.sampled_from(["oldest", "fill"]),
+    pipeline=st.booleans(),
 )
-def test_engine_decides_like_run_dynamic(name, kind, max_batch, sizes, order, steps, scheduler) -> None:
+def test_engine_decides_like_run_dynamic(name, kind, max_batch, sizes, order, steps, scheduler, pipeline) -> None:
     model, x, thresholds = _model(name)
     policy = _policy(kind, thresholds)
     reference = model.run_dynamic(x, policy)
     batches = []
-    engine = Engine(TorchBackend(model, policy), max_batch=max_batch, scheduler=scheduler, on_batch=batches.append)
+    engine = Engine(
+        TorchBackend(model, policy),
+        max_batch=max_batch,
+        scheduler=scheduler,
+        on_batch=batches.append,
+        pipeline=pipeline,
+    )
     requests = _serve(engine, x, sizes, order, steps)
     exits = torch.cat([r.result.exit_index for r in requests])
     logits = torch.cat([r.result.logits for r in requests])
@@ -120,8 +127,11 @@ def test_engine_decides_like_run_dynamic(name, kind, max_batch, sizes, order, st
     sizes=st.lists(st.integers(1, 9), min_size=1, max_size=12),
     order=st.lists(st.integers(0, 40), min_size=1, max_size=12),
     scheduler=st.sampled_from(["oldest", "fill"]),
+    pipeline=st.booleans(),
 )
-def test_engine_over_pooled_graph_stages_decides_like_run_dynamic(name, kind, max_batch, sizes, order, scheduler):
+def test_engine_over_pooled_graph_stages_decides_like_run_dynamic(
+    name, kind, max_batch, sizes, order, scheduler, pipeline
+) -> None:
     """Rows of many requests copied into the captured buffers of their bucket (graphs emulated on CPU)."""
     from adaptnn.runtime import GraphedModel
 
@@ -131,12 +141,28 @@ def test_engine_over_pooled_graph_stages_decides_like_run_dynamic(name, kind, ma
     graphed = GraphedModel(model, x[:5], max_batch=max_batch, use_graphs=False)
     batches = []
     backend = TorchBackend(model, policy, executor=graphed.pooled_executor())
-    engine = Engine(backend, max_batch=max_batch, scheduler=scheduler, on_batch=batches.append)
+    engine = Engine(backend, max_batch=max_batch, scheduler=scheduler, on_batch=batches.append, pipeline=pipeline)
     requests = _serve(engine, x, sizes, order, [1, 0, 2])
     assert torch.equal(torch.cat([r.result.exit_index for r in requests]), reference.exit_index)
     logits = torch.cat([r.result.logits for r in requests])
     torch.testing.assert_close(logits, reference.logits, atol=BATCH_INVARIANCE_ATOL, rtol=1e-5)
     assert all(b.size <= max_batch for b in batches)
+
+
+def test_pipelined_engine_keeps_two_batches_in_flight_and_answers_all() -> None:
+    model, x, thresholds = _model("mecnn_digits")
+    engine = Engine(TorchBackend(model, ConfidencePolicy(thresholds)), max_batch=4, pipeline=True)
+    assert not TorchBackend(model, ConfidencePolicy(thresholds)).asynchronous  # a CPU backend: off by default
+    requests = [engine.submit(x[i : i + 4]) for i in range(0, 12, 4)]
+    assert engine.step() == 4 and not requests[0].done  # launched, its decisions not read yet
+    assert engine.pending_rows == 12 and not engine.idle
+    engine.step()  # launches a second batch, completes the first
+    assert len(engine._inflight) == 1
+    engine.drain()
+    assert engine.idle and engine.pending_rows == 0 and all(r.result is not None for r in requests)
+    reference = model.run_dynamic(x[:12], ConfidencePolicy(thresholds))
+    assert torch.equal(torch.cat([r.result.exit_index for r in requests]), reference.exit_index)
+    assert [e for r in requests for e in r.result.exits] == reference.exit_index.tolist()
 
 
 def test_confidence_run_exercises_every_exit_path() -> None:

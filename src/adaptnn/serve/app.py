@@ -109,7 +109,7 @@ class ServeMetrics:
     def answered(self, result: Result) -> None:
         self.requests.labels("ok").inc()
         self.macs.observe(float(result.macs.sum()))
-        for k in result.exit_index.tolist():
+        for k in result.exits:
             self.rows.labels(str(k)).inc()
             self.latency.labels(str(k)).observe(result.latency_ms / 1e3)
 
@@ -266,7 +266,7 @@ class ServeHandler:
         metrics.answered(result)
         answer: dict[str, Any] = {
             "predictions": result.logits.argmax(dim=-1).tolist(),
-            "exits": result.exit_index.tolist(),
+            "exits": list(result.exits),
             "macs": result.macs.tolist(),
             "queue_ms": result.queue_ms,
             "compute_ms": result.compute_ms,

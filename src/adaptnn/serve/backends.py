@@ -105,6 +105,8 @@ class TorchBackend:
         self.executor = executor if executor is not None else EagerStages(model)
         self.num_exits = model.num_exits
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        #: kernels are queued, not waited for (a GPU): the engine then pipelines its steps (``Engine(pipeline=)``)
+        self.asynchronous = self.device.type == "cuda"
         probe = policy.init_state(2, self.device)
         check_row_state(probe, 2, f"policy {_policy_name(policy)!r}")
         self._policy_stateful = probe is not None
@@ -158,6 +160,7 @@ class OnnxBackend:
         self, export_dir: str | Path, thresholds: Sequence[float | None] | None = None, *, intra_op_threads: int = 0
     ) -> None:
         self.runner = StagesRunner(export_dir, thresholds, intra_op_threads=intra_op_threads)
+        self.asynchronous = False  # onnxruntime on CPU returns finished outputs
         self.num_exits = self.runner.num_exits
         shape = self.runner.input_shape
         self.sample_shape: tuple[int, ...] | None = None if any(s is None for s in shape) else tuple(shape)

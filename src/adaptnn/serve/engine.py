@@ -25,7 +25,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from operator import attrgetter
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -51,25 +52,49 @@ def stage_ms_from(latency_model: LatencyModel, batch_size: int = 1) -> list[floa
     return [b - a for a, b in zip([0.0, *cumulative[:-1]], cumulative, strict=True)]
 
 
-@dataclass
 class Result:
     """The answer to one request of ``n`` rows.
 
     Attributes:
         logits: ``[n, C]`` prediction of each row at the exit it took.
-        exit_index: ``[n]`` long, the exit each row took.
-        macs: ``[n]`` float64, cumulative MACs of each row's exit.
+        exits: the exit each row took (Python ints: what a one-row answer needs, without building tensors).
+        exit_index: ``[n]`` long, the same as a tensor (built on first access).
+        macs: ``[n]`` float64, cumulative MACs of each row's exit (built on first access).
         queue_ms: time the request's rows spent waiting (latency minus compute).
         compute_ms: time of the stage batches its rows were part of.
         latency_ms: submission to answer.
+
+    ``exit_index`` and ``macs`` are built lazily: at thousands of one-row requests per second on a GPU, two
+    small tensors per answer were a measurable part of the engine's per-request host time.
     """
 
-    logits: Tensor
-    exit_index: Tensor
-    macs: Tensor
-    queue_ms: float
-    compute_ms: float
-    latency_ms: float
+    __slots__ = ("logits", "exits", "queue_ms", "compute_ms", "latency_ms", "_exit_macs", "_exit_index", "_macs")
+
+    def __init__(
+        self, logits: Tensor, exits: list[int], exit_macs: Tensor, queue_ms: float, compute_ms: float, latency_ms: float
+    ) -> None:
+        self.logits, self.exits, self._exit_macs = logits, exits, exit_macs
+        self.queue_ms, self.compute_ms, self.latency_ms = queue_ms, compute_ms, latency_ms
+        self._exit_index: Tensor | None = None
+        self._macs: Tensor | None = None
+
+    @property
+    def exit_index(self) -> Tensor:
+        if self._exit_index is None:
+            self._exit_index = torch.tensor(self.exits, dtype=torch.long)
+        return self._exit_index
+
+    @property
+    def macs(self) -> Tensor:
+        if self._macs is None:
+            self._macs = self._exit_macs[self.exit_index]
+        return self._macs
+
+    def __repr__(self) -> str:
+        return (
+            f"Result(n={len(self.exits)}, exits={self.exits}, queue_ms={self.queue_ms:.3f}, "
+            f"compute_ms={self.compute_ms:.3f}, latency_ms={self.latency_ms:.3f})"
+        )
 
 
 class Request:
@@ -103,6 +128,9 @@ class BatchRecord:
     compute_s: float
 
 
+_SEQ, _STARTED = attrgetter("seq"), attrgetter("t_started")
+
+
 class _Chunk:
     """Rows waiting in one stage queue: their state, policy state and owners (``owners[i]`` row ``rows[i]``)."""
 
@@ -113,8 +141,8 @@ class _Chunk:
         self._ages()
 
     def _ages(self) -> None:
-        self.seq = min(o.seq for o in self.owners)
-        self.t_oldest = min(o.t_started for o in self.owners)  # inf in the stage-0 queue
+        self.seq = min(map(_SEQ, self.owners))
+        self.t_oldest = min(map(_STARTED, self.owners))  # inf in the stage-0 queue
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -127,6 +155,17 @@ class _Chunk:
         self.owners, self.rows = self.owners[m:], self.rows[m:]
         self._ages()
         return head
+
+
+class _Launched(NamedTuple):
+    """A stage batch run by the backend whose exit decisions were not read yet (``out`` or ``error``)."""
+
+    stage: int
+    batch: _Chunk
+    start: float
+    out: tuple[State, Tensor, Tensor, State] | None
+    error: BaseException | None
+    ready: Any  # a CUDA event after which ``out``'s done mask (copied to the host) can be read; None: ready
 
 
 def _runs(owners: list[Request]) -> list[tuple[int, int]]:
@@ -159,6 +198,11 @@ class Engine:
         max_wait_ms: ``"fill"``: rows that left stage 0 this long ago run on first (no more waiting to pool).
         on_batch: called with a :class:`BatchRecord` after every step (metrics).
         clock: seconds, monotonic (tests may pass a fake one).
+        pipeline: keep two stage batches in flight: a step launches the next batch before it waits for the
+            previous one's exit decisions, so the host's bookkeeping (answers, queues, new arrivals) overlaps the
+            device's compute. Pays on an asynchronous device (a GPU), where waiting for each batch leaves the
+            device idle while the host works; rows of the batch in flight join the next queue one step later.
+            ``None`` (default): on when the backend says it is asynchronous (``backend.asynchronous``).
     """
 
     def __init__(
@@ -171,6 +215,7 @@ class Engine:
         max_wait_ms: float = 20.0,
         on_batch: Callable[[BatchRecord], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        pipeline: bool | None = None,
     ) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
@@ -193,6 +238,8 @@ class Engine:
         self._ids = itertools.count()
         self._macs = backend.exit_macs()
         self._sample_shape: tuple[int, ...] | None = None
+        self.pipeline = bool(getattr(backend, "asynchronous", False)) if pipeline is None else bool(pipeline)
+        self._inflight: deque[_Launched] = deque()
 
     # -- state ---------------------------------------------------------------------------------------
     @property
@@ -202,12 +249,12 @@ class Engine:
 
     @property
     def pending_rows(self) -> int:
-        """Rows submitted and not yet answered."""
-        return sum(self._depth)
+        """Rows submitted and not yet answered (waiting or in a batch in flight)."""
+        return sum(self._depth) + sum(len(b.batch) for b in self._inflight)
 
     @property
     def idle(self) -> bool:
-        return not any(self._depth)
+        return not any(self._depth) and not self._inflight
 
     # -- submit / step / drain -----------------------------------------------------------------------
     def submit(
@@ -298,22 +345,68 @@ class Engine:
         return _Chunk(cat_states([c.state for c in taken]), pstate, owners, rows)
 
     def step(self) -> int:
-        """Run one stage batch; returns the number of rows it ran (0: nothing was waiting)."""
-        if self.idle:
-            return 0
+        """Run one stage batch; returns the number of rows it ran (0: nothing was waiting).
+
+        Pipelined (``pipeline``), a step launches the next batch if rows are waiting, then completes the oldest
+        batch in flight once two are in flight or nothing else can be launched.
+        """
+        if not self.pipeline:
+            if self.idle:
+                return 0
+            return self._complete(self._launch())
+        launched = 0
+        if any(self._depth):
+            self._inflight.append(self._launch())
+            launched = len(self._inflight[-1].batch)
+        if self._inflight and (len(self._inflight) >= 2 or not any(self._depth)):
+            return max(self._complete(self._inflight.popleft()), launched)
+        return launched
+
+    def _launch(self) -> _Launched:
+        """Gather a batch for the picked stage and run it (asynchronously, where the backend's device is)."""
         k = self._pick()
         batch = self._gather(k)
-        n = len(batch)
         start = self.clock()
         try:
-            state, prediction, done, pstate = self.backend.run_stage(k, batch.state, batch.pstate)
-            last = k == self.num_exits - 1
-            if last:
-                n_done, done_idx, keep_idx = n, None, None
-            else:
-                check_row_state(pstate, n, "the exit policy")
-                n_done, done_idx, keep_idx = split_finished(done)
+            out = self.backend.run_stage(k, batch.state, batch.pstate)
         except Exception as err:  # noqa: BLE001 - the batch's requests fail with the error, the engine goes on
+            return _Launched(k, batch, start, None, err, None)
+        ready = None
+        if self.pipeline and out[2].is_cuda and k < self.num_exits - 1:
+            # the decisions start for the host now and are waited for alone: reading them on the device later
+            # would also wait for the batch launched after this one
+            done = torch.empty(out[2].shape, dtype=out[2].dtype, pin_memory=True)
+            done.copy_(out[2], non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            out = (out[0], out[1], done, out[3])
+        return _Launched(k, batch, start, out, None, ready)
+
+    def _complete(self, launched: _Launched) -> int:
+        """Wait for a launched batch's exit decisions; answer its finished rows, queue the others."""
+        k, batch, start = launched.stage, launched.batch, launched.start
+        n = len(batch)
+        err = launched.error
+        lists: tuple[list[int], list[int]] = ([], [])
+        if err is None:
+            assert launched.out is not None
+            state, prediction, done, pstate = launched.out
+            try:
+                if k == self.num_exits - 1:
+                    n_done, done_idx, keep_idx = n, None, None
+                else:
+                    check_row_state(pstate, n, "the exit policy")
+                    if launched.ready is not None:
+                        launched.ready.synchronize()
+                    n_done, done_idx, keep_idx = split_finished(done)
+                    if done_idx is not None and keep_idx is not None:
+                        lists = done_idx.tolist(), keep_idx.tolist()  # on the host: no second wait
+                    if done_idx is not None and done_idx.device != prediction.device:
+                        done_idx = done_idx.to(prediction.device, non_blocking=True)
+                        keep_idx = keep_idx.to(prediction.device, non_blocking=True)
+            except Exception as e:  # noqa: BLE001 - as above
+                err = e
+        if err is not None:
             elapsed = self.clock() - start
             for owner in {id(o): o for o in batch.owners}.values():
                 self._fail(owner, err)
@@ -329,7 +422,7 @@ class Engine:
             self._finish_rows(batch.owners, batch.rows, k, prediction)
         elif n_done > 0:
             assert done_idx is not None and keep_idx is not None
-            done_list, keep_list = done_idx.tolist(), keep_idx.tolist()
+            done_list, keep_list = lists
             self._finish_rows(
                 [batch.owners[i] for i in done_list],
                 [batch.rows[i] for i in done_list],
@@ -374,22 +467,23 @@ class Engine:
         parts = request.parts
         if len(parts) == 1:
             logits = parts[0][2]
-            exit_index = torch.full((request.n,), parts[0][1], dtype=torch.long)
+            exits = [parts[0][1]] * request.n
         else:
             first = parts[0][2]
             logits = first.new_empty((request.n, *first.shape[1:]))
-            exit_index = torch.empty(request.n, dtype=torch.long)
+            exits = [0] * request.n
             for rows, k, pred in parts:
                 index = torch.tensor(rows, dtype=torch.long)
                 logits[index.to(logits.device)] = pred.to(logits.dtype)
-                exit_index[index] = k
+                for r in rows:
+                    exits[r] = k
         now = self.clock()
         latency = now - request.t_submit
         request.parts = []
         request.result = Result(
             logits=logits,
-            exit_index=exit_index,
-            macs=self._macs[exit_index],
+            exits=exits,
+            exit_macs=self._macs,
             queue_ms=1e3 * max(latency - request.compute_s, 0.0),
             compute_ms=1e3 * request.compute_s,
             latency_ms=1e3 * latency,
