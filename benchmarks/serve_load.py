@@ -200,6 +200,26 @@ def pooling_bound(model, inputs: torch.Tensor, exits: torch.Tensor, args) -> dic
     return {"predicted_saturation_rps": rps, "bound": rps["pooled"] / rps["request_level"], "batch_sizes": sizes}
 
 
+def graph_bound(graphed, exits: torch.Tensor, batch: int) -> dict:
+    """What the captured graphs' own GPU times allow at batch ``batch`` (host work not counted): ms per request of
+    the full model's graph, of the stage graphs chained, and of every stage on full pooled batches, each stage
+    run by the share of the served inputs that reach it; ``bound`` = full graph over pooled."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(10):
+        begin.record()
+        graphed._full_replay[batch]()
+        end.record()
+        end.synchronize()
+        samples.append(begin.elapsed_time(end))
+    full = statistics.median(samples) / batch
+    stages = [graphed.stage_ms[(batch, k)] / batch for k in range(graphed.model.num_exits)]
+    reach = [float((exits >= k).float().mean()) for k in range(len(stages))]
+    pooled = sum(r * ms for r, ms in zip(reach, stages, strict=True))
+    return {"full_graph_ms_per_request": full, "stage_graphs_ms_per_request": stages, "share_reaching_stage": reach,
+            "pooled_ms_per_request": pooled, "bound": full / pooled}  # fmt: skip
+
+
 def make_server(system: str, model, policy, args, graphed=None):
     """One server; with ``graphed`` (a GraphedModel of ``model``) every system runs through its CUDA graphs."""
     if system in ("full", "req_ee_batch_end"):
@@ -571,10 +591,16 @@ def bench_model(name: str, args) -> dict:
         model, inputs = model.to(args.device), inputs.to(args.device)
         t0 = time.perf_counter()
         graphed = GraphedModel(model, inputs, max_batch=args.max_batch)
-        served = torch.bincount(graphed.run_dynamic(inputs, policy).exit_index, minlength=model.num_exits).tolist()
+        gpu_exits = graphed.run_dynamic(inputs, policy).exit_index
+        served = torch.bincount(gpu_exits, minlength=model.num_exits).tolist()
         print(f"  CUDA graphs: {len(graphed.buckets)} buckets captured in {time.perf_counter() - t0:.1f} s; "
               f"exit mix on the GPU {served}", flush=True)  # fmt: skip
         bound = None
+        if graphed.use_graphs:
+            gb = graph_bound(graphed, gpu_exits, args.max_batch)
+            full_ms, pooled_ms = gb["full_graph_ms_per_request"], gb["pooled_ms_per_request"]
+            print(f"  graph GPU times at batch {args.max_batch}: full {full_ms:.4f} ms per request, pooled stages "
+                  f"{pooled_ms:.4f}: bound {gb['bound']:.2f}x", flush=True)  # fmt: skip
     else:
         bound = pooling_bound(model, inputs, exits, args)
         print(
@@ -625,6 +651,7 @@ def bench_model(name: str, args) -> dict:
         "macs_ideal_speedup": ideal,
         "latency_model": bound,
         "cuda_graph_buckets": graphed.buckets if graphed is not None else None,
+        "graph_bound": gb if graphed is not None and graphed.use_graphs else None,
         "saturation_rps": sat,
         "saturation_runs_rps": saturation,
         "closed_loop": closed,
@@ -678,6 +705,8 @@ def _in_process_acceptance(entry: dict) -> dict:
     if entry.get("latency_model"):
         out["pooling_bound_latency_model"] = entry["latency_model"]["bound"]
     full = sat["full"]
+    if entry.get("graph_bound"):
+        out["graph_gpu_time_bound"] = entry["graph_bound"]["bound"]
     out["stage_vs_full_throughput"] = sat["stage_engine"] / full
     out["stage_vs_full_over_macs_ideal"] = sat["stage_engine"] / full / entry["macs_ideal_speedup"]
     out["request_ee_vs_full_over_macs_ideal"] = (
@@ -799,6 +828,15 @@ def _in_process_markdown(entry: dict, lines: list[str]) -> None:
             f"full {pred['full']:.1f}, request-level early exit {pred['request_level']:.1f}, every stage on full "
             f"batches {pred['pooled']:.1f}: pooling can gain at most **{lm['bound']:.2f}x** here (measured "
             f"{measured:.2f}x).",
+            "",
+        ]
+    gb = entry.get("graph_bound")
+    if gb:
+        lines += [
+            f"CUDA graphs' own GPU time at the batch cap (host work not counted): full model "
+            f"{1e3 * gb['full_graph_ms_per_request']:.1f} us per request, every stage on full pooled batches "
+            f"{1e3 * gb['pooled_ms_per_request']:.1f} us: pooling can reach at most **{gb['bound']:.2f}x** the graphed "
+            f"full model here (MACs-ideal {entry['macs_ideal_speedup']:.2f}x).",
             "",
         ]
     lines += [
