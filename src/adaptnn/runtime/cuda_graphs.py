@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, InputError
-from .execution import dynamic_loop
+from .execution import EagerStages, dynamic_loop
 from .policy import ExitPolicy
 from .staged import DynamicOutput, StagedModel, check_policy
 from .state import State, copy_rows, index_state, map_state, slice_state, state_tensors
@@ -472,7 +472,7 @@ class GraphedStages:
         return prediction.clone()
 
 
-class PooledGraphStages:
+class PooledGraphStages(EagerStages):
     """Stage executor over a :class:`GraphedModel` whose handle is a plain state (rows of any origin).
 
     :class:`GraphedStages` keeps a batch's rows in the captured buffers from stage to stage, so no other rows can
@@ -483,10 +483,8 @@ class PooledGraphStages:
     """
 
     def __init__(self, graphed: GraphedModel) -> None:
+        super().__init__(graphed.model)  # start / keep / prefix / own as eager: the handle is a plain state
         self.g = graphed
-
-    def start(self, x: Tensor) -> State:
-        return x
 
     def run(self, k: int, handle: State) -> tuple[State, Tensor]:
         tensors = state_tensors(handle)
@@ -498,12 +496,3 @@ class PooledGraphStages:
         self.g._stage_replay[(b, k)]()
         state, logits = self.g._stage_out[(b, k)]
         return map_state(slice_state(state, n), lambda t: t.clone()), logits[:n].clone()
-
-    def keep(self, handle: State, keep_idx: Tensor) -> State:
-        return index_state(handle, keep_idx)
-
-    def prefix(self, handle: State, n: int) -> State:
-        return slice_state(handle, n)
-
-    def own(self, prediction: Tensor) -> Tensor:
-        return prediction
