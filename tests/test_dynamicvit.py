@@ -138,7 +138,7 @@ def test_special_tokens_are_kept_on_a_timm_vit_with_registers() -> None:
 
     torch.manual_seed(0)
     vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=4, reg_tokens=2)
-    model = token_vit(vit.eval(), exits=[0])
+    model = token_vit(vit.eval(), exits=[0], track_source=True)  # its sources are checked
     attach_keep_predictors(model, 0.5, locations=(1,))
     model.eval()
     x = torch.randn(2, 3, 32, 32)

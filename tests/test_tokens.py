@@ -153,7 +153,7 @@ def test_evit_keeps_top_attention_and_fuses_rest(keep: int) -> None:
 def test_special_tokens_survive_every_reduction(name: str, knob: TokenKnob) -> None:
     model = _model(name)
     prefix = model.num_prefix_tokens
-    staged = set_token_knob(token_vit(model, exits=[0, 2]), knob).eval()
+    staged = set_token_knob(token_vit(model, exits=[0, 2], track_source=True), knob).eval()  # sources checked
     x = torch.randn(2, 3, 32, 32)
     seen = []
     with torch.no_grad():
@@ -237,6 +237,19 @@ def test_tome_metric_head_sum_merges_like_the_mean_of_keys_over_heads() -> None:
     by_sum, by_mean = bipartite_merge(state, head_sum(k), 5), bipartite_merge(state, k.mean(dim=1), 5)
     assert torch.equal(by_sum.source, by_mean.source)
     torch.testing.assert_close(by_sum.tokens, by_mean.tokens, rtol=0, atol=0)
+
+
+def test_sources_are_tracked_by_default_only_where_a_head_unmerges() -> None:
+    """Class-token models skip the index bookkeeping of source tracking; mean-pooling heads need it and get it."""
+    from adaptnn.layers.tokens import token_blocks
+
+    cls_model, avg_model = token_vit(_model("registers")), token_vit(_model("avg_pool"))
+    assert not any(b.track_source for b in token_blocks(cls_model))
+    assert all(b.track_source for b in token_blocks(avg_model))
+    reduced = set_token_knob(cls_model, TokenKnob("tome", 8)).eval()
+    with torch.no_grad():
+        state = reduced.segments[0](torch.randn(2, 3, 32, 32))
+    assert state.source is None and state.size is not None and state.tokens.shape[1] < 64
 
 
 def test_unmerge_refuses_merged_tokens_without_sources() -> None:

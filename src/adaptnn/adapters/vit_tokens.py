@@ -39,14 +39,16 @@ def _embed_of(staged: StagedModel) -> _ViTEmbed:
 
 
 def tokenize_staged(
-    staged: StagedModel, *, proportional: bool = True, track_source: bool = True, knob: TokenKnob | None = None
+    staged: StagedModel, *, proportional: bool = True, track_source: bool | None = None, knob: TokenKnob | None = None
 ) -> StagedModel:
     """A staged timm ViT (from :func:`adaptnn.from_timm`) whose segments carry a token state; shares every module.
 
     Args:
         staged: a staged ViT built by the timm adapter.
         proportional: proportional attention (``log(size)`` added to the attention logits) once tokens are merged.
-        track_source: keep source indices (to un-merge dense or per-patch outputs); class-token models may skip it.
+        track_source: keep source indices (to un-merge dense or per-patch outputs); ``None`` (default): only where a
+            head un-merges (mean pooling): a class-token model skips the dozen small index ops per merge, which
+            matter where each op costs its launch (batch 1, a GPU).
         knob: the initial token reduction (default: none; change it with :func:`set_token_knob`).
     """
     vit = _embed_of(staged).vit
@@ -55,6 +57,15 @@ def tokenize_staged(
     if not block_ids:  # the embedding's shell keeps only the embedding modules: find blocks by layout instead
         block_ids = {id(m) for seg in staged.segments for m in seg if hasattr(m, "attn") and hasattr(m, "mlp")}
     pool_head = getattr(vit, "global_pool", "token") not in ("token", "") or getattr(vit, "attn_pool", None) is not None
+    heads = []
+    last = staged.num_exits - 1
+    for k, head in enumerate(staged.heads):
+        unmerge_first = pool_head if k == last else isinstance(head, TokenHead) and head.pool == "mean"
+        heads.append(TokenStateHead(head, unmerge_first))
+    if track_source is None:
+        track_source = any(h.unmerge_first for h in heads)
+    if not track_source and any(h.unmerge_first for h in heads):
+        raise ConfigError("track_source=False: a pooling head of this model un-merges the tokens and needs sources")
     segments = []
     for seg in staged.segments:
         units = []
@@ -66,13 +77,6 @@ def tokenize_staged(
             else:
                 units.append(TokenMap(unit))
         segments.append(nn.Sequential(*units))
-    heads = []
-    last = staged.num_exits - 1
-    for k, head in enumerate(staged.heads):
-        unmerge_first = pool_head if k == last else isinstance(head, TokenHead) and head.pool == "mean"
-        heads.append(TokenStateHead(head, unmerge_first))
-    if not track_source and any(h.unmerge_first for h in heads):
-        raise ConfigError("track_source=False: a pooling head of this model un-merges the tokens and needs sources")
     out = StagedModel(
         segments, heads, staged.exit_after, input_spec=staged.input_spec, num_classes=staged.num_classes
     ).train(staged.training)
@@ -85,7 +89,7 @@ def token_vit(
     *,
     knob: TokenKnob | None = None,
     proportional: bool = True,
-    track_source: bool = True,
+    track_source: bool | None = None,
     **kwargs: object,
 ) -> StagedModel:
     """A timm ViT (name or instance) as a token-reducible staged model; ``exits=()`` gives only the classifier.

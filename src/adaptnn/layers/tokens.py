@@ -260,17 +260,18 @@ def bipartite_merge(state: TokenState, metric: Tensor, r: int, track_source: boo
     dst_merged = dst.gather(1, merged_a)  # [B, r]
     n_a, n_b = scores.shape[1], scores.shape[2]
 
-    size = _sizes(state)
-    xa, xb = x[:, p:][:, 0::2], x[:, p:][:, 1::2]
-    sa, sb = size[:, p:][:, 0::2], size[:, p:][:, 1::2]
-    src_x = (xa * sa).gather(1, merged_a.unsqueeze(-1).expand(-1, -1, dim))
-    src_s = sa.gather(1, merged_a.unsqueeze(-1))
-    new_sb = sb.scatter_add(1, dst_merged.unsqueeze(-1), src_s)
-    new_xb = (xb * sb).scatter_add(1, dst_merged.unsqueeze(-1).expand(-1, -1, dim), src_x) / new_sb
-    keep_x = xa.gather(1, kept_a.unsqueeze(-1).expand(-1, -1, dim))
-    keep_s = sa.gather(1, kept_a.unsqueeze(-1))
-    tokens = torch.cat([x[:, :p], keep_x, new_xb], dim=1)
-    new_size = torch.cat([size[:, :p], keep_s, new_sb], dim=1)
+    # size-weighted tokens with the sizes as one more channel: one gather and one scatter-add move both, and one
+    # division at the end (every op is a launch on a GPU, which dominates at batch 1)
+    if state.size is None:
+        aug = torch.cat([x, x.new_ones(batch, n_tok, 1)], dim=-1)  # sizes 1: the tokens stay exact
+    else:
+        aug = torch.cat([x * state.size, state.size], dim=-1)
+    patches = aug[:, p:]
+    a = patches[:, 0::2].gather(1, order.unsqueeze(-1).expand(-1, -1, dim + 1))  # A in ranking order
+    b = patches[:, 1::2].scatter_add(1, dst_merged.unsqueeze(-1).expand(-1, -1, dim + 1), a[:, :r])
+    out = torch.cat([aug[:, :p], a[:, r:], b], dim=1)  # [prefix, unmerged A, B]
+    new_size = out[..., dim:]
+    tokens = out[..., :dim] / new_size
     if not track_source:
         return TokenState(tokens, new_size, None, p)
 
