@@ -200,18 +200,20 @@ def pooling_bound(model, inputs: torch.Tensor, exits: torch.Tensor, args) -> dic
     return {"predicted_saturation_rps": rps, "bound": rps["pooled"] / rps["request_level"], "batch_sizes": sizes}
 
 
-def graph_bound(graphed, exits: torch.Tensor, batch: int) -> dict:
+def graph_bound(graphed, inputs: torch.Tensor, exits: torch.Tensor, batch: int) -> dict:
     """What the captured graphs' own GPU times allow at batch ``batch`` (host work not counted): ms per request of
     the full model's graph, of the stage graphs chained, and of every stage on full pooled batches, each stage
     run by the share of the served inputs that reach it; ``bound`` = full graph over pooled."""
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    x = inputs[torch.arange(batch, device=inputs.device) % len(inputs)]
     samples = []
-    for _ in range(10):
-        begin.record()
-        graphed._full_replay[batch]()
-        end.record()
-        end.synchronize()
-        samples.append(begin.elapsed_time(end))
+    with torch.inference_mode():
+        for _ in range(10):  # the full model's graph, with its input copy and output clone
+            begin.record()
+            graphed(x)
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end))
     full = statistics.median(samples) / batch
     stages = [graphed.stage_ms[(batch, k)] / batch for k in range(graphed.model.num_exits)]
     reach = [float((exits >= k).float().mean()) for k in range(len(stages))]
@@ -597,7 +599,7 @@ def bench_model(name: str, args) -> dict:
               f"exit mix on the GPU {served}", flush=True)  # fmt: skip
         bound = None
         if graphed.use_graphs:
-            gb = graph_bound(graphed, gpu_exits, args.max_batch)
+            gb = graph_bound(graphed, inputs, gpu_exits, args.max_batch)
             full_ms, pooled_ms = gb["full_graph_ms_per_request"], gb["pooled_ms_per_request"]
             print(f"  graph GPU times at batch {args.max_batch}: full {full_ms:.4f} ms per request, pooled stages "
                   f"{pooled_ms:.4f}: bound {gb['bound']:.2f}x", flush=True)  # fmt: skip
@@ -913,6 +915,8 @@ def main() -> None:
     parser.add_argument("--serve-switch-ms", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=str, default=str(RESULTS / "serve_cpu"))
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch here")
     if args.serve_port is not None:
         _serve_child(args)
         return

@@ -503,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graph_batches", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--out", type=Path, default=RESULTS / "tokens_cpu")
     args = parser.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is visible to torch here")
     torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
     json_path = args.out.with_suffix(".json")
