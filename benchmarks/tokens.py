@@ -272,6 +272,7 @@ def part_vits(args, out: dict) -> dict:
     return out
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VITS_GRAPH_KNOBS = (
     TokenKnob(),
     TokenKnob("tome", 8),
@@ -290,6 +291,7 @@ def part_graphs(args, out: dict) -> dict:
 
     device = torch.device(args.device)
     sizes = sorted(set(args.graph_batches))
+    dtype = DTYPES[args.dtype]
     timer = Timer(device)
     sets = []
     ckpt = args.checkpoint or args.run_dir / "model.safetensors"
@@ -302,10 +304,10 @@ def part_graphs(args, out: dict) -> dict:
                  list(VITS_GRAPH_KNOBS)))  # fmt: skip
     models = []
     for name, base, shape, knobs in sets:
-        x = torch.randn(max(sizes) + 8, *shape, device=device)
+        x = torch.randn(max(sizes) + 8, *shape, device=device, dtype=dtype)
         rows, variants = [], {}
         for knob in knobs:
-            m = set_token_knob(copy.deepcopy(base), knob).eval().to(device)
+            m = set_token_knob(copy.deepcopy(base), knob).eval().to(device, dtype)
             t0 = time.perf_counter()
             g = GraphedModel(m, x[:8], buckets=sizes)
             capture_s = time.perf_counter() - t0
@@ -313,7 +315,8 @@ def part_graphs(args, out: dict) -> dict:
                 probe = x[: min(64, max(sizes))]
                 diff = float((g(probe) - m(probe)).abs().max())
             label = knob.label()
-            rows.append({"knob": label, "method": knob.method, "value": knob.value, "macs": exit_macs(m, shape)[-1],
+            macs = exit_macs(m, shape, dtype=dtype)[-1]
+            rows.append({"knob": label, "method": knob.method, "value": knob.value, "macs": macs,
                          "capture_s": capture_s, "graphs_vs_eager_max_abs_diff": diff, "ms": {}})  # fmt: skip
             variants[f"{label}|eager"], variants[f"{label}|graphs"] = m, g
             print(f"{name} {label}: captured {len(sizes)} buckets in {capture_s:.1f} s, max |graphs - eager| "
@@ -347,7 +350,7 @@ def part_graphs(args, out: dict) -> dict:
             },
         })  # fmt: skip
     out["graphs"] = {"device": str(device), "gpu": machine_info(device).get("gpu"), "batch_sizes": sizes,
-                     "rounds": args.rounds, "models": models}  # fmt: skip
+                     "dtype": args.dtype, "rounds": args.rounds, "models": models}  # fmt: skip
     return out
 
 
@@ -355,8 +358,8 @@ def _graphs_markdown(g: dict, lines: list[str]) -> None:
     emulated = g["device"] == "cpu"
     lines += [f"## CUDA graphs per (knob, bucket) on {g.get('gpu') or g['device']}"
               + (" (CPU emulation: a smoke test, not a figure)" if emulated else ""), "", _part_line(g), "",
-              "Full model, fp32, ms per batch: eager / graphed (median of interleaved calls, CUDA synchronised); "
-              "speed-up: the unreduced model's graphed ms over the knob's graphed ms.", ""]  # fmt: skip
+              f"Full model, {g.get('dtype', 'fp32')}, ms per batch: eager / graphed (median of interleaved calls, "
+              "CUDA synchronised); speed-up: the unreduced model's graphed ms over the knob's.", ""]  # fmt: skip
     for m in g["models"]:
         sizes = [str(b) for b in g["batch_sizes"]]
         lines += [f"### {m['model']}", "",
@@ -501,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.005)
     parser.add_argument("--device", default="cpu", help="graphs part: cuda (cpu: the graphs' emulation, a smoke test)")
     parser.add_argument("--graph_batches", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="graphs part: the models' dtype")
     parser.add_argument("--out", type=Path, default=RESULTS / "tokens_cpu")
     args = parser.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
