@@ -917,6 +917,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch here")
+    if args.resnet_input < 32 or args.max_batch < 1:
+        parser.error(f"--resnet-input must be >= 32 and --max-batch >= 1, got {args.resnet_input}, {args.max_batch}")
     if args.serve_port is not None:
         _serve_child(args)
         return

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from adaptnn.errors import AdaptnnError
 from adaptnn.measure.latency import exit_policy
 from adaptnn.measure.timing import Timer, machine_info, median_ms, warm_up
 from adaptnn.runs.knobs import stack_inputs
@@ -44,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
             f"--batch and --calls must be >= 1 and --seconds > 0, got {args.batch}, {args.calls}, {args.seconds}"
         )
     torch.set_num_threads(args.threads)
-    run = load_run(args.run_dir)
+    try:
+        run = load_run(args.run_dir)
+    except AdaptnnError as err:  # a run directory is data: a missing or bad one is one line
+        parser.error(f"--run_dir {args.run_dir}: {err}")
     model = run.model.eval()
     pool = stack_inputs(run.splits.val, 8 * args.batch)
     last = exit_policy(model.num_exits, model.num_exits - 1)

@@ -509,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is visible to torch here")
+    if min(args.graph_batches) < 1:
+        parser.error(f"--graph_batches are batch sizes >= 1, got {args.graph_batches}")
     torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
     json_path = args.out.with_suffix(".json")

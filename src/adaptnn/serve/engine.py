@@ -382,28 +382,34 @@ class Engine:
             out = (out[0], out[1], done, out[3])
         return _Launched(k, batch, start, out, None, ready)
 
+    def _decisions(
+        self, launched: _Launched, n: int, device: torch.device
+    ) -> tuple[int, Tensor | None, Tensor | None, tuple[list[int], list[int]]]:
+        """``(finished rows, their positions, the others' positions (on ``device``), both as host lists)``."""
+        assert launched.out is not None
+        if launched.stage == self.num_exits - 1:
+            return n, None, None, ([], [])
+        check_row_state(launched.out[3], n, "the exit policy")
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        n_done, done_idx, keep_idx = split_finished(launched.out[2])
+        if done_idx is None or keep_idx is None:
+            return n_done, None, None, ([], [])
+        lists = done_idx.tolist(), keep_idx.tolist()  # read on the host: no second wait
+        if done_idx.device != device:
+            done_idx, keep_idx = done_idx.to(device, non_blocking=True), keep_idx.to(device, non_blocking=True)
+        return n_done, done_idx, keep_idx, lists
+
     def _complete(self, launched: _Launched) -> int:
         """Wait for a launched batch's exit decisions; answer its finished rows, queue the others."""
         k, batch, start = launched.stage, launched.batch, launched.start
         n = len(batch)
         err = launched.error
-        lists: tuple[list[int], list[int]] = ([], [])
         if err is None:
             assert launched.out is not None
-            state, prediction, done, pstate = launched.out
+            state, prediction, _, pstate = launched.out
             try:
-                if k == self.num_exits - 1:
-                    n_done, done_idx, keep_idx = n, None, None
-                else:
-                    check_row_state(pstate, n, "the exit policy")
-                    if launched.ready is not None:
-                        launched.ready.synchronize()
-                    n_done, done_idx, keep_idx = split_finished(done)
-                    if done_idx is not None and keep_idx is not None:
-                        lists = done_idx.tolist(), keep_idx.tolist()  # on the host: no second wait
-                    if done_idx is not None and done_idx.device != prediction.device:
-                        done_idx = done_idx.to(prediction.device, non_blocking=True)
-                        keep_idx = keep_idx.to(prediction.device, non_blocking=True)
+                n_done, done_idx, keep_idx, lists = self._decisions(launched, n, prediction.device)
             except Exception as e:  # noqa: BLE001 - as above
                 err = e
         if err is not None:
