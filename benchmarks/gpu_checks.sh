@@ -2,7 +2,8 @@
 # The GPU figures of the serving and token benchmarks in one bounded call (a lent GPU's time is short):
 #   0. first, the GPU tests of the serving engine and the token graphs (tests/test_cuda.py, bounded);
 #   1. tokens.py --parts graphs: CUDA graphs per (knob, bucket) for the trained ViT (RUN_DIR) and a ViT-S/16,
-#      fp32 and bf16 (TOKEN_DTYPES);
+#      fp32 and bf16 (TOKEN_DTYPES), with ToMe r=13 without proportional attention and the token floor (the
+#      unreduced ViT-S/16 at 197 / 122 / 50 tokens: the most any reduction can save at each batch size);
 #   2. serve_load.py --device cuda: the stage-level engine (pooled rows, one CUDA graph per stage and bucket) vs
 #      the CUDA-graphed full model and request-level early exit, batch cap 256, MSDNet and ResNet-50 at 224x224.
 # Runs from the repository root without installing (PYTHONPATH=src; the machine's own torch and timm).
@@ -25,7 +26,7 @@ timeout "${TESTS_S:-120}" "$py" -m pytest -q -p no:cacheprovider -m gpu tests/te
 for dtype in ${TOKEN_DTYPES:-fp32 bf16}; do
   [ "${SKIP_TOKENS:-0}" = 1 ] && break
   name=tokens_cuda; [ "$dtype" = fp32 ] || name=tokens_cuda_$dtype
-  timeout "${TOKENS_S:-150}" "$py" benchmarks/tokens.py --run_dir "$run" --parts graphs --device cuda --rounds 10 \
+  timeout "${TOKENS_S:-180}" "$py" benchmarks/tokens.py --run_dir "$run" --parts graphs --device cuda --rounds 10 \
     --dtype "$dtype" --out "$out/$name" 2>&1 | tee -a "$out/gpu_checks.log"
   echo "tokens $dtype exit: ${PIPESTATUS[0]}" | tee -a "$out/gpu_checks.log"
 done

@@ -16,7 +16,10 @@ Parts (``--parts``, results merged into one JSON so parts can be run separately)
   buckets ``--graph_batches``) for the trained ViT's knobs and a random-weight ViT-S/16's; the full model's ms,
   eager and graphed, at each bucket, timed interleaved with CUDA synchronisation; graphed vs eager outputs compared.
   Inputs are random (a fixed knob fixes every shape, so the time does not depend on the pixels); accuracy is the
-  ``knobs`` part's. On a CPU the part runs the graphs' CPU emulation (a smoke test, not a figure).
+  ``knobs`` part's. ViT-S/16 also runs ToMe r=13 without proportional attention (the attention bias's share of
+  ToMe's overhead) and the *token floor*: the unreduced ViT-S/16 at smaller images (197 / 122 / 50 tokens), the
+  most any token reduction can save at each batch size. On a CPU the part runs the graphs' CPU emulation (a smoke
+  test, not a figure).
 
     python benchmarks/tokens.py --run_dir runs/vit_fmnist --threads 1
     python benchmarks/tokens.py --run_dir runs/vit_fmnist --parts graphs --device cuda \
@@ -247,15 +250,7 @@ def part_joint(args, out: dict) -> dict:
 
 
 def part_vits(args, out: dict) -> dict:
-    import timm
-
-    from adaptnn.adapters.vit_tokens import token_vit
-
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=1000).eval()
-    models = {
-        k.label(): set_token_knob(token_vit(vit, verify=False), k).eval() for k in (TokenKnob(), TokenKnob("tome", 13))
-    }
+    models = {k.label(): set_token_knob(_vits(), k).eval() for k in (TokenKnob(), TokenKnob("tome", 13))}
     macs = {k: exit_macs(m, (3, 224, 224))[-1] for k, m in models.items()}
     x = torch.randn(64, 3, 224, 224)
     rows = []
@@ -280,12 +275,34 @@ VITS_GRAPH_KNOBS = (
     TokenKnob("tome", 16),
     TokenKnob("evit", 0.7),
 )
+# ToMe r=13 without proportional attention: splits ToMe's own overhead into the merges and the attention bias
+VITS_NO_PROPORTIONAL = TokenKnob("tome", 13)
+# the unreduced ViT-S/16 at smaller images: 197 / 122 / 50 tokens. ToMe r=13 carries 119 tokens on average over the
+# 12 blocks, so the 176 px model's time is what ToMe r=13 could take with merges that cost nothing
+FLOOR_IMAGE_SIZES = (224, 176, 112)
 
 
-def part_graphs(args, out: dict) -> dict:
+def _set_proportional(model: torch.nn.Module, on: bool) -> torch.nn.Module:
+    from adaptnn.layers.tokens import TokenBlock
+
+    for block in model.modules():
+        if isinstance(block, TokenBlock):
+            block.proportional = on
+    return model
+
+
+def _vits(image_size: int = 224) -> torch.nn.Module:
+    """The random-weight ViT-S/16 (seed 0) as a token-reducible staged model at ``image_size``."""
     import timm
 
     from adaptnn.adapters.vit_tokens import token_vit
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=1000, img_size=image_size)
+    return token_vit(vit.eval(), verify=False)
+
+
+def part_graphs(args, out: dict) -> dict:
     from adaptnn.measure.timing import Timer
     from adaptnn.runtime import GraphedModel
 
@@ -297,26 +314,26 @@ def part_graphs(args, out: dict) -> dict:
     ckpt = args.checkpoint or args.run_dir / "model.safetensors"
     if ckpt.exists():
         trained = load_model(ckpt).eval()
-        sets.append((f"trained ViT ({args.run_dir})", trained, tuple(trained.input_spec.shape), knob_list()))
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=1000).eval()
-    sets.append(("vit_small_patch16_224 (random weights)", token_vit(vit, verify=False), (3, 224, 224),
-                 list(VITS_GRAPH_KNOBS)))  # fmt: skip
+        knobs = [(k.label(), k, True) for k in knob_list()]
+        sets.append((f"trained ViT ({args.run_dir})", trained, tuple(trained.input_spec.shape), knobs))
+    vits_variants = [(k.label(), k, True) for k in VITS_GRAPH_KNOBS]
+    vits_variants.append((f"{VITS_NO_PROPORTIONAL.label()}_noprop", VITS_NO_PROPORTIONAL, False))
+    sets.append(("vit_small_patch16_224 (random weights)", _vits(), (3, 224, 224), vits_variants))
     models = []
     for name, base, shape, knobs in sets:
         x = torch.randn(max(sizes) + 8, *shape, device=device, dtype=dtype)
         rows, variants = [], {}
-        for knob in knobs:
-            m = set_token_knob(copy.deepcopy(base), knob).eval().to(device, dtype)
+        for label, knob, proportional in knobs:
+            m = _set_proportional(set_token_knob(copy.deepcopy(base), knob), proportional).eval().to(device, dtype)
             t0 = time.perf_counter()
             g = GraphedModel(m, x[:8], buckets=sizes)
             capture_s = time.perf_counter() - t0
             with torch.inference_mode():
                 probe = x[: min(64, max(sizes))]
                 diff = float((g(probe) - m(probe)).abs().max())
-            label = knob.label()
             macs = exit_macs(m, shape, dtype=dtype)[-1]
-            rows.append({"knob": label, "method": knob.method, "value": knob.value, "macs": macs,
+            rows.append({"knob": label, "method": knob.method, "value": knob.value, "proportional": proportional,
+                         "macs": macs,
                          "capture_s": capture_s, "graphs_vs_eager_max_abs_diff": diff, "ms": {}})  # fmt: skip
             variants[f"{label}|eager"], variants[f"{label}|graphs"] = m, g
             print(f"{name} {label}: captured {len(sizes)} buckets in {capture_s:.1f} s, max |graphs - eager| "
@@ -350,8 +367,42 @@ def part_graphs(args, out: dict) -> dict:
             },
         })  # fmt: skip
     out["graphs"] = {"device": str(device), "gpu": machine_info(device).get("gpu"), "batch_sizes": sizes,
-                     "dtype": args.dtype, "rounds": args.rounds, "models": models}  # fmt: skip
+                     "dtype": args.dtype, "rounds": args.rounds, "models": models,
+                     "token_floor": token_floor(device, dtype, sizes, args.rounds, timer)}  # fmt: skip
     return out
+
+
+def token_floor(device: torch.device, dtype: torch.dtype, sizes: list[int], rounds: int, timer) -> dict:
+    """How the *unreduced* ViT-S/16's graphed time falls with its token count, per batch size.
+
+    The most any token reduction can save at a batch size: a model that carries fewer tokens from the start, with
+    no merge or ranking work at all. Where it barely falls (a GPU at batch 1 is launch- and latency-bound), a
+    reduction can only add time.
+    """
+    from adaptnn.runtime import GraphedModel
+
+    graphs, inputs, rows = {}, {}, []
+    for px in FLOOR_IMAGE_SIZES:
+        model = _vits(px).to(device, dtype)
+        x = torch.randn(max(sizes) + 8, 3, px, px, device=device, dtype=dtype)
+        graphs[px], inputs[px] = GraphedModel(model, x[:8], buckets=sizes), x
+        tokens = (px // 16) ** 2 + 1
+        rows.append({"image_size": px, "tokens": tokens, "macs": exit_macs(model, (3, px, px), dtype=dtype)[-1],
+                     "ms": {}})  # fmt: skip
+    for size in sizes:
+        count = max(1, min(16, 256 // size))
+        per_image = {px: batches_of(x, size, count) for px, x in inputs.items()}
+        batches = [{px: b[i] for px, b in per_image.items()} for i in range(count)]
+        variants = {str(px): (lambda xs, px=px: graphs[px](xs[px])) for px in graphs}
+        with torch.inference_mode():
+            med = interleaved_medians(variants, batches, rounds=rounds, warmup_s=1.0, timer=timer)
+        for row in rows:
+            row["ms"][str(size)] = float(np.median(med[str(row["image_size"])]))
+        print(f"  token floor, batch {size} (graphed ms by tokens): "
+              + ", ".join(f"{r['tokens']} {r['ms'][str(size)]:.3f}" for r in rows), flush=True)  # fmt: skip
+    for row in rows:
+        row["speedup_over_full_tokens"] = {b: rows[0]["ms"][b] / row["ms"][b] for b in row["ms"]}
+    return {"model": "vit_small_patch16 (random weights, unreduced)", "rows": rows}
 
 
 def _graphs_markdown(g: dict, lines: list[str]) -> None:
@@ -373,6 +424,18 @@ def _graphs_markdown(g: dict, lines: list[str]) -> None:
                          f"{r['graphs_vs_eager_max_abs_diff']:.1e} |")  # fmt: skip
         acc = m["acceptance"]
         lines += ["", "Acceptance: " + "; ".join(f"{k}: {v}" for k, v in acc.items()), ""]
+    floor = g.get("token_floor")
+    if floor:
+        sizes = [str(b) for b in g["batch_sizes"]]
+        lines += ["### Token floor: the unreduced ViT-S/16 at fewer tokens (smaller images), graphed", "",
+                  "What any token reduction could save at most at each batch size (fewer tokens from the start, no "
+                  "merge work). ToMe r=13 carries 119 tokens on average over the 12 blocks (~ the 176 px model).", "",
+                  "| image | tokens | MMACs | " + " | ".join(f"b{b} ms | b{b} speed-up" for b in sizes) + " |",
+                  "|---|---|---|" + "---|---|" * len(sizes)]  # fmt: skip
+        for r in floor["rows"]:
+            cells = " | ".join(f"{r['ms'][b]:.3f} | {r['speedup_over_full_tokens'][b]:.2f}" for b in sizes)
+            lines.append(f"| {r['image_size']} | {r['tokens']} | {r['macs'] / 1e6:.0f} | {cells} |")
+        lines.append("")
 
 
 def _part_line(part: dict) -> str:
