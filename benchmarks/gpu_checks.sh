@@ -22,7 +22,7 @@ mkdir -p "$out"
   uptime
 } 2>&1 | tee "$out/gpu_checks.log"
 timeout "${TESTS_S:-120}" "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py \
-  -k "pipelined or token_knob or cuda_graphs_equal" 2>&1 | tail -15 | tee -a "$out/gpu_checks.log"
+  -k "pipelined or token_knob or tome_on_cuda or cuda_graphs_equal" 2>&1 | tail -15 | tee -a "$out/gpu_checks.log"
 for dtype in ${TOKEN_DTYPES:-fp32 bf16}; do
   [ "${SKIP_TOKENS:-0}" = 1 ] && break
   name=tokens_cuda; [ "$dtype" = fp32 ] || name=tokens_cuda_$dtype

@@ -236,3 +236,21 @@ def test_token_knob_models_capture_as_cuda_graphs():
         graphed = GraphedModel(m, x[:2], buckets=[1, 4, 8])
         with torch.inference_mode():
             torch.testing.assert_close(graphed(x), m(x), atol=1e-4, rtol=1e-4)
+
+
+def test_tome_on_cuda_merges_like_on_cpu():
+    """ToMe's metric is one reduction on a GPU (H - 1 additions on CPU): the same merges, the same logits."""
+    import copy
+
+    import timm
+
+    from adaptnn.adapters.vit_tokens import token_vit
+    from adaptnn.layers.tokens import TokenKnob, set_token_knob
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=64).eval()
+    cpu = set_token_knob(token_vit(vit, verify=False), TokenKnob("tome", 4)).eval()
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(8, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), atol=1e-4, rtol=1e-4)
