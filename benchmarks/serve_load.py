@@ -21,6 +21,11 @@ per server config (``--http-configs``: stage-level ``fill``, request-level ``old
 closed-loop capacity, then Poisson runs at ``--http-loads`` times it: client-side latency per exit, the server's own
 queue/compute/latency times from the answers, the shed answers' latency.
 
+``--baseline-caps 64 128``: the request-level servers (and the full model) also run their closed loops at those
+batch caps, interleaved with the others: on a CPU a larger cap gives request-level early exit fuller deep batches
+too, so the stage engine (at ``--max-batch``) is also compared with request-level early exit at its best cap
+(``stage_vs_best_request_ee_any_cap``).
+
 Before the runs each model's latency model is profiled (``adaptnn.measure.profile_latency``, every piece alone at
 batch sizes up to the cap) and predicts three saturation rates: the full model, request-level early exit (each batch
 of ``--max-batch`` requests runs its deep stages on its own survivors) and ideal pooling (every stage on full
@@ -70,6 +75,20 @@ from adaptnn.serve import Engine, TorchBackend
 
 RESULTS = Path(__file__).parent / "results"
 SYSTEMS = ("full", "req_ee_batch_end", "req_ee_own_exit", "stage_engine")
+REQUEST_LEVEL = ("req_ee_batch_end", "req_ee_own_exit")
+
+
+def at_cap(system: str, cap: int) -> str:
+    """The name of ``system`` run with batch cap ``cap`` (``--baseline-caps``)."""
+    return f"{system}@{cap}"
+
+
+def split_cap(system: str, default: int) -> tuple[str, int]:
+    """``"req_ee_own_exit@128"`` -> ``("req_ee_own_exit", 128)``; a plain name gets ``default``."""
+    name, _, cap = system.partition("@")
+    return name, int(cap) if cap else default
+
+
 FLAGS = ("http", "http_only", "out", "emulate_graphs")  # written apart in the command line of the results
 
 
@@ -223,14 +242,16 @@ def graph_bound(graphed, inputs: torch.Tensor, exits: torch.Tensor, batch: int) 
 
 
 def make_server(system: str, model, policy, args, graphed=None):
-    """One server; with ``graphed`` (a GraphedModel of ``model``) every system runs through its CUDA graphs."""
+    """One server (``name`` or ``name@cap``, see :func:`split_cap`); with ``graphed`` (a GraphedModel of ``model``)
+    every system runs through its CUDA graphs."""
+    system, cap = split_cap(system, args.max_batch)
     if system in ("full", "req_ee_batch_end"):
         runner = graphed if graphed is not None else model
-        return BatchServer(runner, policy, args.max_batch, dynamic=system != "full", num_exits=model.num_exits,
+        return BatchServer(runner, policy, cap, dynamic=system != "full", num_exits=model.num_exits,
                            pipeline=args.device == "cuda")  # fmt: skip
     scheduler = "oldest" if system == "req_ee_own_exit" else "fill"
     executor = graphed.pooled_executor() if graphed is not None else None
-    return EngineServer(model, policy, args.max_batch, scheduler, args.max_wait_ms, executor=executor)
+    return EngineServer(model, policy, cap, scheduler, args.max_wait_ms, executor=executor)
 
 
 def drive(server, inputs: torch.Tensor, args, *, rate: float | None, seed: int) -> dict:
@@ -613,13 +634,17 @@ def bench_model(name: str, args) -> dict:
         http = http_runs(name, inputs, model.num_exits, args)
         return {"model": name, "input_shape": list(shape), "exit_macs": costs, "thresholds": policy.thresholds,
                 "exit_mix_64": mix, "macs_ideal_speedup": ideal, "latency_model": bound, "http": http}  # fmt: skip
-    for system in SYSTEMS:  # warm-up: every server on a short closed loop
+    # the request-level servers and the full model at the other caps, in the same rotation
+    extra = [at_cap(s, c) for c in args.baseline_caps if c != args.max_batch for s in ("full", *REQUEST_LEVEL)]
+    closed_systems = [*SYSTEMS, *extra]
+    for system in closed_systems:  # warm-up: every server on a short closed loop
         short = argparse.Namespace(**{**vars(args), "count": 40, "max_seconds": 3.0})
         drive(make_server(system, model, policy, args, graphed), inputs, short, rate=None, seed=0)
-    saturation: dict[str, list[float]] = {s: [] for s in SYSTEMS}
+    saturation: dict[str, list[float]] = {s: [] for s in closed_systems}
     closed: dict[str, dict] = {}
     for rep in range(args.repeats):
-        for system in SYSTEMS[rep % 2 :] + SYSTEMS[: rep % 2]:  # who goes first rotates
+        shift = rep % len(closed_systems)
+        for system in closed_systems[shift:] + closed_systems[:shift]:  # who goes first rotates
             run = drive(make_server(system, model, policy, args, graphed), inputs, args, rate=None, seed=rep)
             summary = summarise(run, model.num_exits)
             saturation[system].append(summary["throughput_rps"])
@@ -698,8 +723,12 @@ def _in_process_acceptance(entry: dict) -> dict:
     last_p50 = _get(half, deepest, "p50_ms") if deepest not in (None, "0") else None
     p99_80 = _get(ol, "0.8x", "stage_engine", "p99_ms")
     p99_2x = _get(ol, "2.0x", "stage_engine", "p99_ms")
+    any_cap = {s: v for s, v in sat.items() if split_cap(s, 0)[0] in REQUEST_LEVEL}
+    best = max(any_cap, key=any_cap.get)
     out = {
         "stage_vs_request_ee_throughput": sat["stage_engine"] / max(sat["req_ee_own_exit"], sat["req_ee_batch_end"]),
+        "stage_vs_best_request_ee_any_cap": sat["stage_engine"] / any_cap[best],
+        "best_request_ee_any_cap": best,
         "first_vs_deepest_exit_p50_at_half_load": first_p50 / last_p50 if first_p50 and last_p50 else None,
         "deepest_exit_taken_at_half_load": deepest,
         "p99_2x_vs_p99_0.8x": p99_2x / p99_80 if p99_2x and p99_80 else None,
@@ -819,6 +848,19 @@ def _in_process_markdown(entry: dict, lines: list[str]) -> None:
         "| " + " | ".join(f"{entry['saturation_rps'][s]:.1f}" for s in SYSTEMS) + " |",
         "",
     ]
+    others = [s for s in entry["saturation_rps"] if "@" in s]
+    if others:
+        caps = sorted({split_cap(s, 0)[1] for s in others})
+        names = ("full", *REQUEST_LEVEL)
+        lines += [
+            "The full model and request-level early exit at other batch caps (closed loop, in the same rotation):",
+            "",
+            "| cap | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+            *(f"| {c} | " + " | ".join(f"{entry['saturation_rps'].get(at_cap(n, c), float('nan')):.1f}" for n in names)
+              + " |" for c in caps),
+            "",
+        ]  # fmt: skip
     lm = entry.get("latency_model")
     if lm:
         pred = lm["predicted_saturation_rps"]
@@ -895,6 +937,8 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=5.0, help="Wall-clock bound per run.")
     parser.add_argument("--clients", type=int, default=128, help="Closed-loop clients (saturation runs).")
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--baseline-caps", type=int, nargs="*", default=[],
+                        help="Also run the full model and request-level early exit at these batch caps.")  # fmt: skip
     parser.add_argument("--max-inflight", type=int, default=128)
     parser.add_argument("--max-wait-ms", type=float, default=50.0)
     parser.add_argument("--exit-rate", type=float, default=0.35, help="Share of running rows leaving at each exit.")
@@ -917,8 +961,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch here")
-    if args.resnet_input < 32 or args.max_batch < 1:
-        parser.error(f"--resnet-input must be >= 32 and --max-batch >= 1, got {args.resnet_input}, {args.max_batch}")
+    if args.resnet_input < 32 or args.max_batch < 1 or any(c < 1 for c in args.baseline_caps):
+        parser.error(f"--resnet-input must be >= 32 and --max-batch and --baseline-caps >= 1, got "
+                     f"{args.resnet_input}, {args.max_batch}, {args.baseline_caps}")  # fmt: skip
     if args.serve_port is not None:
         _serve_child(args)
         return
