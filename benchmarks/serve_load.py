@@ -24,7 +24,7 @@ queue/compute/latency times from the answers, the shed answers' latency.
 ``--baseline-caps 64 128``: the request-level servers (and the full model) also run their closed loops at those
 batch caps, interleaved with the others: on a CPU a larger cap gives request-level early exit fuller deep batches
 too, so the stage engine (at ``--max-batch``) is also compared with request-level early exit at its best cap
-(``stage_vs_best_request_ee_any_cap``).
+(``stage_vs_best_request_ee_any_cap``), which also answers the open-loop loads (latency at equal load).
 
 Before the runs each model's latency model is profiled (``adaptnn.measure.profile_latency``, every piece alone at
 batch sizes up to the cap) and predicts three saturation rates: the full model, request-level early exit (each batch
@@ -652,10 +652,13 @@ def bench_model(name: str, args) -> dict:
             print(f"  closed loop {system:<18} {summary['throughput_rps']:7.1f} req/s", flush=True)
     sat = {s: statistics.median(v) for s, v in saturation.items()}
     capacity = sat["stage_engine"]
+    open_systems = list(SYSTEMS)
+    if extra:  # request-level early exit at its best other cap answers the same open loads (latency at equal load)
+        open_systems.append(max((s for s in extra if split_cap(s, 0)[0] in REQUEST_LEVEL), key=sat.get))
     open_loop: dict[str, dict] = {}
     for load in args.loads:
         open_loop[f"{load}x"] = {}
-        for system in SYSTEMS:
+        for system in open_systems:
             server = make_server(system, model, policy, args, graphed)
             run = drive(server, inputs, args, rate=load * capacity, seed=int(100 * load))
             summary = summarise(run, model.num_exits)
