@@ -174,3 +174,56 @@ def test_profiles_of_settings_are_anchored_to_interleaved_engine_runs(one_thread
         doubled = profile.scaled(2.0)
         assert doubled.exit_latency_ms(4) == pytest.approx([2 * t for t in profile.exit_latency_ms(4)])
         assert doubled.info["anchor_scale"] == pytest.approx(2.0)
+
+
+def _spy_checks(monkeypatch, drift: float) -> list[dict]:
+    """Record every ``measure_choice`` call of the calibrator; the first one reports ``drift``."""
+    import adaptnn.runs.calibrate as calibrate_module
+
+    real, calls = calibrate_module.measure_choice, []
+
+    def spy(deployed, latency_model, exit_ms, *args, **kwargs):
+        out = real(deployed, latency_model, exit_ms, *args, **kwargs)
+        if not calls:
+            out["drift"] = drift
+        calls.append({"model": latency_model, "exit_ms": list(exit_ms), "out": out})
+        return out
+
+    monkeypatch.setattr(calibrate_module, "measure_choice", spy)
+    return calls
+
+
+def test_ms_choice_is_remade_once_from_profiles_reanchored_to_the_check(vit_run, monkeypatch):
+    calls = _spy_checks(monkeypatch, drift=1.5)
+    argv = ["calibrate", str(vit_run), "--knob", "tome", "--knob_values", "[1]", "--budget_ms", "1e4"]
+    argv += ["--latency_batch_size", "4", "--threads", "1", "--latency_repeats", "2", "--measure_samples", "16"]
+    assert main(argv) == 0
+    assert len(calls) == 2  # the first check, then the check of the choice re-made at the speed it measured
+    first, second = calls
+    assert second["exit_ms"] == pytest.approx([1.5 * t for t in first["exit_ms"]])
+    assert second["model"].exit_latency_ms(4) == pytest.approx([1.5 * t for t in first["model"].exit_latency_ms(4)])
+    anchor_then, anchor_now = first["model"].info["anchor"], second["model"].info["anchor"]
+    assert anchor_now["exit_ms"] == pytest.approx([1.5 * t for t in anchor_then["exit_ms"]])
+    check = _calibration(vit_run)["latency_check"]
+    assert check["refit"]["factor"] == 1.5 and check["refit"]["first_check"]["drift"] == 1.5
+    assert check["refit"]["first_check"]["error"] == first["out"]["error"]
+    assert check["measured_ms_per_batch"] == second["out"]["measured_ms_per_batch"]
+    cal = _calibration(vit_run)
+    recorded = {s["knob"]: s["exit_latency_ms"] for s in cal["calibrator"]["settings"]}
+    assert recorded[cal["knob"]["label"]] == pytest.approx(second["exit_ms"])  # the record holds the re-anchored ms
+
+    calls.clear()
+    assert main([*argv, "--no_refit"]) == 0
+    assert len(calls) == 1 and "refit" not in _calibration(vit_run)["latency_check"]
+
+
+def test_when_nothing_fits_at_the_speed_measured_now_the_first_choice_stays(vit_run, monkeypatch, caplog):
+    calls = _spy_checks(monkeypatch, drift=1e9)  # a machine a billion times slower than profiled
+    argv = ["calibrate", str(vit_run), "--knob", "evit", "--knob_values", "[0.5]", "--budget_ms", "1e4"]
+    argv += ["--latency_batch_size", "4", "--threads", "1", "--latency_repeats", "2", "--measure_samples", "16"]
+    assert main(argv) == 0
+    assert len(calls) == 1
+    cal = _calibration(vit_run)
+    refit = cal["latency_check"]["refit"]
+    assert refit["factor"] == 1e9 and "budget" in refit["infeasible"] and refit["first_choice"] == cal["knob"]["label"]
+    assert "keeping the first choice" in caplog.text

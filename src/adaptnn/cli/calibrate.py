@@ -70,6 +70,13 @@ def build(parser: ArgumentParser) -> None:
         help="Test inputs run for real to report predicted vs measured ms of the choice (--knob, ms; 0: skip).",
     )
     parser.add_argument(
+        "--refit",
+        action=ActionYesNo,
+        default=True,
+        help="After the check, re-make the choice once from profiles re-anchored to the speed it measured, and "
+        "check again (--knob, ms; --no_refit: one choice, one check).",
+    )
+    parser.add_argument(
         "--epsilon", type=float | None, default=None, help="Guarantee: accuracy drop vs the last exit <= epsilon..."
     )
     parser.add_argument("--delta", type=float, default=0.1, help="...with probability >= 1 - delta (Learn then Test).")
@@ -109,7 +116,12 @@ def run(args: Namespace) -> None:
         legacy=args.legacy,
         knob=args.knob,
         knob_values=args.knob_values,
-        timing=KnobTiming(repeats=args.latency_repeats, threads=args.threads, measure_samples=args.measure_samples),
+        timing=KnobTiming(
+            repeats=args.latency_repeats,
+            threads=args.threads,
+            measure_samples=args.measure_samples,
+            refit=args.refit,
+        ),
         **run_access(args),
     )
     point = calibration["operating_point"]
@@ -153,6 +165,18 @@ def knob_summary(calibration: dict) -> str:
                 if check.get("drift") is None
                 else f"; the machine is {check['drift']:.2f}x as slow as when profiled: "
                 f"{100 * check['error_drift_corrected']:+.1f}% corrected"
+            )
+        )
+    refit = (check or {}).get("refit")
+    if refit:
+        first = refit["first_check"]
+        lines.append(
+            f"first check {100 * first['error']:+.1f}% ({refit['first_choice']}, machine {refit['factor']:.2f}x "
+            "as slow as profiled): "
+            + (
+                f"nothing fits at that speed ({refit['infeasible']}); the first choice stays"
+                if "infeasible" in refit
+                else "the choice above was re-made from profiles re-anchored to it"
             )
         )
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..calibration import policy_sweep
-from ..errors import ConfigError
+from ..errors import BudgetError, ConfigError
 from ..evaluation import collect_logits
 from ..io import RunLock, write_json
 from ..measure.latency import LatencyModel
@@ -29,7 +29,7 @@ from ..runtime.cost import cost_breakdown
 from ..training import build_strategy
 from .calibrators import CALIBRATORS, CalibrationInputs, CalibrationOptions, point_from_result, select_calibrator
 from .config import RunConfig
-from .knobs import joint_choice, knob_settings, measure_choice, settings_exit_ms, stack_inputs
+from .knobs import joint_choice, knob_settings, measure_choice, reanchored, settings_exit_ms, stack_inputs
 from .naming import named_by_unit
 from .rundir import LoadedRun, load_run, recover_run_dir, require_trained
 
@@ -146,7 +146,9 @@ def calibrate_run(
     (MACs, or ms per sample at ``latency_batch_size`` measured per setting as deployed), and the knob engine
     (:func:`~adaptnn.calibration.calibrate_knob_and_exits`) picks the most accurate within the budget. The choice
     is kept as ``knob`` in ``calibration.json`` (``adaptnn evaluate`` runs it); for ms budgets the chosen point is
-    then run for real on the test split and ``latency_check`` records predicted vs measured ms (``timing``).
+    then run for real on the test split and ``latency_check`` records predicted vs measured ms (``timing``); by
+    default the choice is then re-made once from profiles re-anchored to that run's measured speed and checked
+    again (``KnobTiming.refit``).
 
     Args:
         policy: exit-rule family, one of :data:`adaptnn.policies.POLICY_NAMES`; default: the rule the run's
@@ -246,6 +248,10 @@ class KnobTiming:
         threads: torch CPU threads while timing (``None``: as is).
         measure_samples: test inputs timed through ``run_dynamic`` for predicted vs measured (0: skip).
         rounds: timed calls per batch of that measurement (median).
+        refit: re-make the choice once from profiles re-anchored to the check's ``drift`` (the chosen setting's
+            last exit timed now, in the check's protocol, over its profiled time) and check again: the budget is
+            held to the machine's speed at the end of calibration, not minutes earlier (``latency_check["refit"]``
+            keeps the first check).
     """
 
     repeats: int = 10
@@ -253,6 +259,54 @@ class KnobTiming:
     threads: int | None = None
     measure_samples: int = 512
     rounds: int = 5
+    refit: bool = True
+
+
+def _refit_record(check: dict[str, Any], label: str) -> dict[str, Any]:
+    """What the first check measured, kept when the choice is re-made from profiles re-anchored by its drift."""
+    keys = ("predicted_ms_per_batch", "measured_ms_per_batch", "error", "drift", "error_drift_corrected")
+    return {"factor": check["drift"], "first_choice": label, "first_check": {k: check[k] for k in keys}}
+
+
+def _checked_choice(
+    choose: Callable[[dict[str, list[float]], dict[str, LatencyModel]], tuple[Any, dict[str, Any]]],
+    settings: dict[str, Any],
+    exit_ms: dict[str, list[float]],
+    profiles: dict[str, LatencyModel],
+    inputs: Tensor,
+    batch_size: int,
+    timing: KnobTiming,
+) -> tuple[tuple[Any, dict[str, Any]], dict[str, list[float]], dict[str, Any]]:
+    """An ms choice run for real on ``inputs`` (:func:`measure_choice`): ``((result, choice), exit ms, check)``.
+
+    With ``timing.refit`` the choice is re-made once from the profiles re-anchored to the check's drift
+    (:func:`reanchored`) and checked again; ``check["refit"]`` keeps the first check. If nothing fits the budget at
+    the speed measured now, the first choice stays and ``check["refit"]["infeasible"]`` says why.
+    """
+
+    def measure(chosen: Any, result: Any, choice: dict[str, Any], ms: dict, models: dict) -> dict[str, Any]:
+        return measure_choice(
+            chosen.deployed, models[chosen.label], ms[chosen.label], inputs, result.policy, batch_size,
+            rounds=timing.rounds, warmup_s=timing.warmup_s, num_threads=timing.threads,
+            prediction=choice["prediction"],
+        )  # fmt: skip
+
+    result, choice = choose(exit_ms, profiles)
+    check = measure(settings[choice["knob"]], result, choice, exit_ms, profiles)
+    if not timing.refit or check["drift"] is None:
+        return (result, choice), exit_ms, check
+    refit = _refit_record(check, choice["knob"])
+    now_ms, now_profiles = reanchored(exit_ms, profiles, check["drift"])
+    try:
+        result, choice = choose(now_ms, now_profiles)
+    except BudgetError as err:  # slower now than profiled: nothing fits; the first choice stays
+        refit["infeasible"] = str(err)
+        log.warning("after re-anchoring to the machine's speed now, %s; keeping the first choice", err)
+        check["refit"] = refit
+        return (result, choice), exit_ms, check
+    check = measure(settings[choice["knob"]], result, choice, now_ms, now_profiles)
+    check["refit"] = refit
+    return (result, choice), now_ms, check
 
 
 def _check_knob_options(
@@ -311,19 +365,21 @@ def _calibrate_knob(
     else:
         costs = {label: list(cost_breakdown(s.model, run.splits.input_size).exit_macs) for label, s in settings.items()}
     unit, budget = ("ms", float(budget_ms)) if budget_ms is not None else ("MACs", float(budget_macs))  # type: ignore[arg-type]
-    options = {label: (val[label], costs[label]) for label in settings}
-    result, choice = joint_choice(
-        family, options, labels, budget, unit=unit, batch=b if unit == "ms" else None, latency_models=profiles or None
-    )
-    chosen = settings[choice["knob"]]
+
+    def choose(exit_costs: dict[str, list[float]], models: dict[str, LatencyModel]) -> tuple[Any, dict[str, Any]]:
+        options = {label: (val[label], exit_costs[label]) for label in settings}
+        return joint_choice(
+            family, options, labels, budget, unit=unit, batch=b if unit == "ms" else None,
+            latency_models=models or None,
+        )  # fmt: skip
+
     check = None
     if unit == "ms" and timing.measure_samples > 0:  # right away: the machine's load moves, the profiles are fresh
-        check = measure_choice(
-            chosen.deployed, profiles[chosen.label], costs[chosen.label],
-            stack_inputs(run.splits.test, max(b, min(timing.measure_samples, len(run.splits.test)))),
-            result.policy, b, rounds=timing.rounds, warmup_s=timing.warmup_s, num_threads=timing.threads,
-            prediction=choice["prediction"],
-        )  # fmt: skip
+        test_inputs = stack_inputs(run.splits.test, max(b, min(timing.measure_samples, len(run.splits.test))))
+        (result, choice), costs, check = _checked_choice(choose, settings, costs, profiles, test_inputs, b, timing)
+    else:
+        result, choice = choose(costs, profiles)
+    chosen = settings[choice["knob"]]
     chosen_run = dataclasses.replace(run, model=chosen.model)
     inputs = _fit_inputs(
         chosen_run, family_name, family_kwargs, temperature=temperature, legacy=legacy, progress=progress,

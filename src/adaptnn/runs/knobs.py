@@ -196,6 +196,29 @@ def settings_exit_ms(
     return {label: _cumulative([t / b for t in p.info["anchor"]["exit_ms"]]) for label, p in profiles.items()}, profiles
 
 
+def reanchored(
+    exit_ms: Mapping[str, Sequence[float]], profiles: Mapping[str, LatencyModel], factor: float
+) -> tuple[dict[str, list[float]], dict[str, LatencyModel]]:
+    """Every setting's exit ms and latency model times ``factor``: the machine's speed now over when profiled.
+
+    ``factor`` is a check's ``drift`` (:func:`measure_choice`: the chosen setting's last exit timed now, in the
+    check's own protocol, over its anchor). The load of a shared machine moves all settings alike, so one factor
+    re-anchors them all; each profile's ``info["anchor"]["exit_ms"]`` is scaled too, so a later check's drift is
+    measured from the re-anchored time.
+    """
+    if not math.isfinite(factor) or factor <= 0:
+        raise ConfigError(f"a re-anchoring factor must be a finite number > 0, got {factor!r}")
+    models = {}
+    for label, profile in profiles.items():
+        model = profile.scaled(factor)
+        anchor = dict(model.info.get("anchor") or {})
+        if anchor.get("exit_ms"):
+            anchor["exit_ms"] = [float(t) * factor for t in anchor["exit_ms"]]
+        model.info["anchor"] = anchor
+        models[label] = model
+    return {label: [float(t) * factor for t in ms] for label, ms in exit_ms.items()}, models
+
+
 def _cumulative(values: Sequence[float]) -> list[float]:
     out: list[float] = []
     for v in values:
