@@ -1,5 +1,7 @@
 """Latency model: exact predictions on synthetic timings with known answers; profiling runs end to end."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -112,14 +114,22 @@ def test_compaction_is_charged_only_where_some_but_not_all_leave():
     legacy = model.to_dict()
     del legacy["compaction_ms"], legacy["compaction_gpu_ms"]  # a profile written before compaction was split out
     assert LatencyModel.from_dict(legacy).predict([4, 6]) == pytest.approx(1 + 0.1 + 1)
+    # profiled as a function of the samples kept (the state copy is of the survivors): 6 kept, not 10 at the exit
+    by_kept = dataclasses.replace(model, compaction_by_kept=True)
+    assert by_kept.predict([4, 6]) == pytest.approx(1 + 0.1 + (0.5 + 0.06) + 1)
+    assert LatencyModel.from_dict(by_kept.to_dict()).predict([4, 6]) == pytest.approx(by_kept.predict([4, 6]))
+    assert by_kept.scaled(2.0).compaction_by_kept
 
 
 def test_profile_separates_decision_and_compaction():
     model = create_model("mecnn_digits", widths=[4, 8, 8, 16]).eval()
     lm = profile_latency(model, torch.randn(16, 1, 8, 8), batch_sizes=(1, 4, 8), repeats=2, warmup_s=0.0)
-    assert lm.compaction_ms is not None and len(lm.compaction_ms) == model.num_exits
-    assert all(f(1) == 0.0 for f in lm.compaction_ms)  # one sample never compacts
-    assert all(f(8) >= 0.0 for f in lm.compaction_ms)
+    assert lm.compaction_ms is not None and len(lm.compaction_ms) == model.num_exits and lm.compaction_by_kept
+    for curve in lm.compaction_ms[:-1]:
+        # a function of the samples kept when about half of a batch of 4 and of 8 leaves (a batch of 1 never compacts)
+        assert 1 <= len(curve.knots) <= 2 and max(curve.knots) <= 5 and min(curve.values) >= 0.0
+    assert lm.compaction_ms[-1].values == [0.0]  # nobody leaves after the last exit
+    assert lm.predict([0, 0, 0, 8]) == pytest.approx(lm.exit_latency_ms(8)[-1])  # no compaction when nobody leaves
 
 
 def test_scaled_by_batch_multiplies_each_knot_by_its_factor():

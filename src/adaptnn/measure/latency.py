@@ -8,9 +8,11 @@ few batch sizes and predict a dynamic run from what it executes:
 * ``head_ms[k](b)``: exit head k;
 * ``exit_overhead_ms[k](b)``: the engine's work after head k for a batch of b when nobody leaves (policy
   decision, the one host sync);
-* ``compaction_ms[k](b)``: the extra work when some (not all) of the b samples leave at exit k (index
-  computation, writing their outputs, compacting the state), measured with half of the batch leaving. Most
-  exits of a small batch see nobody leave; charging every exit for a compaction over-predicts those.
+* ``compaction_ms[k](m)``: the extra work when some (not all) samples leave at exit k (index computation,
+  writing their outputs, compacting the state), as a function of the ``m`` samples *kept* (the state copy,
+  the bulk of it, is of the survivors), measured with about half of each profiled batch leaving. Most exits of a
+  small batch see nobody leave; charging every exit for a compaction over-predicts those. (Profiles written
+  before ``compaction_by_kept`` read it as a function of the batch at the exit.)
 
 Each is a :class:`PiecewiseLinear` function of the batch size through the measured medians (linear
 extrapolation beyond the largest batch, zero at b = 0). A dynamic run in which ``n_j`` samples reach
@@ -143,6 +145,7 @@ class LatencyModel:
     exit_gpu_ms: list[PiecewiseLinear] | None = None
     compaction_ms: list[PiecewiseLinear] | None = None  # None (older profiles): exit_overhead_ms includes it
     compaction_gpu_ms: list[PiecewiseLinear] | None = None
+    compaction_by_kept: bool = False  # the compaction curves' argument: samples kept (else: at the exit)
 
     @property
     def num_exits(self) -> int:
@@ -185,7 +188,7 @@ class LatencyModel:
             if k < self.num_exits - 1:
                 total += exits[k](n)
                 if compactions is not None and compacts[k]:
-                    total += compactions[k](n)
+                    total += compactions[k](alive[segs[-1] + 1] if self.compaction_by_kept else n)
             out.append(total)
         return out
 
@@ -306,6 +309,7 @@ class LatencyModel:
             exit_gpu_ms=times(self.exit_gpu_ms),
             compaction_ms=times(self.compaction_ms),
             compaction_gpu_ms=times(self.compaction_gpu_ms),
+            compaction_by_kept=self.compaction_by_kept,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -328,6 +332,7 @@ class LatencyModel:
                 exit_gpu_ms=curves("exit_gpu_ms"),
                 compaction_ms=curves("compaction_ms"),
                 compaction_gpu_ms=curves("compaction_gpu_ms"),
+                compaction_by_kept=bool(data.get("compaction_by_kept", False)),
             )
         except (KeyError, TypeError) as err:
             raise ConfigError(f"not a latency profile: {err}") from None
@@ -377,6 +382,7 @@ def profile_latency(
     host_t: dict[tuple[str, int], list[float]] = {}
     gpu_t: dict[tuple[str, int], list[float]] = {}
     n_pool = sample.shape[0]
+    kept_rows: dict[int, list[float]] = {}  # exit k -> samples kept by the half-leave step, per size > 1
     # each piece is timed on its own, a real run times them once together: remove the timer's own cost
     # (on CPU; on CUDA the host time is measured without synchronising)
     timer_overhead = 0.0 if cuda else median_ms(timer, lambda: None, 200)
@@ -387,9 +393,12 @@ def profile_latency(
             batches = [to_model(model, sample[(torch.arange(b) + r * b) % n_pool]) for r in range(repeats)]
             warm_up(lambda x=batches[0]: model.forward_all(x), warmup_s, timer)
             pieces: dict[tuple[str, int], list[tuple[float, float]]] = {}
-            segment, head = _timed_pieces(model, timer, pieces, leave=b > 1)
+            kept: dict[int, list[int]] = {}
+            segment, head = _timed_pieces(model, timer, pieces, leave=b > 1, kept=kept)
             for x in batches:
                 model.walk(x, segment=segment, head=head)
+            for k, counts in kept.items():
+                kept_rows.setdefault(k, []).append(float(statistics.median(counts)))
             for key, values in pieces.items():
                 host_t.setdefault(key, []).append(max(0.0, statistics.median(v[0] for v in values) - timer_overhead))
                 gpu_t.setdefault(key, []).append(statistics.median(v[1] for v in values))
@@ -401,13 +410,24 @@ def profile_latency(
         ]
 
     num_segments, num_exits = len(model.segments), model.num_exits
-    # compaction = (half leaves) - (nobody leaves); a batch of 1 never compacts, so it is 0 there
-    for times in (host_t, gpu_t):
-        for k in range(num_exits - 1):
-            if ("leave", k) in times:
-                leave = dict(zip([b for b in sizes if b > 1], times[("leave", k)], strict=True))
+    # compaction = (half leaves) - (nobody leaves), a function of the samples kept (a batch of 1 never compacts)
+    compaction: dict[str, list[PiecewiseLinear]] = {"host": [], "gpu": []}
+    larger = [b for b in sizes if b > 1]
+    for name, times in (("host", host_t), ("gpu", gpu_t)):
+        for k in range(num_exits):
+            points = []
+            if times.get(("leave", k)):
                 stay = dict(zip(sizes, times[("exit", k)], strict=True))
-                times[("compact", k)] = [max(0.0, leave[b] - stay[b]) if b > 1 else 0.0 for b in sizes]
+                points = [
+                    (m, max(0.0, t - stay[b]))
+                    for b, t, m in zip(larger, times[("leave", k)], kept_rows[k], strict=True)
+                    if m > 0
+                ]
+            compaction[name].append(
+                PiecewiseLinear.fit([m for m, _ in points], [t for _, t in points])
+                if points
+                else PiecewiseLinear([1.0], [0.0])
+            )
     return LatencyModel(
         exit_after=list(model.exit_after),
         segment_ms=curves(host_t, "seg", num_segments),
@@ -423,20 +443,27 @@ def profile_latency(
         segment_gpu_ms=curves(gpu_t, "seg", num_segments) if cuda else None,
         head_gpu_ms=curves(gpu_t, "head", num_exits) if cuda else None,
         exit_gpu_ms=curves(gpu_t, "exit", num_exits) if cuda else None,
-        compaction_ms=curves(host_t, "compact", num_exits),
-        compaction_gpu_ms=curves(gpu_t, "compact", num_exits) if cuda else None,
+        compaction_ms=compaction["host"],
+        compaction_gpu_ms=compaction["gpu"] if cuda else None,
+        compaction_by_kept=True,
     )
 
 
 def _timed_pieces(
-    model: StagedModel, timer: Timer, pieces: dict[tuple[str, int], list[tuple[float, float]]], *, leave: bool
+    model: StagedModel,
+    timer: Timer,
+    pieces: dict[tuple[str, int], list[tuple[float, float]]],
+    *,
+    leave: bool,
+    kept: dict[int, list[int]] | None = None,
 ) -> tuple[Callable[[int, nn.Module, State], State], Callable[[int, nn.Module, State], torch.Tensor]]:
     """``segment`` and ``head`` callbacks for :meth:`StagedModel.walk` that time every piece into ``pieces``.
 
     The segment callback times the segment (key ``("seg", j)``). The head callback times the head
     (``("head", k)``), then, except after the last head, the exit step when nobody leaves (``("exit", k)``:
     the decision alone) and, with ``leave``, when about half the batch leaves (``("leave", k)``: decision and
-    compaction). The exit steps' results are dropped: the walk goes on with the whole batch.
+    compaction; ``kept[k]`` gets how many samples it kept). The exit steps' results are dropped: the walk goes on
+    with the whole batch.
     """
     last = model.num_exits - 1
     stay = ConfidencePolicy([math.inf] * last) if last else None
@@ -457,6 +484,9 @@ def _timed_pieces(
                 conf = logits.float().softmax(-1).amax(-1)
                 half = ConfidencePolicy([float(conf.median())] * last)
                 timed(("leave", k), lambda: _exit_step(half, k, logits, state))
+                if kept is not None:
+                    done = half.decide(k, logits, None)[0]
+                    kept.setdefault(k, []).append(int(done.numel() - int(done.sum())))
         return logits
 
     return segment, head
