@@ -203,18 +203,22 @@ def reanchored(
 
     ``factor`` is a check's ``drift`` (:func:`measure_choice`: the chosen setting's last exit timed now, in the
     check's own protocol, over its anchor). The load of a shared machine moves all settings alike, so one factor
-    re-anchors them all; each profile's ``info["anchor"]["exit_ms"]`` is scaled too, so a later check's drift is
-    measured from the re-anchored time.
+    re-anchors them all; each profile's anchor times (``info["anchor"]``) are scaled too, so a later check's drift is
+    measured from the re-anchored time. A factor that is not finite and > 0 is a one-line error
+    (:meth:`LatencyModel.scaled`).
     """
-    if not math.isfinite(factor) or factor <= 0:
-        raise ConfigError(f"a re-anchoring factor must be a finite number > 0, got {factor!r}")
     models = {}
     for label, profile in profiles.items():
         model = profile.scaled(factor)
-        anchor = dict(model.info.get("anchor") or {})
-        if anchor.get("exit_ms"):
-            anchor["exit_ms"] = [float(t) * factor for t in anchor["exit_ms"]]
-        model.info["anchor"] = anchor
+        anchor = model.info.get("anchor")
+        if anchor:
+            model.info["anchor"] = {
+                **anchor,
+                "exit_ms": [float(t) * factor for t in anchor.get("exit_ms", [])],
+                "last_exit_ms_by_batch": {
+                    n: float(t) * factor for n, t in anchor.get("last_exit_ms_by_batch", {}).items()
+                },
+            }
         models[label] = model
     return {label: [float(t) * factor for t in ms] for label, ms in exit_ms.items()}, models
 
