@@ -40,6 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _row(name: str, knob: str, b: int, budget: float, cal: dict[str, Any], load: tuple, wall: float) -> dict:
     c, check = cal["calibrator"], cal.get("latency_check", {})
+    refit = check.get("refit") or {}
     return {
         "run": name,
         "knob": knob,
@@ -60,10 +61,10 @@ def _row(name: str, knob: str, b: int, budget: float, cal: dict[str, Any], load:
         "error_drift_corrected": check.get("error_drift_corrected"),
         "test_exit_fractions": check.get("exit_fractions"),
         # the first check, before the choice was re-made at the speed it measured (KnobTiming.refit)
-        "refit_factor": (check.get("refit") or {}).get("factor"),
-        "first_choice": (check.get("refit") or {}).get("first_choice"),
-        "first_error": ((check.get("refit") or {}).get("first_check") or {}).get("error"),
-        "refit_infeasible": (check.get("refit") or {}).get("infeasible"),
+        "refit_factor": refit.get("factor"),
+        "first_choice": refit.get("first_choice"),
+        "first_error": refit.get("first_check", {}).get("error"),
+        "refit_infeasible": refit.get("infeasible"),
         "per_knob": c["per_knob"],
         "load_before": load[0],
         "load_after": os.getloadavg()[0],

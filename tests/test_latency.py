@@ -119,6 +119,8 @@ def test_compaction_is_charged_only_where_some_but_not_all_leave():
     assert by_kept.predict([4, 6]) == pytest.approx(1 + 0.1 + (0.5 + 0.06) + 1)
     assert LatencyModel.from_dict(by_kept.to_dict()).predict([4, 6]) == pytest.approx(by_kept.predict([4, 6]))
     assert by_kept.scaled(2.0).compaction_by_kept
+    with pytest.raises(ConfigError, match="compaction_by_kept must be true or false, got 'no'"):
+        LatencyModel.from_dict({**by_kept.to_dict(), "compaction_by_kept": "no"})
 
 
 def test_profile_separates_decision_and_compaction():

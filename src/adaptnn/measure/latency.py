@@ -68,6 +68,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def _flag(value: Any, name: str) -> bool:
+    """A profile's yes/no field, or a one-line error (a string such as "no" must not read as true)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"not a latency profile: {name} must be true or false, got {value!r}")
+    return value
+
+
 def _check_scale(factor: float) -> None:
     if not math.isfinite(factor) or factor <= 0:
         raise ConfigError(f"a latency scale must be a finite number > 0, got {factor!r}")
@@ -332,7 +339,7 @@ class LatencyModel:
                 exit_gpu_ms=curves("exit_gpu_ms"),
                 compaction_ms=curves("compaction_ms"),
                 compaction_gpu_ms=curves("compaction_gpu_ms"),
-                compaction_by_kept=bool(data.get("compaction_by_kept", False)),
+                compaction_by_kept=_flag(data.get("compaction_by_kept", False), "compaction_by_kept"),
             )
         except (KeyError, TypeError) as err:
             raise ConfigError(f"not a latency profile: {err}") from None
