@@ -171,6 +171,10 @@ def test_profiles_of_settings_are_anchored_to_interleaved_engine_runs(one_thread
         assert set(anchor["last_exit_ms_by_batch"]) == {"1"}
         assert profile.exit_latency_ms(1)[-1] == pytest.approx(anchor["last_exit_ms_by_batch"]["1"])
         assert set(profile.info["anchor_scales"]) == {"1", "4"}
+        # and on one mixed-exit run (about a third leaving at each exit): its error sets the cost per compaction
+        mixed = anchor["mixed"]
+        assert profile.num_exits > 1 and mixed["ms"] > 0 and mixed["compactions"] > 0
+        assert profile.info["compaction_shift_ms"] == pytest.approx(mixed["compaction_shift_ms"])
         doubled = profile.scaled(2.0)
         assert doubled.exit_latency_ms(4) == pytest.approx([2 * t for t in profile.exit_latency_ms(4)])
         assert doubled.info["anchor_scale"] == pytest.approx(2.0)

@@ -1,6 +1,7 @@
 """Latency model: exact predictions on synthetic timings with known answers; profiling runs end to end."""
 
 import dataclasses
+import statistics
 
 import pytest
 import torch
@@ -152,3 +153,34 @@ def test_scaled_by_batch_multiplies_each_knot_by_its_factor():
         model.scaled_by_batch({16: float("nan")})
     with pytest.raises(ConfigError, match="needs at least one"):
         model.scaled_by_batch({})
+
+
+def test_a_measured_mixed_exit_run_sets_the_cost_per_compaction():
+    from adaptnn.measure.latency import _anchor_mixed, _mixed_policy
+
+    torch.manual_seed(0)
+    model = create_model("mecnn_digits", widths=[4, 8, 8, 16]).eval()
+    lm = profile_latency(model, torch.randn(16, 1, 8, 8), batch_sizes=(1, 4, 8), repeats=2, warmup_s=0.0)
+    assert lm.compactions([2, 0, 0, 6]) == 1 and lm.compactions([0, 0, 0, 8]) == 0 and lm.compactions([8, 0, 0, 0]) == 0
+    assert lm.compactions([2, 2, 2, 2]) == 3
+    batches = [torch.randn(8, 1, 8, 8) for _ in range(3)]
+    policy = _mixed_policy(model, batches)
+    assert policy is not None
+    with torch.inference_mode():
+        exits = [model.run_dynamic(x, policy).exit_index for x in batches]
+    assert len(set(torch.cat(exits).tolist())) > 1  # about a third leave at each exit: a mixed run
+    predicted = statistics.fmean(lm.predict_batches(e, 8) for e in exits)
+    shifted, record = _anchor_mixed(lm, model, policy, batches, measured=predicted + 0.5)
+    # the anchored profile predicts the measured mixed run; a run without compactions is unchanged
+    assert statistics.fmean(shifted.predict_batches(e, 8) for e in exits) == pytest.approx(predicted + 0.5)
+    assert shifted.predict([0, 0, 0, 8]) == pytest.approx(lm.predict([0, 0, 0, 8]))
+    assert (
+        record["compaction_shift_ms"] == pytest.approx(0.5 / record["compactions"]) and record["ms"] == predicted + 0.5
+    )
+    assert LatencyModel.from_dict(shifted.to_dict()).predict([2, 2, 2, 2]) == pytest.approx(
+        shifted.predict([2, 2, 2, 2])
+    )
+    # a negative shift never makes a compaction cost less than nothing
+    assert min(v for c in lm.shifted_compaction(-1e3).compaction_ms for v in c.values) == 0.0
+    with pytest.raises(ConfigError, match="compaction shift must be finite"):
+        lm.shifted_compaction(float("nan"))

@@ -33,6 +33,7 @@ On a CPU there is only host time.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import logging
 import math
@@ -198,6 +199,29 @@ class LatencyModel:
                     total += compactions[k](alive[segs[-1] + 1] if self.compaction_by_kept else n)
             out.append(total)
         return out
+
+    def compactions(self, exit_counts: Sequence[float] | torch.Tensor) -> int:
+        """How many exits of one batch with these exit counts compact (some, not all, of those there leave)."""
+        counts = [float(c) for c in exit_counts]
+        alive = alive_per_segment(self.exit_after, len(self.segment_ms), counts)
+        return sum(0 < c < alive[seg] for c, seg in zip(counts[:-1], self.exit_after[:-1], strict=True))
+
+    def shifted_compaction(self, ms: float) -> LatencyModel:
+        """A copy whose compaction curves (host and GPU) cost ``ms`` more per compaction (never below 0)."""
+        if not math.isfinite(ms):
+            raise ConfigError(f"a compaction shift must be finite, got {ms!r}")
+
+        def shift(curves: list[PiecewiseLinear] | None) -> list[PiecewiseLinear] | None:
+            if curves is None:
+                return None
+            return [PiecewiseLinear(list(c.knots), [max(0.0, v + ms) for v in c.values]) for c in curves]
+
+        return dataclasses.replace(
+            self,
+            compaction_ms=shift(self.compaction_ms),
+            compaction_gpu_ms=shift(self.compaction_gpu_ms),
+            info={**self.info, "compaction_shift_ms": float(self.info.get("compaction_shift_ms", 0.0)) + ms},
+        )
 
     def predict_fractions(self, batch_size: int, exit_fractions: Sequence[float]) -> float:
         """Predicted ms of a batch of ``batch_size`` whose samples exit with the given fractions."""
@@ -638,11 +662,22 @@ def profile_settings(
 
         return call
 
+    mixed = {label: _mixed_policy(m, [to_model(m, x) for x in batches[b]]) for label, m in models.items() if b > 1}
+
+    def run_mixed(model: StagedModel, policy: ConfidencePolicy) -> Callable[[int], Any]:
+        def call(i: int) -> Any:
+            with torch.inference_mode():
+                return model.run_dynamic(to_model(model, batches[b][i]), policy, check_finite=False)
+
+        return call
+
     calls: dict[str, Callable[[int], Any]] = {}
     blocks = []
     for label, m in models.items():
         block = {f"{label}|{k}": leave_at(m, k, b) for k in range(m.num_exits)}
         block.update({f"{label}|last@{n}": leave_at(m, m.num_exits - 1, n) for n in smaller})
+        if mixed.get(label) is not None:
+            block[f"{label}|mixed"] = run_mixed(m, mixed[label])
         calls.update(block)
         blocks.append(list(block))
     with pinned_threads(options.get("num_threads")):
@@ -664,12 +699,51 @@ def profile_settings(
             if (predicted := profile.exit_latency_ms(n)[-1]) > 0 and measured > 0
         }
         out[label] = profile.scaled_by_batch(factors) if factors else profile
-        out[label].info["anchor"] = {
+        anchor: dict[str, Any] = {
             "batch_size": b,
             "exit_ms": exit_ms,
             "last_exit_ms_by_batch": {str(n): ms for n, ms in last_ms.items()},
         }
+        if mixed.get(label) is not None:
+            out[label], anchor["mixed"] = _anchor_mixed(
+                out[label], models[label], mixed[label], [to_model(models[label], x) for x in batches[b]],
+                statistics.fmean(medians[f"{label}|mixed"]),
+            )  # fmt: skip
+        out[label].info["anchor"] = anchor
     return out
+
+
+def _mixed_policy(model: StagedModel, batches: list[torch.Tensor]) -> ConfidencePolicy | None:
+    """A policy under which about a third of the samples leave at each exit of ``batches`` (None: one exit)."""
+    if model.num_exits < 2:
+        return None
+    with torch.inference_mode():
+        confidence = torch.cat(
+            [torch.stack([h.float().softmax(-1).amax(-1) for h in model.forward_all(x)]) for x in batches], dim=1
+        )
+    return ConfidencePolicy([float(torch.quantile(c, 2 / 3)) for c in confidence[:-1]])
+
+
+def _anchor_mixed(
+    profile: LatencyModel, model: StagedModel, policy: ConfidencePolicy, batches: list[torch.Tensor], measured: float
+) -> tuple[LatencyModel, dict[str, Any]]:
+    """``profile`` with a cost per compaction added so it predicts the measured mixed-exit run, and the record.
+
+    The profile is anchored on whole runs in which every sample leaves at one exit; a batch whose samples leave at
+    several exits also pays what its compactions cost in a real run beyond the pieces timed apart (allocations of
+    new shapes, the scatter of the leavers' outputs). That difference, spread over the run's compactions, is added
+    to every compaction curve (host and GPU: a stage costs ``max(host, GPU)``, so a shift of both shifts it).
+    """
+    with torch.inference_mode():
+        exits = [model.run_dynamic(x, policy).exit_index.cpu() for x in batches]
+    b = batches[0].shape[0]
+    predicted = statistics.fmean(profile.predict_batches(e, b) for e in exits)
+    per_batch = statistics.fmean(profile.compactions(torch.bincount(e, minlength=profile.num_exits)) for e in exits)
+    if per_batch == 0 or profile.compaction_ms is None:  # nothing to charge it to (older profile or no compaction)
+        return profile, {"ms": measured, "predicted_ms": predicted, "compactions": per_batch}
+    shift = (measured - predicted) / per_batch
+    record = {"ms": measured, "predicted_ms": predicted, "compactions": per_batch, "compaction_shift_ms": shift}
+    return profile.shifted_compaction(shift), record
 
 
 def profile_variants(model: Any, sample: torch.Tensor, **options: Any) -> dict[str, LatencyModel]:
