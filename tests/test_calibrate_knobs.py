@@ -173,7 +173,8 @@ def test_profiles_of_settings_are_anchored_to_interleaved_engine_runs(one_thread
         assert set(profile.info["anchor_scales"]) == {"1", "4"}
         # and on one mixed-exit run (about a third leaving at each exit): its error sets the cost per compaction
         mixed = anchor["mixed"]
-        assert profile.num_exits > 1 and mixed["ms"] > 0 and mixed["compactions"] > 0
+        assert profile.num_exits > 1 and mixed["ms"] > 0 and mixed["compactions"] > 0 and mixed["ratio_to_last"] > 0
+        assert mixed["ms"] == pytest.approx(mixed["ratio_to_last"] * anchor["exit_ms"][-1])
         assert profile.info["compaction_shift_ms"] == pytest.approx(mixed["compaction_shift_ms"])
         doubled = profile.scaled(2.0)
         assert doubled.exit_latency_ms(4) == pytest.approx([2 * t for t in profile.exit_latency_ms(4)])

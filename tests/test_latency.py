@@ -170,13 +170,16 @@ def test_a_measured_mixed_exit_run_sets_the_cost_per_compaction():
         exits = [model.run_dynamic(x, policy).exit_index for x in batches]
     assert len(set(torch.cat(exits).tolist())) > 1  # about a third leave at each exit: a mixed run
     predicted = statistics.fmean(lm.predict_batches(e, 8) for e in exits)
-    shifted, record = _anchor_mixed(lm, model, policy, batches, measured=predicted + 0.5)
+    # the mixed run measured at a ratio to the last exit (the two timed side by side): the target is that ratio of
+    # the profile's own last exit, so a machine slower or faster during the pair does not move it
+    last = lm.exit_latency_ms(8)[-1]
+    ratio = (predicted + 0.5) / last
+    shifted, record = _anchor_mixed(lm, model, policy, batches, ratio=ratio)
     # the anchored profile predicts the measured mixed run; a run without compactions is unchanged
     assert statistics.fmean(shifted.predict_batches(e, 8) for e in exits) == pytest.approx(predicted + 0.5)
     assert shifted.predict([0, 0, 0, 8]) == pytest.approx(lm.predict([0, 0, 0, 8]))
-    assert (
-        record["compaction_shift_ms"] == pytest.approx(0.5 / record["compactions"]) and record["ms"] == predicted + 0.5
-    )
+    assert record["compaction_shift_ms"] == pytest.approx(0.5 / record["compactions"])
+    assert record["ms"] == pytest.approx(predicted + 0.5) and record["ratio_to_last"] == ratio
     assert LatencyModel.from_dict(shifted.to_dict()).predict([2, 2, 2, 2]) == pytest.approx(
         shifted.predict([2, 2, 2, 2])
     )

@@ -679,10 +679,15 @@ def profile_settings(
     for label, m in models.items():
         block = {f"{label}|{k}": leave_at(m, k, b) for k in range(m.num_exits)}
         block.update({f"{label}|last@{n}": leave_at(m, m.num_exits - 1, n) for n in smaller})
-        if mixed.get(label) is not None:
-            block[f"{label}|mixed"] = run_mixed(m, mixed[label])
         calls.update(block)
         blocks.append(list(block))
+        if mixed.get(label) is not None:  # timed as a check times a choice: next to the last exit, in a block of two
+            pair = {
+                f"{label}|mixed": run_mixed(m, mixed[label]),
+                f"{label}|mixed_last": leave_at(m, m.num_exits - 1, b),
+            }
+            calls.update(pair)
+            blocks.append(list(pair))
     with pinned_threads(options.get("num_threads")):
         medians = interleaved_medians(
             calls,
@@ -710,7 +715,7 @@ def profile_settings(
         if mixed.get(label) is not None:
             out[label], anchor["mixed"] = _anchor_mixed(
                 out[label], models[label], mixed[label], [to_model(models[label], x) for x in batches[b]],
-                statistics.fmean(medians[f"{label}|mixed"]),
+                statistics.fmean(medians[f"{label}|mixed"]) / statistics.fmean(medians[f"{label}|mixed_last"]),
             )  # fmt: skip
         out[label].info["anchor"] = anchor
     return out
@@ -728,25 +733,30 @@ def _mixed_policy(model: StagedModel, batches: list[torch.Tensor]) -> Confidence
 
 
 def _anchor_mixed(
-    profile: LatencyModel, model: StagedModel, policy: ConfidencePolicy, batches: list[torch.Tensor], measured: float
+    profile: LatencyModel, model: StagedModel, policy: ConfidencePolicy, batches: list[torch.Tensor], ratio: float
 ) -> tuple[LatencyModel, dict[str, Any]]:
     """``profile`` with a cost per compaction added so it predicts the measured mixed-exit run, and the record.
 
     The profile is anchored on whole runs in which every sample leaves at one exit; a batch whose samples leave at
     several exits also pays what its compactions cost in a real run beyond the pieces timed apart (allocations of
-    new shapes, the scatter of the leavers' outputs). That difference, spread over the run's compactions, is added
-    to every compaction curve (host and GPU: a stage costs ``max(host, GPU)``, so a shift of both shifts it).
+    new shapes, the scatter of the leavers' outputs). ``ratio`` is the mixed run's time over the last exit's, the
+    two interleaved call by call as a check times a choice (:func:`adaptnn.runs.knobs.measure_choice`); a ratio
+    of two runs timed side by side is free of the machine's drift and of the protocol's own bias (the same run
+    reads a few % apart in a block of one setting's exits). The profile's last exit times it gives the mixed run's
+    target; the difference, spread over the run's compactions, is added to every compaction curve (host and GPU:
+    a stage costs ``max(host, GPU)``, so a shift of both shifts it).
     """
     with torch.inference_mode():
         exits = [model.run_dynamic(x, policy).exit_index.cpu() for x in batches]
     b = batches[0].shape[0]
+    measured = ratio * profile.exit_latency_ms(b)[-1]
     predicted = statistics.fmean(profile.predict_batches(e, b) for e in exits)
     per_batch = statistics.fmean(profile.compactions(torch.bincount(e, minlength=profile.num_exits)) for e in exits)
+    record = {"ratio_to_last": ratio, "ms": measured, "predicted_ms": predicted, "compactions": per_batch}
     if per_batch == 0 or profile.compaction_ms is None:  # nothing to charge it to (older profile or no compaction)
-        return profile, {"ms": measured, "predicted_ms": predicted, "compactions": per_batch}
+        return profile, record
     shift = (measured - predicted) / per_batch
-    record = {"ms": measured, "predicted_ms": predicted, "compactions": per_batch, "compaction_shift_ms": shift}
-    return profile.shifted_compaction(shift), record
+    return profile.shifted_compaction(shift), {**record, "compaction_shift_ms": shift}
 
 
 def profile_variants(model: Any, sample: torch.Tensor, **options: Any) -> dict[str, LatencyModel]:
