@@ -637,9 +637,10 @@ def profile_settings(
     and each profile is scaled by batch size so its last-exit prediction equals the measured one at every anchored
     size (:meth:`LatencyModel.scaled_by_batch`, ``info["anchor_scales"]``): a batch's survivors run its later stages
     at a smaller batch, where pieces timed apart read low. A model with exits is also timed on one mixed-exit run
-    per setting at ``anchor_batch`` (about a third of the samples leaving at each exit, in the same block), and
-    what the profile misses on it is charged to its compactions (:meth:`LatencyModel.shifted_compaction`,
-    ``info["anchor"]["mixed"]``): without it the profile predicted mixed batches 1-4% low at batch 64 on a CPU.
+    per setting at ``anchor_batch`` (part of the batch leaving at every exit), as a check times a choice: next to
+    the last exit, the two interleaved call by call in a block of their own. What the profile misses on it, as a
+    ratio to the last exit, is charged to its compactions (:meth:`LatencyModel.shifted_compaction`,
+    ``info["anchor"]["mixed"]``): without it the profile predicted mixed batches about 4% low at batch 64 on a CPU.
     """
     if not models:
         raise ConfigError("profile_settings needs at least one model (label -> staged model)")
@@ -722,13 +723,16 @@ def profile_settings(
 
 
 def _mixed_policy(model: StagedModel, batches: list[torch.Tensor]) -> ConfidencePolicy | None:
-    """A policy under which about a third of the samples leave at each exit of ``batches`` (None: one exit)."""
+    """A policy under which part of ``batches`` leaves at every exit (None: a model with one exit).
+
+    Each threshold is its exit's 2/3 confidence quantile over the batches: about a third of the samples are
+    confident enough at each exit, so every exit but the last sees some leave and some stay (it compacts).
+    """
     if model.num_exits < 2:
         return None
+    scorer = ConfidencePolicy([0.0] * (model.num_exits - 1))
     with torch.inference_mode():
-        confidence = torch.cat(
-            [torch.stack([h.float().softmax(-1).amax(-1) for h in model.forward_all(x)]) for x in batches], dim=1
-        )
+        confidence = torch.cat([scorer.scores(model.forward_all(x))[0] for x in batches], dim=1)
     return ConfidencePolicy([float(torch.quantile(c, 2 / 3)) for c in confidence[:-1]])
 
 
