@@ -20,6 +20,7 @@ Hardware, thread count and the load average (before and after every calibration)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -210,6 +211,49 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(reports: list[dict[str, Any]], path: Path) -> None:
+    """Every choice's prediction error (final check filled, first check hollow) with the +-10% target band, a panel
+    per batch size; several reports (repeated runs) are drawn side by side, one colour per run."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    from adaptnn.io import atomic_write_bytes
+
+    rows = [
+        (i, r) for i, rep in enumerate(reports) for run in rep["runs"].values() for r in run["rows"] if "error" in r
+    ]
+    sizes = sorted({r["batch_size"] for _, r in rows})
+    fig = Figure(figsize=(5 * max(1, len(sizes)), 4))
+    axes = fig.subplots(1, max(1, len(sizes)), squeeze=False)[0]
+    names = sorted({r["run"] for _, r in rows})
+    for ax, size in zip(axes, sizes, strict=False):
+        sel = [(i, r) for i, r in rows if r["batch_size"] == size]
+        ax.axhspan(-10, 10, color="green", alpha=0.08, label="target: within 10%")
+        ax.axhline(0, color="k", lw=0.5)
+        for rep in range(len(reports)):
+            xs = [x for x, (i, _) in enumerate(sel) if i == rep]
+            pts = [r for i, r in sel if i == rep]
+            ax.plot(xs, [100 * r["error"] for r in pts], "o", color=f"C{rep}", label=f"run {rep + 1}: final check")
+            first = [(x, r["first_error"]) for x, r in zip(xs, pts, strict=True) if r.get("first_error") is not None]
+            if first:
+                ax.plot([x for x, _ in first], [100 * e for _, e in first], "o", mfc="none", color=f"C{rep}", ms=7,
+                        label=f"run {rep + 1}: first check")  # fmt: skip
+        ticks = [x for x, (_, r) in enumerate(sel) if x == 0 or sel[x - 1][1]["run"] != r["run"]]
+        ax.set_xticks(ticks, [sel[x][1]["run"] for x in ticks], fontsize=7)
+        worst = max([12.0] + [100 * abs(r.get(key) or 0.0) + 2 for _, r in sel for key in ("error", "first_error")])
+        ax.set_ylim(-worst, worst)
+        ax.set_ylabel("predicted / measured - 1 (%)")
+        ax.set_title(f"batch {size}: {sum(abs(r['error']) <= 0.10 for _, r in sel)} of {len(sel)} within 10%")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, loc="lower left")
+    fig.suptitle(f"calibrate --budget_ms, {len(names)} runs x knobs, {len(reports)} repetition(s)", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vit_run", default=None, help="a trained token-ViT run (e.g. vit_tiny_conv_fmnist)")
@@ -225,7 +269,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--measure_samples", type=int, default=384)
     parser.add_argument("--out", default=str(RESULTS / "calibrate_knobs_cpu"))
+    parser.add_argument(
+        "--replot", type=Path, nargs="+", default=None, help="only draw OUT.png from these saved results (repeats)"
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        plot([json.loads(path.read_text()) for path in args.replot], Path(args.out).with_suffix(".png"))
+        return
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
         "machine": machine_info(),
@@ -249,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         write_json(out.with_suffix(".json"), report)
         text = to_markdown(report)
         out.with_suffix(".md").write_text(text)
+        plot([report], out.with_suffix(".png"))
     print(text)
 
 
