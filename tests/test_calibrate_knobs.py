@@ -232,3 +232,26 @@ def test_when_nothing_fits_at_the_speed_measured_now_the_first_choice_stays(vit_
     refit = cal["latency_check"]["refit"]
     assert refit["factor"] == 1e9 and "budget" in refit["infeasible"] and refit["first_choice"] == cal["knob"]["label"]
     assert "keeping the first choice" in caplog.text
+
+
+def test_calibrate_knobs_benchmark_plots_saved_repeats_together(tmp_path):
+    """``benchmarks/calibrate_knobs.py --replot`` draws every choice's error from saved results (no re-run)."""
+    from helpers import load_benchmark
+
+    bench = load_benchmark("calibrate_knobs")
+
+    def report(errors: list[float]) -> dict:
+        rows = [
+            {"run": "vit_tome", "batch_size": b, "error": e, "first_error": -e}
+            for b, e in zip([1, 64, 64], errors, strict=True)
+        ]
+        rows.append({"run": "vit_tome", "batch_size": 64, "infeasible": "no setting meets the budget"})  # no error
+        return {"runs": {"vit_tome": {"rows": rows}}}
+
+    saved = []
+    for i, errors in enumerate(([0.02, -0.05, 0.08], [0.01, 0.12, -0.03])):
+        saved.append(tmp_path / f"rep{i}.json")
+        saved[-1].write_text(json.dumps(report(errors)))
+    bench.main(["--replot", *map(str, saved), "--out", str(tmp_path / "both")])
+    assert (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "both.json").exists()  # replot writes the plot only, nothing is measured
