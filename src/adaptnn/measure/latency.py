@@ -657,23 +657,19 @@ def profile_settings(
     smaller = sorted({int(n) for p in profiles.values() for n in p.info["batch_sizes"] if int(n) < b})
     batches = {n: [sample[(torch.arange(n) + i * n) % n_pool].to(device) for i in range(count)] for n in [b, *smaller]}
 
-    def leave_at(model: StagedModel, k: int, n: int) -> Callable[[int], Any]:
-        policy = exit_policy(model.num_exits, k)
-
+    def run(model: StagedModel, policy: ConfidencePolicy, n: int) -> Callable[[int], Any]:
         def call(i: int) -> Any:
             with torch.inference_mode():
                 return model.run_dynamic(to_model(model, batches[n][i]), policy, check_finite=False)
 
         return call
 
-    mixed = {label: _mixed_policy(m, [to_model(m, x) for x in batches[b]]) for label, m in models.items() if b > 1}
+    def leave_at(model: StagedModel, k: int, n: int) -> Callable[[int], Any]:
+        return run(model, exit_policy(model.num_exits, k), n)
 
-    def run_mixed(model: StagedModel, policy: ConfidencePolicy) -> Callable[[int], Any]:
-        def call(i: int) -> Any:
-            with torch.inference_mode():
-                return model.run_dynamic(to_model(model, batches[b][i]), policy, check_finite=False)
-
-        return call
+    # a mixed-exit run needs a batch to compact: at batch 1 every sample leaves or stays together
+    anchor_inputs = {label: [to_model(m, x) for x in batches[b]] for label, m in models.items()} if b > 1 else {}
+    mixed = {label: _mixed_policy(models[label], inputs) for label, inputs in anchor_inputs.items()}
 
     calls: dict[str, Callable[[int], Any]] = {}
     blocks = []
@@ -684,7 +680,7 @@ def profile_settings(
         blocks.append(list(block))
         if mixed.get(label) is not None:  # timed as a check times a choice: next to the last exit, in a block of two
             pair = {
-                f"{label}|mixed": run_mixed(m, mixed[label]),
+                f"{label}|mixed": run(m, mixed[label], b),
                 f"{label}|mixed_last": leave_at(m, m.num_exits - 1, b),
             }
             calls.update(pair)
@@ -715,7 +711,7 @@ def profile_settings(
         }
         if mixed.get(label) is not None:
             out[label], anchor["mixed"] = _anchor_mixed(
-                out[label], models[label], mixed[label], [to_model(models[label], x) for x in batches[b]],
+                out[label], models[label], mixed[label], anchor_inputs[label],
                 statistics.fmean(medians[f"{label}|mixed"]) / statistics.fmean(medians[f"{label}|mixed_last"]),
             )  # fmt: skip
         out[label].info["anchor"] = anchor
