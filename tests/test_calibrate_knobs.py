@@ -209,6 +209,9 @@ def test_ms_choice_is_remade_once_from_profiles_reanchored_to_the_check(vit_run,
     assert second["model"].exit_latency_ms(4) == pytest.approx([1.5 * t for t in first["model"].exit_latency_ms(4)])
     anchor_then, anchor_now = first["model"].info["anchor"], second["model"].info["anchor"]
     assert anchor_now["exit_ms"] == pytest.approx([1.5 * t for t in anchor_then["exit_ms"]])
+    mixed_then, mixed_now = anchor_then["mixed"], anchor_now["mixed"]  # its times scale, its ratio does not
+    assert mixed_now["ms"] == pytest.approx(1.5 * mixed_then["ms"])
+    assert mixed_now["ratio_to_last"] == mixed_then["ratio_to_last"]
     check = _calibration(vit_run)["latency_check"]
     assert check["refit"]["factor"] == 1.5 and check["refit"]["first_check"]["drift"] == 1.5
     assert check["refit"]["first_check"]["error"] == first["out"]["error"]
@@ -216,6 +219,11 @@ def test_ms_choice_is_remade_once_from_profiles_reanchored_to_the_check(vit_run,
     cal = _calibration(vit_run)
     recorded = {s["knob"]: s["exit_latency_ms"] for s in cal["calibrator"]["settings"]}
     assert recorded[cal["knob"]["label"]] == pytest.approx(second["exit_ms"])  # the record holds the re-anchored ms
+    # and what each setting's latency model was anchored to, re-anchored as the choice used it
+    anchors = {s["knob"]: s["latency_anchor"] for s in cal["calibrator"]["settings"]}
+    assert set(anchors) == set(recorded)
+    assert anchors[cal["knob"]["label"]]["exit_ms"] == pytest.approx(anchor_now["exit_ms"])
+    assert anchors[cal["knob"]["label"]]["mixed"]["ratio_to_last"] > 0
 
     calls.clear()
     assert main([*argv, "--no_refit"]) == 0

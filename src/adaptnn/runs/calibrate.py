@@ -276,8 +276,9 @@ def _checked_choice(
     inputs: Tensor,
     batch_size: int,
     timing: KnobTiming,
-) -> tuple[tuple[Any, dict[str, Any]], dict[str, list[float]], dict[str, Any]]:
-    """An ms choice run for real on ``inputs`` (:func:`measure_choice`): ``((result, choice), exit ms, check)``.
+) -> tuple[tuple[Any, dict[str, Any]], dict[str, list[float]], dict[str, LatencyModel], dict[str, Any]]:
+    """An ms choice run for real on ``inputs`` (:func:`measure_choice`): ``((result, choice), exit ms, profiles,
+    check)``, the exit ms and profiles as the choice used them.
 
     With ``timing.refit`` the choice is re-made once from the profiles re-anchored to the check's drift
     (:func:`reanchored`) and checked again; ``check["refit"]`` keeps the first check. If nothing fits the budget at
@@ -294,7 +295,7 @@ def _checked_choice(
     result, choice = choose(exit_ms, profiles)
     check = measure(settings[choice["knob"]], result, choice, exit_ms, profiles)
     if not timing.refit or check["drift"] is None:
-        return (result, choice), exit_ms, check
+        return (result, choice), exit_ms, profiles, check
     refit = _refit_record(check, choice["knob"])
     now_ms, now_profiles = reanchored(exit_ms, profiles, check["drift"])
     try:
@@ -303,10 +304,10 @@ def _checked_choice(
         refit["infeasible"] = str(err)
         log.warning("after re-anchoring to the machine's speed now, %s; keeping the first choice", err)
         check["refit"] = refit
-        return (result, choice), exit_ms, check
+        return (result, choice), exit_ms, profiles, check
     check = measure(settings[choice["knob"]], result, choice, now_ms, now_profiles)
     check["refit"] = refit
-    return (result, choice), now_ms, check
+    return (result, choice), now_ms, now_profiles, check
 
 
 def _check_knob_options(
@@ -376,7 +377,9 @@ def _calibrate_knob(
     check = None
     if unit == "ms" and timing.measure_samples > 0:  # right away: the machine's load moves, the profiles are fresh
         test_inputs = stack_inputs(run.splits.test, max(b, min(timing.measure_samples, len(run.splits.test))))
-        (result, choice), costs, check = _checked_choice(choose, settings, costs, profiles, test_inputs, b, timing)
+        (result, choice), costs, profiles, check = _checked_choice(
+            choose, settings, costs, profiles, test_inputs, b, timing
+        )
     else:
         result, choice = choose(costs, profiles)
     chosen = settings[choice["knob"]]
@@ -398,6 +401,9 @@ def _calibrate_knob(
                     "knob": label,
                     "exit_costs": costs[label],
                     "last_exit_val_accuracy": float((val[label][-1].argmax(-1) == labels).double().mean()),
+                    # what the setting's latency model was anchored to (whole runs; the mixed-exit run's ratio to
+                    # the last exit and the cost per compaction it set), as the choice used it
+                    **({"latency_anchor": profiles[label].info["anchor"]} if label in profiles else {}),
                 },
                 unit,
             )

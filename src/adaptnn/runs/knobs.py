@@ -219,6 +219,11 @@ def reanchored(
                     n: float(t) * factor for n, t in anchor.get("last_exit_ms_by_batch", {}).items()
                 },
             }
+            if "mixed" in anchor:  # its times (not its ratio to the last exit, nor its compaction count)
+                times = ("ms", "predicted_ms", "compaction_shift_ms")
+                model.info["anchor"]["mixed"] = {
+                    key: float(value) * factor if key in times else value for key, value in anchor["mixed"].items()
+                }
         models[label] = model
     return {label: [float(t) * factor for t in ms] for label, ms in exit_ms.items()}, models
 
