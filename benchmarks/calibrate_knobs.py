@@ -254,6 +254,17 @@ def plot(reports: list[dict[str, Any]], path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """A saved result of this benchmark (for ``--replot``), or a one-line exit naming what is wrong with it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--replot {path}: cannot read it as JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
+        raise SystemExit(f"--replot {path}: not a calibrate_knobs result (expected an object with 'runs')")
+    return data
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vit_run", default=None, help="a trained token-ViT run (e.g. vit_tiny_conv_fmnist)")
@@ -274,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.replot:
-        plot([json.loads(path.read_text()) for path in args.replot], Path(args.out).with_suffix(".png"))
+        plot([read_results(path) for path in args.replot], Path(args.out).with_suffix(".png"))
         return
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {

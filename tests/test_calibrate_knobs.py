@@ -263,3 +263,6 @@ def test_calibrate_knobs_benchmark_plots_saved_repeats_together(tmp_path):
     bench.main(["--replot", *map(str, saved), "--out", str(tmp_path / "both")])
     assert (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "both.json").exists()  # replot writes the plot only, nothing is measured
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a calibrate_knobs result"):
+        bench.main(["--replot", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad")])
