@@ -76,3 +76,39 @@ def test_latency_budget_from_the_runs_profile(tmp_path):
     assert calibrator["latency_model"].startswith("latency model of mixed-exit batches")
     assert calibrator["latency_batch_size"] == 2
     assert calibrator["predicted_ms_per_batch"] <= 2 * budget + 1e-9
+    assert "latency_profile_check" not in calibration  # this profile was saved without its held-out check
+
+
+def test_latency_budget_reports_the_saved_profiles_own_check(tmp_path, caplog):
+    """The saved profile's held-out check (``adaptnn profile``) goes into calibration.json, and a warning names it
+    when it was off by more than 10%; a malformed check is a record only and is left out, never an error."""
+    import logging
+
+    from adaptnn.measure.latency import profile_latency
+    from adaptnn.models import load_model
+
+    config = RunConfig.from_dict(
+        {
+            "data": {"name": "digits", "val_size": 200},
+            "model": {"name": "mecnn_digits", "kwargs": {"widths": [8, 8, 16, 16]}},
+            "train": {"epochs": 1, "device": "cpu", "progress": False},
+            "eval": {"device": "cpu"},
+        }
+    )
+    train_run(config, tmp_path)
+    latency = profile_latency(
+        load_model(tmp_path / "model.safetensors"), torch.randn(8, 1, 8, 8), batch_sizes=(1, 2), repeats=2,
+        warmup_s=0.0,
+    )  # fmt: skip
+    budget = sum(latency.exit_latency_ms(1)) / latency.num_exits
+    rows = [{"batch_size": 3, "measured_ms": 1.0, "predicted_ms": 0.85, "error": -0.15, "num_batches": 2}]
+    latency.info["validation"] = {"budget": 0.5, "thresholds": [0.5], "rows": rows}
+    latency.save(tmp_path / "latency_profile.json")
+    with caplog.at_level(logging.WARNING, logger="adaptnn"):
+        calibration = calibrate_run(tmp_path, budget_ms=budget, progress=False)
+    assert calibration["latency_profile_check"] == [{"batch_size": 3, "error": -0.15}]
+    assert "-15.0% at batch 3" in caplog.text
+    for malformed in ("no", {"rows": "x"}, {"rows": [{"batch_size": 3, "error": "big"}]}):
+        latency.info["validation"] = malformed
+        latency.save(tmp_path / "latency_profile.json")
+        assert "latency_profile_check" not in calibrate_run(tmp_path, budget_ms=budget, progress=False)

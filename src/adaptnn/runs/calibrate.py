@@ -61,6 +61,24 @@ def _exit_latencies(run_dir: Path, batch_size: int) -> tuple[list[float], Latenc
     return [t / batch_size for t in model.exit_latency_ms(batch_size)], model
 
 
+def _profile_check(latency_model: LatencyModel) -> list[dict[str, float]] | None:
+    """The saved profile's own held-out check (``adaptnn profile``: dynamic runs at held-out batch sizes), or None.
+
+    A record for ``calibration.json`` and the user, not needed for the choice: a profile saved without it, or with
+    one that is not a list of ``{batch_size, error}`` numbers, has none.
+    """
+    check = latency_model.info.get("validation") if isinstance(latency_model.info, dict) else None
+    rows = check.get("rows") if isinstance(check, dict) else None
+    if not isinstance(rows, list) or not rows:
+        return None
+    numbers = (int, float)
+    if not all(
+        isinstance(r, dict) and all(isinstance(r.get(k), numbers) for k in ("batch_size", "error")) for r in rows
+    ):
+        return None
+    return [{"batch_size": int(r["batch_size"]), "error": float(r["error"])} for r in rows]
+
+
 def _validation_logits(run: LoadedRun, progress: bool, legacy: bool) -> tuple[Tensor, Tensor]:
     """Validation logits; ``legacy`` reads the split with the *training* transforms (reference-code quirk)."""
     splits, val_set = run.splits, run.splits.val
@@ -209,10 +227,17 @@ def _calibrate(
     legacy: bool,
 ) -> dict[str, Any]:
     method = select_calibrator({"budget_macs": budget_macs, "budget_ms": budget_ms, "epsilon": epsilon})
-    batch_latency_ms = None
+    batch_latency_ms = profile_check = None
     if method == "latency_budget" and exit_latency_ms is None:
         exit_latency_ms, latency_model = _exit_latencies(run_dir, latency_batch_size)
         batch_latency_ms = functools.partial(latency_model.predict_batches, batch_size=int(latency_batch_size))
+        profile_check = _profile_check(latency_model)
+        if profile_check and max(abs(r["error"]) for r in profile_check) > 0.10:
+            log.warning(
+                "the budget is held to latency_profile.json, whose own check predicted held-out dynamic runs %s "
+                "(adaptnn profile): the choice can miss the budget by as much",
+                ", ".join(f"{100 * r['error']:+.1f}% at batch {r['batch_size']}" for r in profile_check),
+            )
     tolerance = run.config.calibration.tolerance if tolerance is None else tolerance
     if not 0 <= tolerance < 1:
         raise ConfigError(f"tolerance is a fraction of accuracy in [0, 1), got {tolerance}")
@@ -226,6 +251,8 @@ def _calibrate(
     calibration = _record(
         inputs, family_name, point, calibrator, temperature, legacy, inputs.last_exit_val_accuracy, tolerance
     )
+    if profile_check is not None:  # how well the saved profile the budget was held to predicted held-out runs
+        calibration["latency_profile_check"] = profile_check
     write_json(run_dir / "calibration.json", calibration)
     log.info(
         "operating point (%s, %s) thresholds=%s (val acc %.4f, val MACs %.0f)",
