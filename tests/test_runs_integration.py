@@ -108,7 +108,8 @@ def test_latency_budget_reports_the_saved_profiles_own_check(tmp_path, caplog):
         calibration = calibrate_run(tmp_path, budget_ms=budget, progress=False)
     assert calibration["latency_profile_check"] == [{"batch_size": 3, "error": -0.15}]
     assert "-15.0% at batch 3" in caplog.text
-    for malformed in ("no", {"rows": "x"}, {"rows": [{"batch_size": 3, "error": "big"}]}):
+    malformed_checks = ("no", {"rows": "x"}, {"rows": [{"batch_size": 3, "error": "big"}]})
+    for malformed in (*malformed_checks, {"rows": [{"batch_size": 3, "error": float("inf")}]}):
         latency.info["validation"] = malformed
         latency.save(tmp_path / "latency_profile.json")
         assert "latency_profile_check" not in calibrate_run(tmp_path, budget_ms=budget, progress=False)

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +72,11 @@ def _profile_check(latency_model: LatencyModel) -> list[dict[str, float]] | None
     rows = check.get("rows") if isinstance(check, dict) else None
     if not isinstance(rows, list) or not rows:
         return None
-    numbers = (int, float)
-    if not all(
-        isinstance(r, dict) and all(isinstance(r.get(k), numbers) for k in ("batch_size", "error")) for r in rows
-    ):
+
+    def finite(value: Any) -> bool:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+
+    if not all(isinstance(r, dict) and finite(r.get("batch_size")) and finite(r.get("error")) for r in rows):
         return None
     return [{"batch_size": int(r["batch_size"]), "error": float(r["error"])} for r in rows]
 
