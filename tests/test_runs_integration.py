@@ -43,11 +43,8 @@ def test_boost_run_uses_the_boosted_policy(tmp_path):
     assert [a["accuracy"] for a in report["anytime"]] == expected
 
 
-def test_latency_budget_from_the_runs_profile(tmp_path):
-    from adaptnn import ConfigError
-    from adaptnn.measure.latency import profile_latency
-    from adaptnn.models import load_model
-
+def _train_small_exit_cnn(run_dir) -> None:
+    """A one-epoch 4-exit CNN on digits in ``run_dir`` (the latency-budget tests profile and calibrate it)."""
     config = RunConfig.from_dict(
         {
             "data": {"name": "digits", "val_size": 200},
@@ -56,7 +53,15 @@ def test_latency_budget_from_the_runs_profile(tmp_path):
             "eval": {"device": "cpu"},
         }
     )
-    train_run(config, tmp_path)
+    train_run(config, run_dir)
+
+
+def test_latency_budget_from_the_runs_profile(tmp_path):
+    from adaptnn import ConfigError
+    from adaptnn.measure.latency import profile_latency
+    from adaptnn.models import load_model
+
+    _train_small_exit_cnn(tmp_path)
     with pytest.raises(ConfigError, match="adaptnn profile"):
         calibrate_run(tmp_path, budget_ms=1.0, progress=False)
     model = load_model(tmp_path / "model.safetensors")
@@ -87,15 +92,7 @@ def test_latency_budget_reports_the_saved_profiles_own_check(tmp_path, caplog):
     from adaptnn.measure.latency import profile_latency
     from adaptnn.models import load_model
 
-    config = RunConfig.from_dict(
-        {
-            "data": {"name": "digits", "val_size": 200},
-            "model": {"name": "mecnn_digits", "kwargs": {"widths": [8, 8, 16, 16]}},
-            "train": {"epochs": 1, "device": "cpu", "progress": False},
-            "eval": {"device": "cpu"},
-        }
-    )
-    train_run(config, tmp_path)
+    _train_small_exit_cnn(tmp_path)
     latency = profile_latency(
         load_model(tmp_path / "model.safetensors"), torch.randn(8, 1, 8, 8), batch_sizes=(1, 2), repeats=2,
         warmup_s=0.0,
