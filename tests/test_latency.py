@@ -164,8 +164,7 @@ def test_a_measured_mixed_exit_run_sets_the_cost_per_compaction():
     assert lm.compactions([2, 0, 0, 6]) == 1 and lm.compactions([0, 0, 0, 8]) == 0 and lm.compactions([8, 0, 0, 0]) == 0
     assert lm.compactions([2, 2, 2, 2]) == 3
     batches = [torch.randn(8, 1, 8, 8) for _ in range(3)]
-    policy = _mixed_policy(model, batches)
-    assert policy is not None
+    policy, simulated = _mixed_policy(model, batches)
     with torch.inference_mode():
         exits = [model.run_dynamic(x, policy).exit_index for x in batches]
     assert len(set(torch.cat(exits).tolist())) > 1  # about a third leave at each exit: a mixed run
@@ -174,7 +173,8 @@ def test_a_measured_mixed_exit_run_sets_the_cost_per_compaction():
     # the profile's own last exit, so a machine slower or faster during the pair does not move it
     last = lm.exit_latency_ms(8)[-1]
     ratio = (predicted + 0.5) / last
-    shifted, record = _anchor_mixed(lm, model, policy, batches, ratio=ratio)
+    assert all(torch.equal(s, e) for s, e in zip(simulated, exits, strict=True))  # replayed == run for real
+    shifted, record = _anchor_mixed(lm, exits, ratio=ratio)
     # the anchored profile predicts the measured mixed run; a run without compactions is unchanged
     assert statistics.fmean(shifted.predict_batches(e, 8) for e in exits) == pytest.approx(predicted + 0.5)
     assert shifted.predict([0, 0, 0, 8]) == pytest.approx(lm.predict([0, 0, 0, 8]))

@@ -49,7 +49,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..io import write_json
-from ..policies import ConfidencePolicy
+from ..policies import ConfidencePolicy, simulate_exits
 from ..runtime.execution import split_finished, stage_segments
 from ..runtime.staged import StagedModel
 from ..runtime.state import State, index_state
@@ -680,7 +680,7 @@ def profile_settings(
         blocks.append(list(block))
         if mixed.get(label) is not None:  # timed as a check times a choice: next to the last exit, in a block of two
             pair = {
-                f"{label}|mixed": run(m, mixed[label], b),
+                f"{label}|mixed": run(m, mixed[label][0], b),
                 f"{label}|mixed_last": leave_at(m, m.num_exits - 1, b),
             }
             calls.update(pair)
@@ -711,44 +711,50 @@ def profile_settings(
         }
         if mixed.get(label) is not None:
             out[label], anchor["mixed"] = _anchor_mixed(
-                out[label], models[label], mixed[label], anchor_inputs[label],
+                out[label], mixed[label][1],
                 statistics.fmean(medians[f"{label}|mixed"]) / statistics.fmean(medians[f"{label}|mixed_last"]),
             )  # fmt: skip
         out[label].info["anchor"] = anchor
     return out
 
 
-def _mixed_policy(model: StagedModel, batches: list[torch.Tensor]) -> ConfidencePolicy | None:
-    """A policy under which part of ``batches`` leaves at every exit (None: a model with one exit).
+def _mixed_policy(
+    model: StagedModel, batches: list[torch.Tensor]
+) -> tuple[ConfidencePolicy, list[torch.Tensor]] | None:
+    """A policy under which part of ``batches`` leaves at every exit, and each batch's exit indices under it (None:
+    a model with one exit).
 
     Each threshold is its exit's 2/3 confidence quantile over the batches: about a third of the samples are
-    confident enough at each exit, so every exit but the last sees some leave and some stay (it compacts).
+    confident enough at each exit, so every exit but the last sees some leave and some stay (it compacts). The exit
+    indices are replayed on the same logits (:func:`~adaptnn.policies.simulate_exits`; ``run_dynamic`` makes the
+    same decisions), so the model runs once here.
     """
     if model.num_exits < 2:
         return None
     scorer = ConfidencePolicy([0.0] * (model.num_exits - 1))
     with torch.inference_mode():
-        confidence = torch.cat([scorer.scores(model.forward_all(x))[0] for x in batches], dim=1)
-    return ConfidencePolicy([float(torch.quantile(c, 2 / 3)) for c in confidence[:-1]])
+        logits = [model.forward_all(x) for x in batches]
+    confidence = torch.cat([scorer.scores(out)[0] for out in logits], dim=1)
+    policy = ConfidencePolicy([float(torch.quantile(c, 2 / 3)) for c in confidence[:-1]])
+    return policy, [simulate_exits(policy, out)[0].cpu() for out in logits]
 
 
 def _anchor_mixed(
-    profile: LatencyModel, model: StagedModel, policy: ConfidencePolicy, batches: list[torch.Tensor], ratio: float
+    profile: LatencyModel, exits: list[torch.Tensor], ratio: float
 ) -> tuple[LatencyModel, dict[str, Any]]:
     """``profile`` with a cost per compaction added so it predicts the measured mixed-exit run, and the record.
 
     The profile is anchored on whole runs in which every sample leaves at one exit; a batch whose samples leave at
     several exits also pays what its compactions cost in a real run beyond the pieces timed apart (allocations of
-    new shapes, the scatter of the leavers' outputs). ``ratio`` is the mixed run's time over the last exit's, the
-    two interleaved call by call as a check times a choice (:func:`adaptnn.runs.knobs.measure_choice`); a ratio
-    of two runs timed side by side is free of the machine's drift and of the protocol's own bias (the same run
-    reads a few % apart in a block of one setting's exits). The profile's last exit times it gives the mixed run's
-    target; the difference, spread over the run's compactions, is added to every compaction curve (host and GPU:
-    a stage costs ``max(host, GPU)``, so a shift of both shifts it).
+    new shapes, the scatter of the leavers' outputs). ``exits`` are the run's exit indices, one tensor per batch;
+    ``ratio`` is its time over the last exit's, the two interleaved call by call as a check times a choice
+    (:func:`adaptnn.runs.knobs.measure_choice`); a ratio of two runs timed side by side is free of the machine's
+    drift and of the protocol's own bias (the same run reads a few % apart in a block of one setting's exits). The
+    profile's last exit times it gives the mixed run's target; the difference, spread over the run's compactions,
+    is added to every compaction curve (host and GPU: a stage costs ``max(host, GPU)``, so a shift of both shifts
+    it).
     """
-    with torch.inference_mode():
-        exits = [model.run_dynamic(x, policy).exit_index.cpu() for x in batches]
-    b = batches[0].shape[0]
+    b = exits[0].shape[0]
     measured = ratio * profile.exit_latency_ms(b)[-1]
     predicted = statistics.fmean(profile.predict_batches(e, b) for e in exits)
     per_batch = statistics.fmean(profile.compactions(torch.bincount(e, minlength=profile.num_exits)) for e in exits)
